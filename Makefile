@@ -1,0 +1,39 @@
+# Two commands: `make image` (install everything, build the default image) and `make test`.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+APT_PACKAGES := cgpt gdisk fdisk qemu-system-x86 qemu-utils ovmf squashfs-tools cryptsetup-bin \
+	grub-efi-amd64-bin grub-common grub2-common mmdebstrap etcd-server etcd-client dosfstools mtools \
+	busybox-static e2fsprogs kmod cpio xz-utils zstd curl
+IMAGE ?= images/base.toml
+
+.PHONY: setup image test lint bench clean
+
+.stamp-apt: Makefile
+	@if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	$$SUDO apt-get update -q && \
+	DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends $(APT_PACKAGES)
+	touch $@
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[dev]'
+	touch $@
+
+setup: .stamp-apt $(VENV)/.installed
+
+image: setup
+	$(VENV)/bin/obelisk image build $(IMAGE)
+
+test: setup
+	$(VENV)/bin/pytest -q -ra tests
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+bench: setup
+	$(PY) -m bench
+
+clean:
+	rm -rf out .stamp-apt $(VENV)

@@ -1,0 +1,46 @@
+"""The tool wrapper and `obelisk key generate`, run for real."""
+
+from __future__ import annotations
+
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from builder import tools
+from update_engine import signing
+
+
+def test_missing_tool_names_the_package() -> None:
+    tools.TOOL_PACKAGES["obelisk-no-such-tool"] = "obelisk-pkg"
+    with pytest.raises(tools.ToolMissing, match="apt-get install obelisk-pkg"):
+        tools.run(["obelisk-no-such-tool"])
+
+
+def test_failing_tool_carries_its_message() -> None:
+    with pytest.raises(tools.ToolError, match="sh failed: boom"):
+        tools.run(["sh", "-c", "echo boom >&2; exit 3"])
+
+
+def test_key_generate_and_sign(tmp_path: Path, obelisk_bin: str) -> None:
+    out = subprocess.run([obelisk_bin, "key", "generate", str(tmp_path / "k")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    priv = tmp_path / "k" / "obelisk.key"
+    assert stat.S_IMODE(priv.stat().st_mode) == 0o600
+    key = signing.load_private_key(priv)
+    pub = signing.load_public_key(tmp_path / "k" / "obelisk.pub")
+    sig = signing.sign(key, b"data")
+    assert signing.verify_any([pub], b"data", sig) == pub
+    with pytest.raises(signing.SigningError):
+        signing.verify_any([pub], b"datA", sig)
+    again = subprocess.run([obelisk_bin, "key", "generate", str(tmp_path / "k")], capture_output=True, text=True)
+    assert again.returncode == 2 and again.stderr.startswith("error: ") and "Traceback" not in again.stderr
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage", b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n"])
+def test_bad_private_key_is_one_clear_error(tmp_path: Path, content: bytes) -> None:
+    p = tmp_path / "bad.key"
+    p.write_bytes(content)
+    with pytest.raises(signing.SigningError, match="obelisk key generate"):
+        signing.load_private_key(p)
