@@ -38,7 +38,10 @@ def test_key_generate_and_sign(tmp_path: Path, obelisk_bin: str) -> None:
     assert again.returncode == 2 and again.stderr.startswith("error: ") and "Traceback" not in again.stderr
 
 
-@pytest.mark.parametrize("content", [b"", b"garbage", b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n"])
+BAD_KEYS = [b"", b"garbage", b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n"]
+
+
+@pytest.mark.parametrize("content", BAD_KEYS)
 def test_bad_private_key_is_one_clear_error(tmp_path: Path, content: bytes) -> None:
     p = tmp_path / "bad.key"
     p.write_bytes(content)

@@ -1,0 +1,1 @@
+"""Benchmarks: each module times obelisk against a baseline in the same run and prints ratios."""
