@@ -2,6 +2,161 @@
 
 from __future__ import annotations
 
+import json
+import sys
+from pathlib import Path
+
 import typer
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+from bootloader import gpt, slots
+from obelisk.errors import clean_errors
 
 app = typer.Typer(help="Show and change A/B slot state in the GPT.", no_args_is_help=True)
+
+DiskOpt = typer.Option(None, "--disk", help="Disk image or block device (default: the disk holding the booted /usr).")
+ERRORS = (gpt.GptError, slots.SlotError)
+
+
+def _disk(disk: Path | None) -> Path:
+    return disk if disk is not None else slots.find_boot_disk()
+
+
+def _warn_if_damaged(disk: Path) -> None:
+    """Reading works from either copy; say so when one is damaged (no write: repair is explicit)."""
+    table = gpt.read_table(disk)
+    for problem in table.problems:
+        print(f"warning: {disk}: {problem} — run 'obelisk boot repair' (or any write) to fix it", file=sys.stderr)
+
+
+def _line(s: slots.Slot) -> str:
+    state = f"priority={s.priority} tries={s.tries} successful={int(s.successful)}"
+    return f"{s.label or s.name} (partition {s.index}): {state}"
+
+
+@app.command()
+def status(
+    disk: Path | None = DiskOpt,
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Every USR slot with its priority, tries and successful flag, and which would boot next."""
+    with clean_errors(*ERRORS):
+        d = _disk(disk)
+        found = slots.read_slots(d)
+        _warn_if_damaged(d)
+        nxt = slots.next_index(found)
+    if as_json:
+        print(json.dumps({"slots": [s.to_json() for s in found], "next": nxt}, indent=2))
+        return
+    table = Table(title=f"USR slots on {d}", box=box.SIMPLE, pad_edge=False, collapse_padding=True)
+    for col in ("slot", "part", "label", "partition GUID", "prio", "tries", "good"):
+        table.add_column(col, no_wrap=True, min_width=len(col))
+    for s in found:
+        table.add_row(s.name + (" *" if s.index == nxt else ""), str(s.index), s.label, str(s.uuid), str(s.priority),
+                      str(s.tries), "yes" if s.successful else "no")
+    console = Console()
+    console.print(table)
+    chosen = next((s for s in found if s.index == nxt), None)
+    console.print(f"* next boot: slot {chosen.name} (partition {nxt})" if chosen else "next boot: none (none bootable)")
+
+
+def _number(option: str, value: str | None, allowed: str) -> int | None:
+    """Options are parsed here, not by click, so a bad value is one `error:` line like the rest."""
+    if value is None:
+        return None
+    try:
+        return int(value, 10)
+    except ValueError:
+        raise slots.SlotError(f"{option} {value!r} is not a number — use {allowed}") from None
+
+
+def _successful(value: str | None) -> bool | None:
+    number = _number("--successful", value, "0 or 1")
+    if number is None:
+        return None
+    if number not in (0, 1):
+        raise slots.SlotError(f"--successful {value} is invalid — use 0 or 1")
+    return bool(number)
+
+
+@app.command("set")
+def set_cmd(
+    index: str = typer.Argument(..., metavar="INDEX", help="Slot: partition index (3, 4) or A / B."),
+    priority: str | None = typer.Option(None, "--priority", "-P", metavar="0-15", help="Priority (0: never boots)."),
+    tries: str | None = typer.Option(None, "--tries", "-T", metavar="0-15", help="Tries left."),
+    successful: str | None = typer.Option(None, "--successful", "-S", metavar="0|1", help="1: booted well."),
+    disk: Path | None = DiskOpt,
+) -> None:
+    """Set a slot's attributes, like `cgpt add -i INDEX -P -T -S`."""
+    with clean_errors(*ERRORS):
+        ok = _successful(successful)
+        prio, left = _number("--priority", priority, "0..15"), _number("--tries", tries, "0..15")
+        slots.check_range(priority=prio, tries=left)
+        s = slots.set_attrs(_disk(disk), slots.parse_slot(index), priority=prio, tries=left, successful=ok)
+    print(_line(s))
+
+
+@app.command()
+def prioritize(
+    index: str = typer.Argument(..., metavar="INDEX", help="Slot to put on top: partition index (3, 4) or A / B."),
+    max_priority: str | None = typer.Option(None, "--max", "-P", metavar="1-15", help="Highest priority to use."),
+    friends: bool = typer.Option(False, "--friends", "-f", help="Also raise slots that had the same priority."),
+    disk: Path | None = DiskOpt,
+) -> None:
+    """Make a slot the highest priority, keeping the others' order (`cgpt prioritize`)."""
+    with clean_errors(*ERRORS):
+        top = _number("--max", max_priority, "1..15")
+        slots.check_range(max_priority=top)
+        for s in slots.prioritize(_disk(disk), slots.parse_slot(index), max_priority=top, friends=friends):
+            print(_line(s))
+
+
+@app.command("next")
+def next_cmd(
+    dry_run: bool = typer.Option(False, "--dry-run", help="Show the choice without burning a try."),
+    disk: Path | None = DiskOpt,
+) -> None:
+    """The boot-time choice (GRUB gptprio.next): burn one try of the chosen slot, print its GUID."""
+    with clean_errors(*ERRORS):
+        s = slots.boot_next(_disk(disk), dry_run=dry_run)
+        if s is None:
+            raise slots.SlotError("no USR slot is bootable (each has priority 0, or no tries left and is not "
+                                  "successful) — run 'obelisk boot set INDEX --priority 1 --successful 1'")
+    print(s.uuid)
+
+
+@app.command("mark-good")
+def mark_good(
+    slot: str | None = typer.Option(None, "--slot", metavar="INDEX", help="Slot to mark (default: the running one)."),
+    disk: Path | None = DiskOpt,
+) -> None:
+    """After a healthy boot: successful=1, tries=0, and keep it on top."""
+    with clean_errors(*ERRORS):
+        d = _disk(disk)
+        index = slots.parse_slot(slot) if slot is not None else slots.running_index(d)
+        if index is None:
+            raise slots.SlotError(f"{d}: no slot is running or bootable — name one with --slot")
+        print(_line(slots.mark_good(d, index)))
+
+
+@app.command()
+def rollback(disk: Path | None = DiskOpt) -> None:
+    """Make the other slot the next boot, if it is marked successful."""
+    with clean_errors(*ERRORS):
+        s = slots.rollback(_disk(disk))
+    print(f"next boot: slot {s.name} (partition {s.index})")
+
+
+@app.command()
+def repair(disk: Path | None = DiskOpt) -> None:
+    """Rewrite a damaged primary or backup GPT from the intact copy (like `cgpt repair`)."""
+    with clean_errors(*ERRORS):
+        d = _disk(disk)
+        fixed = gpt.repair(d)
+    print("\n".join(f"repaired: {p}" for p in fixed) if fixed else f"{d}: both GPT copies are intact")
+
+
+if __name__ == "__main__":  # `python -m bootloader.cli` runs the same app as `obelisk boot`
+    app(prog_name="obelisk boot")

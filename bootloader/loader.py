@@ -1,27 +1,130 @@
-"""Boot-loader side of the slot state (owner: the boot-chain work, issue 5).
+"""Boot-loader side of the slot state: the grubenv on the ESP, kept in step with the GPT.
 
-Upstream GRUB cannot read GPT attribute bits, so the boot loader keeps its own copy of the
-slot state (for example a grubenv on the ESP). The GPT stays the record: ``bootloader.slots``
-calls :func:`reconcile` before it reads a disk's slots (to take in what the boot loader did,
-e.g. tries it burned) and :func:`mirror` after every GPT write (to hand the new state to the
-boot loader). The update engine calls :func:`stage` in postinstall to put the new slot's boot
-data (verity root hash, hash offset, version) in place before the slot is prioritized.
+Upstream GRUB cannot read GPT attribute bits, so GRUB reads a copy of each USR slot's
+priority/tries/successful from ``/EFI/obelisk/grubenv`` (format: ``bootloader.grub``). The GPT
+stays the record: ``bootloader.slots`` calls :func:`reconcile` before it reads a disk's slots (to
+take in what the boot loader did: tries it burned, a mark-good written by a guest without
+Python) and :func:`mirror` after every GPT write (to hand the new state to GRUB). The update
+engine calls :func:`stage` in postinstall to put the new slot's boot data (verity root hash, hash
+offset, version) in place before the slot is prioritized.
 
-Until the boot chain lands these do nothing: a disk without an obelisk ESP has no loader state.
+Crash safety: the env keeps, per slot, the GPT attributes it was mirrored from (``base``) beside
+the working values GRUB changes. If ``base`` equals the GPT, working values that differ are the
+loader's news and go into the GPT. If ``base`` differs, obelisk wrote the GPT after the last
+mirror and crashed before mirroring: the GPT wins. Either way the env is rewritten from the GPT.
+
+This module uses ``bootloader.gpt`` directly, never ``bootloader.slots`` (which calls it). A disk
+without an obelisk ESP (no ``/EFI/obelisk/grubenv``) has no loader state: every function is a
+no-op there.
 """
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
+
+from bootloader import esp, gpt, grub
+
+# The USR type and attribute bits (the same as bootloader.slots; kept here to avoid an import cycle).
+USR_TYPE = uuid.UUID("5dfbf5f4-2848-4bac-aa5e-0d9a20b745a6")
+_NAMES = {3: "A", 4: "B"}
+
+
+def _decode(attributes: int) -> tuple[int, int, int]:
+    return (attributes >> 48) & 0xF, (attributes >> 52) & 0xF, (attributes >> 56) & 1
+
+
+def _encode(attributes: int, p: int, t: int, s: int) -> int:
+    attributes &= ~((0xF << 48) | (0xF << 52) | (1 << 56))
+    return attributes | (p << 48) | (t << 52) | (s << 56)
+
+
+def _usr(table: gpt.GptTable) -> dict[str, gpt.GptPartition]:
+    return {_NAMES[p.index]: p for p in table.partitions if p.type_guid == USR_TYPE and p.index in _NAMES}
+
+
+def read_env(disk: Path) -> grub.LoaderEnv | None:
+    """The loader state on ``disk``, or None when the disk has no obelisk ESP."""
+    disk = Path(disk)
+    try:
+        raw = esp.read_file(disk, grub.ENV_PATH)
+    except (esp.EspError, gpt.GptError):
+        return None
+    return grub.LoaderEnv.from_vars(grub.parse_env(raw))
+
+
+def _write_env(disk: Path, env: grub.LoaderEnv) -> None:
+    esp.rewrite_file(disk, grub.ENV_PATH, grub.render_env(env.to_vars()))
+
+
+def _sync_from(table: gpt.GptTable, env: grub.LoaderEnv) -> None:
+    for name, part in _usr(table).items():
+        p, t, s = _decode(part.attributes)
+        slot = env.slots[name]
+        slot.prio, slot.tries, slot.ok, slot.base = p, t, bool(s), (p, t, s)
+
+
+def news(table: gpt.GptTable, env: grub.LoaderEnv) -> dict[int, int]:
+    """GPT attribute changes the loader made (slots whose base still equals the GPT)."""
+    changes: dict[int, int] = {}
+    for name, part in _usr(table).items():
+        slot = env.slots[name]
+        current = _decode(part.attributes)
+        if slot.base == current and slot.working != current:
+            changes[part.index] = _encode(part.attributes, *slot.working)
+    return changes
+
+
+def in_step(table: gpt.GptTable, env: grub.LoaderEnv) -> bool:
+    return all(env.slots[n].base == _decode(p.attributes) == env.slots[n].working for n, p in _usr(table).items())
 
 
 def reconcile(disk: Path) -> None:
-    """Bring the GPT in line with what the boot loader recorded. No-op without loader state."""
+    """Bring the GPT in line with what the boot loader recorded, then the env in line with the GPT."""
+    disk = Path(disk)
+    env = read_env(disk)
+    if env is None:
+        return
+    table = gpt.read_table(disk)
+    changes = news(table, env)
+    if changes:
+        gpt.write_table(disk, gpt.with_attributes(table, changes))
+        table = gpt.read_table(disk)
+    if changes or not in_step(table, env):
+        _sync_from(table, env)
+        _write_env(disk, env)
 
 
 def mirror(disk: Path) -> None:
-    """Copy the GPT's slot state into the boot loader's state. No-op without loader state."""
+    """Copy the GPT's slot state into the boot loader's state (working values and base)."""
+    disk = Path(disk)
+    env = read_env(disk)
+    if env is None:
+        return
+    table = gpt.read_table(disk)
+    if in_step(table, env):
+        return
+    _sync_from(table, env)
+    _write_env(disk, env)
 
 
 def stage(disk: Path, index: int, *, root_hash: str, hash_offset: int, version: str) -> None:
-    """Record the boot data of a freshly written slot. No-op without loader state."""
+    """Record the boot data of a freshly written slot (before it is prioritized)."""
+    disk = Path(disk)
+    env = read_env(disk)
+    if env is None:
+        return
+    if index not in _NAMES:
+        raise ValueError(f"partition {index} is not a USR slot: use 3 (A) or 4 (B)")
+    if not root_hash or any(c not in "0123456789abcdef" for c in root_hash.lower()):
+        raise ValueError(f"root hash {root_hash!r} is not hex: pass the slot's verity root hash")
+    table = gpt.read_table(disk)
+    # Take the loader's news first: a stale base must not let an old GRUB write win later.
+    changes = news(table, env)
+    if changes:
+        gpt.write_table(disk, gpt.with_attributes(table, changes))
+        table = gpt.read_table(disk)
+    _sync_from(table, env)
+    slot = env.slots[_NAMES[index]]
+    slot.hash, slot.hashoff, slot.version = root_hash.lower(), int(hash_offset), version
+    _write_env(disk, env)

@@ -6,6 +6,9 @@ import typer
 
 from bootloader.cli import app as boot_app
 from builder.cli import image_app, key_app
+from cloudconfig.cli import app as cloudconfig_app
+from update_engine.cli import app as update_app
+from update_engine.reboot.cli import app as lock_app
 
 app = typer.Typer(
     name="obelisk",
@@ -16,6 +19,9 @@ app = typer.Typer(
 app.add_typer(image_app, name="image")
 app.add_typer(key_app, name="key")
 app.add_typer(boot_app, name="boot")
+app.add_typer(update_app, name="update")
+app.add_typer(lock_app, name="lock")
+app.add_typer(cloudconfig_app, name="cloudconfig")
 
 
 def main() -> None:

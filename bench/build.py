@@ -1,0 +1,65 @@
+"""Build time of images/tiny.toml from an empty cache (cold) against a rebuild with a warm cache,
+the warm/cold ratio, and the size of every artifact.
+
+Usage: python -m bench build [--definition images/tiny.toml] [--keep DIR]
+The downloaded .debs are kept in a shared folder so that "cold" measures building, not the network.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+OBELISK = str(Path(sys.executable).with_name("obelisk"))
+
+
+def _build(defn: str, out: Path, cache: Path, key: Path) -> tuple[float, dict]:
+    env = {**os.environ, "SOURCE_DATE_EPOCH": os.environ.get("SOURCE_DATE_EPOCH", "1704067200")}
+    start = time.monotonic()
+    proc = subprocess.run([OBELISK, "image", "build", defn, "--out", out, "--cache", cache, "--key", key, "--json"],
+                          cwd=REPO, env=env, capture_output=True, text=True)
+    took = time.monotonic() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"build failed: {proc.stderr.strip().splitlines()[-1:]}")
+    return took, json.loads(proc.stdout)
+
+
+def main(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser(prog="python -m bench build")
+    ap.add_argument("--definition", default="images/tiny.toml")
+    ap.add_argument("--keep", type=Path, help="work folder to keep (default: a temporary one)")
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="obelisk-bench-") as tmp:
+        work = args.keep or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        debs = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "obelisk" / "debs"
+        debs.mkdir(parents=True, exist_ok=True)
+        subprocess.run([OBELISK, "key", "generate", work / "key", "--force"], check=True, capture_output=True)
+        key = work / "key" / "obelisk.key"
+        cache = work / "cache"
+        cache.mkdir(exist_ok=True)
+        if not (cache / "debs").exists():
+            (cache / "debs").symlink_to(debs)
+        cold, res = _build(args.definition, work / "out-cold", cache, key)
+        warm, res2 = _build(args.definition, work / "out-warm", cache, key)
+        cached = sum(1 for s in res2["stages"].values() if s["cached"])
+        print(f"definition       {args.definition}")
+        print("cold stages      " + ", ".join(f"{n} {s['seconds']:.1f}s" for n, s in res["stages"].items()))
+        print(f"cold build       {cold:8.2f} s")
+        print(f"warm build       {warm:8.2f} s   ({cached}/{len(res2['stages'])} stages cached)")
+        print(f"warm/cold ratio  {warm / cold:8.3f}   (speed-up x{cold / warm:.1f})")
+        rel = Path(res["release_dir"])
+        for name, art in sorted(res["release"]["artifacts"].items()):
+            alloc = (rel / name).stat().st_blocks * 512
+            print(f"size {name:<16} {art['size'] / 2**20:9.1f} MiB apparent  {alloc / 2**20:9.1f} MiB on disk")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,139 @@
+"""`obelisk image build`: check the inputs, run the stages, publish the release atomically."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from rich.console import Console
+
+from builder import definition, fsutil, pipeline, tools
+from builder.definition import DebianSource, TinySource
+from builder.errors import BuildError
+from builder.stages import release as release_stage
+from update_engine import signing
+
+FORMATS = ("raw", "qcow2", "pxe")
+VERSION_RE = re.compile(r"^[0-9]+(\.[0-9]+)*([-+][0-9A-Za-z.+-]*)?$")
+DEFAULT_DEFINITION = Path("images/base.toml")
+
+
+@dataclass
+class BuildSummary:
+    release_dir: Path
+    stages: list[pipeline.StageResult]
+    release: dict
+
+    @property
+    def all_cached(self) -> bool:
+        return all(s.cached for s in self.stages)
+
+
+def data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
+    return Path(base) / "obelisk"
+
+
+def dev_key(console: Console) -> Path:
+    """The development signing key, made once under the user's data directory."""
+    where = data_dir() / "dev-key"
+    priv = where / signing.PRIVATE_NAME
+    if not priv.exists():
+        signing.generate_keypair(where)
+        console.print(f"[yellow]warning:[/] no --key given: made a development signing key at {priv}; "
+                      "use 'obelisk key generate DIR' and --key for releases hosts should trust")
+    else:
+        console.print(f"[yellow]warning:[/] no --key given: signing with the development key {priv}")
+    return priv
+
+
+def parse_formats(text: str | None, default: list[str]) -> list[str]:
+    if text is None:
+        return list(default)
+    items = [f.strip() for f in text.split(",") if f.strip()]
+    bad = [f for f in items if f not in FORMATS]
+    if bad or not items:
+        raise BuildError(f"--format {text!r}: unknown format {', '.join(bad) or '(none)'}; choose from "
+                         f"{', '.join(FORMATS)}")
+    return sorted(set(items), key=FORMATS.index)
+
+
+def needed_tools(defn: definition.ImageDefinition, formats: list[str]) -> list[str]:
+    need = ["cp", "mksquashfs", "veritysetup", "mkfs.fat", "mcopy", "mkfs.ext4", "debugfs", "grub-mkimage", "depmod",
+            "modinfo"]
+    if isinstance(defn.source, DebianSource):
+        need.append("mmdebstrap")
+    if isinstance(defn.source, TinySource) or not isinstance(defn.source, DebianSource):
+        need += ["apt-get", "apt-cache", "dpkg-deb"]
+    if "qcow2" in formats:
+        need.append("qemu-img")
+    return need
+
+
+def _pem_of(pub: signing.PublicKey) -> bytes:
+    return pub.key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def inputs_digest(defn: definition.ImageDefinition, version: str, epoch: int, keys: list[tuple[str, bytes]],
+                  def_path: Path) -> str:
+    """Digest of what the user controls: the definition, the version, the time, the keys, overlay files."""
+    repo = pipeline.REPO
+    overlays = [repo / "images/files/common", repo / "images/files" / defn.name, *defn.files]
+    material = {
+        "definition": defn.model_dump(mode="json"),
+        "version": version,
+        "epoch": epoch,
+        "keys": [n for n, _ in keys],
+        "overlays": [fsutil.digest_tree(p) for p in overlays],
+    }
+    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
+
+
+def build(def_path: Path, *, out: Path, version: str | None = None, key: Path | None = None,
+          formats: str | None = None, cache: Path | None = None, console: Console | None = None) -> BuildSummary:
+    console = console or Console(stderr=True)
+    defn = definition.load(def_path)
+    version = version or defn.version
+    if not VERSION_RE.match(version):
+        raise BuildError(f"--version {version!r}: use a dotted number with an optional suffix, e.g. 1.2.3 or 1.2.3-rc1")
+    fmts = parse_formats(formats, list(defn.formats))
+    epoch = definition.source_date_epoch(defn)
+    for tool in needed_tools(defn, fmts):  # every missing tool is reported before any work starts
+        tools.require(tool)
+
+    key_path = key if key is not None else dev_key(console)
+    private = signing.load_private_key(key_path)
+    signer = signing.public_key_of(private)
+    trusted: dict[str, bytes] = {}
+    for p in defn.trusted_keys:
+        pub = signing.load_public_key(p)
+        trusted[f"{pub.key_id}.pub"] = _pem_of(pub)
+    if trusted and f"{signer.key_id}.pub" not in trusted:
+        raise BuildError(f"signing key {key_path} (id {signer.key_id}) is not one of the image's trusted_keys in "
+                         f"{def_path}: hosts could not verify this release; sign with a trusted key or add its .pub")
+    trusted.setdefault(f"{signer.key_id}.pub", _pem_of(signer))
+    keys = sorted(trusted.items())
+
+    digest = inputs_digest(defn, version, epoch, keys, def_path)
+    build_id = f"{time.strftime('%Y%m%d', time.gmtime(epoch))}.{digest[:8]}"
+    ctx = pipeline.BuildContext(
+        definition=defn, definition_path=def_path, version=version, build_id=build_id, epoch=epoch,
+        formats=fmts, private_key=private, trusted_keys=keys, cache=(cache or pipeline.default_cache_dir()).resolve(),
+        inputs_digest=digest,
+    )
+    ctx.cache.mkdir(parents=True, exist_ok=True)
+    console.print(f"building [bold]{defn.name}[/] {version} (build {build_id}) from {def_path}")
+    stages = pipeline.run_all(ctx, console=console)
+    files = release_stage.artifacts(ctx)
+    rel = ctx["release"]
+    for name in ("release.json", "SHA256SUMS", "SHA256SUMS.sig"):
+        files[name] = rel.path(name)
+    dest = out / defn.name / version
+    pipeline.publish(files, dest)
+    return BuildSummary(dest, stages, json.loads(rel.path("release.json").read_text()))

@@ -1,0 +1,26 @@
+"""Stage payload: the signed update payload for /usr (update_engine.payload owns the format)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from update_engine import payload, signing
+
+DEPENDS = ("usr",)
+CODE = ("update_engine/payload.py", "update_engine/signing.py")
+
+
+def inputs(ctx) -> dict:
+    d = ctx.definition
+    return {"app_id": d.app_id, "arch": d.arch, "version": ctx.version,
+            "key": signing.public_key_of(ctx.private_key).key_id}
+
+
+def run(ctx, out: Path) -> dict:
+    usr = ctx["usr"]
+    ctx.log("payload: hashing and signing")
+    payload.write_payload(usr.path("usr.img"), out / "update.payload", app_id=ctx.definition.app_id,
+                          arch=ctx.definition.arch, version=ctx.version,
+                          verity_root_hash=usr.meta["verity_root_hash"], hash_offset=usr.meta["hash_offset"],
+                          private_key=ctx.private_key)
+    return {"size": (out / "update.payload").stat().st_size}

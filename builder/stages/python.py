@@ -1,0 +1,58 @@
+"""Stage python: obelisk and its Python dependencies, installed with pip for the image's /usr.
+
+Only for Debian sources with ``install_obelisk`` (other trees get nothing here). The result is
+copied into the tree by the tree stage, under /usr/lib/obelisk/python, with /usr/bin/obelisk a
+small launcher that puts that directory on sys.path.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+from builder import fsutil, tools
+from builder.definition import DebianSource
+
+DEPENDS: tuple[str, ...] = ()
+REPO = Path(__file__).resolve().parents[2]
+PACKAGES = ("obelisk", "builder", "update_engine", "bootloader", "cloudconfig", "update_server",
+            "fleetlock_server", "provision")
+
+
+def wanted(ctx) -> bool:
+    src = ctx.definition.source
+    return isinstance(src, DebianSource) and src.install_obelisk
+
+
+def inputs(ctx) -> dict:
+    if not wanted(ctx):
+        return {"skip": True}
+    return {
+        "pyproject": fsutil.sha256_file(REPO / "pyproject.toml"),
+        "code": {p: fsutil.digest_tree(REPO / p) for p in PACKAGES if (REPO / p).is_dir()},
+        "python": f"{sys.version_info.major}.{sys.version_info.minor}",
+    }
+
+
+def run(ctx, out: Path) -> dict:
+    if not wanted(ctx):
+        return {"installed": False}
+    target = out / "python"
+    # Build from a copy so that setuptools' build/ and *.egg-info never land in the checkout.
+    src = out / "src"
+    src.mkdir()
+    shutil.copy2(REPO / "pyproject.toml", src / "pyproject.toml")
+    for p in PACKAGES:
+        if (REPO / p).is_dir():
+            shutil.copytree(REPO / p, src / p, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    ctx.log("python: pip install obelisk")
+    tools.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-compile", "--no-warn-script-location",
+               "--disable-pip-version-check", "--target", target, src], timeout=1800,
+              env={"SOURCE_DATE_EPOCH": str(ctx.epoch), "PIP_NO_INPUT": "1"})
+    # pip's entry-point scripts name the build host's interpreter; the image uses our launcher instead.
+    fsutil.remove_tree(target / "bin")
+    for cache in target.rglob("__pycache__"):
+        fsutil.remove_tree(cache)
+    fsutil.remove_tree(src)
+    return {"installed": True}

@@ -1,0 +1,156 @@
+"""Stage tree: the finished OS tree. Adds the overlay files, trusted keys, os-release and release
+files, obelisk's Python code, /usr/share/factory/etc, and the slot's boot files (kernel and
+initramfs) at /usr/lib/obelisk/boot/, so kernel, initramfs and /usr always change together."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import shutil
+from pathlib import Path
+
+from builder import fsutil, kernel, tools
+from builder.definition import DebianSource
+from update_engine.signing import IMAGE_KEYS_DIR
+
+DEPENDS = ("rootfs", "python")
+CODE = ("bootloader/initramfs.py", "bootloader/initramfs", "update_engine/signing.py")
+REPO = Path(__file__).resolve().parents[2]
+BOOT_DIR = "usr/lib/obelisk/boot"
+LAUNCHER = """#!/usr/bin/python3
+# obelisk's host side lives in /usr/lib/obelisk/python (installed with pip at build time).
+import sys
+
+sys.path.insert(0, "/usr/lib/obelisk/python")
+from obelisk.cli import main  # noqa: E402
+
+sys.exit(main())
+"""
+
+
+def overlay_dirs(ctx) -> list[Path]:
+    files = REPO / "images" / "files"
+    return [files / "common", files / ctx.name, *ctx.definition.files]
+
+
+def inputs(ctx) -> dict:
+    return {
+        "overlays": [fsutil.digest_tree(p) for p in overlay_dirs(ctx)],
+        "keys": ctx.trusted_keys,
+        "name": ctx.name,
+        "version": ctx.version,
+        "build_id": ctx.build_id,
+        "app_id": ctx.definition.app_id,
+        "pretty_name": ctx.definition.pretty_name,
+        "epoch": ctx.epoch,
+    }
+
+
+def run(ctx, out: Path) -> dict:
+    tree = out / "tree"
+    ctx.log("tree: copying rootfs")
+    tools.run(["cp", "-a", "--reflink=auto", ctx["rootfs"].path("root"), tree], timeout=1800)
+    found = kernel.find_kernel(tree)
+    if found is None:
+        raise tools.ToolError("the OS tree has no kernel in /usr/lib/modules/<version>/")
+    kver, vmlinuz = found
+    boot = tree / BOOT_DIR
+    boot.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(vmlinuz, boot / "vmlinuz")
+    for f in (tree / "boot").glob("*"):  # a slot's boot files live in /usr only
+        fsutil.remove_tree(f)
+    for d in overlay_dirs(ctx):
+        copy_overlay(d, tree)
+    keys = tree / IMAGE_KEYS_DIR
+    keys.mkdir(parents=True, exist_ok=True)
+    for name, pem in ctx.trusted_keys:
+        (keys / name).write_bytes(pem)
+    write_identity(ctx, tree)
+    if ctx["python"].meta.get("installed"):
+        dest = tree / "usr/lib/obelisk/python"
+        fsutil.remove_tree(dest)
+        shutil.copytree(ctx["python"].path("python"), dest, symlinks=True)
+        launcher = tree / "usr/bin/obelisk"
+        launcher.unlink(missing_ok=True)
+        launcher.write_text(LAUNCHER)
+        launcher.chmod(0o755)
+    factory_etc(tree)
+    ctx.log("tree: initramfs")
+    try:
+        initramfs = importlib.import_module("bootloader.initramfs")
+    except ImportError:
+        raise tools.ToolError("bootloader.initramfs is not available yet: the boot-chain part has not landed") from None
+    initramfs.build(tree, boot / "initrd.img")
+    if not (boot / "initrd.img").is_file():
+        raise tools.ToolError("bootloader.initramfs.build made no initrd.img")
+    fsutil.clamp_mtimes(tree, ctx.epoch)
+    return {"kernel_version": kver}
+
+
+def copy_overlay(src: Path, tree: Path) -> None:
+    """Copy ``src`` over ``tree``; files replace what is there (symlinks are replaced, not followed)."""
+    if not src.is_dir():
+        return
+    for dirpath, dirnames, filenames in os.walk(src):
+        rel = Path(dirpath).relative_to(src)
+        dest_dir = tree / _in_usr(rel)
+        dest_dir.mkdir(parents=True, exist_ok=True)
+        for name in [*filenames, *[d for d in dirnames if Path(dirpath, d).is_symlink()]]:
+            s, d = Path(dirpath, name), dest_dir / name
+            if d.is_symlink() or d.is_file():
+                d.unlink()
+            elif d.is_dir() and s.is_symlink():
+                shutil.rmtree(d)
+            if s.is_symlink():
+                d.symlink_to(os.readlink(s))
+            else:
+                shutil.copy2(s, d)
+
+
+def _in_usr(rel: Path) -> Path:
+    # /bin, /sbin and /lib are links into /usr: write through to the real directory.
+    parts = rel.parts
+    if parts and parts[0] in ("bin", "sbin", "lib", "lib64"):
+        return Path("usr", *parts)
+    return rel
+
+
+def write_identity(ctx, tree: Path) -> None:
+    d = ctx.definition
+    pretty = d.pretty_name or f"obelisk {d.name} {ctx.version}"
+    like = "ID_LIKE=debian\n" if isinstance(d.source, DebianSource) else ""
+    os_release = (
+        f'NAME="obelisk"\nID=obelisk\n{like}VERSION="{ctx.version}"\nVERSION_ID={ctx.version}\n'
+        f"BUILD_ID={ctx.build_id}\nIMAGE_ID={d.name}\nIMAGE_VERSION={ctx.version}\n"
+        f'PRETTY_NAME="{pretty}"\nHOME_URL="https://github.com/obelisk-os/obelisk"\n'
+    )
+    target = tree / "usr/lib/os-release"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.unlink(missing_ok=True)
+    target.write_text(os_release)
+    etc = tree / "etc/os-release"
+    etc.parent.mkdir(parents=True, exist_ok=True)
+    if etc.is_symlink() or etc.exists():
+        etc.unlink()
+    etc.symlink_to("../usr/lib/os-release")
+    rel = tree / "usr/share/obelisk/release"
+    rel.parent.mkdir(parents=True, exist_ok=True)
+    rel.write_text(f"VERSION={ctx.version}\nAPPID={d.app_id}\nNAME={d.name}\nBUILD_ID={ctx.build_id}\n")
+
+
+def factory_etc(tree: Path) -> None:
+    """Keep a copy of /etc in /usr/share/factory/etc and let systemd-tmpfiles copy in whatever
+    top-level entry /etc lacks at boot (so a new /usr can bring new configuration)."""
+    etc = tree / "etc"
+    factory = tree / "usr/share/factory/etc"
+    fsutil.remove_tree(factory)
+    factory.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(etc, factory, symlinks=True)
+    lines = ["# Generated by obelisk image build: populate /etc from /usr/share/factory/etc at boot.\n"]
+    for entry in sorted(os.listdir(factory)):
+        if entry in ("machine-id", "mtab", "hostname"):
+            continue  # systemd makes these per machine
+        lines.append(f"C /etc/{entry} - - - - -\n")
+    conf = tree / "usr/lib/tmpfiles.d/obelisk-factory-etc.conf"
+    conf.parent.mkdir(parents=True, exist_ok=True)
+    conf.write_text("".join(lines))

@@ -1,0 +1,151 @@
+"""`obelisk cloudconfig`: validate, apply, fetch. Thin: parse, call, print."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+
+from cloudconfig.apply import ApplyError, InvalidConfig, apply_userdata
+from cloudconfig.datasources import ORDER, DatasourceError, Settings, environment_addresses, fetch
+from cloudconfig.validate import validate_bytes
+from obelisk.errors import clean_errors, fail
+
+app = typer.Typer(name="cloudconfig", help="Validate and apply #cloud-config user-data.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+
+
+def _read(path: str) -> bytes:
+    if path == "-":
+        return sys.stdin.buffer.read()
+    p = Path(path)
+    try:
+        return p.read_bytes()
+    except FileNotFoundError:
+        fail(f"{path}: no such file")
+    except IsADirectoryError:
+        fail(f"{path} is a directory; give a cloud-config file")
+    except OSError as exc:
+        fail(f"cannot read {path}: {exc.strerror}")
+
+
+@app.command()
+def validate(
+    files: list[str] = typer.Argument(..., help="cloud-config files ('-' for standard input)"),
+    as_json: bool = typer.Option(False, "--json", help="print a JSON list of {line, column, level, path, message}"),
+) -> None:
+    """Report YAML syntax errors, unknown keys, wrong types and bad values with line numbers; exit 1 on errors."""
+    blobs = [(f, _read(f)) for f in files]  # read all first: an unreadable file is a usage error
+    out: list[dict[str, object]] = []
+    errors = 0
+    for name, raw in blobs:
+        rep = validate_bytes(raw)
+        errors += len(rep.errors)
+        for e in rep.entries:
+            if as_json:
+                out.append({**e.__dict__, **({"file": name} if len(files) > 1 else {})})
+            else:
+                print(f"{name}: {e.text()}" if len(files) > 1 else e.text())
+    if as_json:
+        print(json.dumps(out, indent=2))
+    raise typer.Exit(1 if errors else 0)
+
+
+def _settings(file: str | None, cmdline: Path | None, ec2_endpoint: str | None, configdrive: list[Path] | None,
+              nocloud: list[Path] | None, timeout: float, attempts: int) -> Settings:
+    s = Settings(file=Path(file) if file else None, timeout=timeout, attempts=attempts,
+                 log=lambda m: print(m, file=sys.stderr))
+    if cmdline:
+        s.cmdline = cmdline
+    if ec2_endpoint:
+        s.ec2_endpoint = ec2_endpoint
+    if configdrive is not None:
+        s.configdrive_dirs = tuple(str(p) for p in configdrive)
+    if nocloud is not None:
+        s.nocloud_dirs = tuple(str(p) for p in nocloud)
+    return s
+
+
+_DS_HELP = f"use only this datasource: {', '.join(ORDER)}"
+
+
+@app.command()
+def apply(
+    file: str = typer.Argument(None, help="user-data file; without it the datasources are probed in order"),
+    datasource: str = typer.Option(None, "--datasource", help=_DS_HELP),
+    root: Path = typer.Option(Path("/"), "--root", help="target root (default: the running system)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="show what would change, change nothing"),
+    as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
+    cmdline: Path = typer.Option(None, "--cmdline", help="kernel command line to read (default /proc/cmdline)"),
+    ec2_endpoint: str = typer.Option(None, "--ec2-endpoint", help="EC2 metadata URL (default 169.254.169.254)"),
+    configdrive: list[Path] = typer.Option(None, "--configdrive", help="config-drive directory (repeatable)"),
+    nocloud: list[Path] = typer.Option(None, "--nocloud", help="NoCloud seed directory (repeatable)"),
+    timeout: float = typer.Option(10.0, "--timeout", help="seconds per metadata request"),
+    attempts: int = typer.Option(5, "--attempts", help="tries per metadata request"),
+) -> None:
+    """Apply user-data to the target root: users, keys, files, units, etcd/update/lock settings. Idempotent."""
+    s = _settings(file, cmdline, ec2_endpoint, configdrive, nocloud, timeout, attempts)
+    with clean_errors(DatasourceError):
+        got = fetch(s, datasource)
+    if got is None:
+        print(f"no user-data found (looked at: {', '.join(ORDER)}); nothing to do", file=sys.stderr)
+        return
+    try:
+        res = apply_userdata(got.userdata, root, metadata=got.metadata, addresses=environment_addresses(),
+                             dry_run=dry_run, name=file or got.source)
+    except InvalidConfig as exc:
+        for e in exc.report.entries:
+            print(e.text(), file=sys.stderr)
+        fail(str(exc), code=1)
+    except ApplyError as exc:
+        fail(str(exc))
+    except OSError as exc:
+        fail(f"cannot write to {root}: {exc}")
+    if as_json:
+        print(json.dumps({
+            "source": got.source, "kind": res.kind, "root": str(root), "dry_run": dry_run, "changed": res.changed,
+            "changes": [c.describe(planned=dry_run) for c in res.changes],
+            "commands": [" ".join(c) for c in res.commands],
+            "notes": res.notes, "warnings": res.warnings,
+        }, indent=2))
+        return
+    for w in res.warnings:
+        print(w, file=sys.stderr)
+    verb = "would " if dry_run else ""
+    for c in res.changes:
+        print(c.describe(planned=dry_run))
+    for cmd in res.commands:
+        print(f"{verb}run: {' '.join(cmd)}")
+    for n in res.notes:
+        print(f"note: {n}")
+    if not res.changed:
+        print(f"nothing to change: {root} already matches the config from {got.source}")
+    else:
+        print(f"{'would apply' if dry_run else 'applied'} {len(res.changes)} change(s) to {root} "
+              f"from {got.source}")
+
+
+@app.command("fetch")
+def fetch_cmd(
+    datasource: str = typer.Option(None, "--datasource", help=_DS_HELP),
+    cmdline: Path = typer.Option(None, "--cmdline", help="kernel command line to read (default /proc/cmdline)"),
+    ec2_endpoint: str = typer.Option(None, "--ec2-endpoint", help="EC2 metadata URL"),
+    configdrive: list[Path] = typer.Option(None, "--configdrive", help="config-drive directory (repeatable)"),
+    nocloud: list[Path] = typer.Option(None, "--nocloud", help="NoCloud seed directory (repeatable)"),
+    timeout: float = typer.Option(10.0, "--timeout"),
+    attempts: int = typer.Option(5, "--attempts"),
+    as_json: bool = typer.Option(False, "--json", help="metadata and user-data as JSON"),
+) -> None:
+    """Print the user-data (and with --json the metadata) the datasources offer."""
+    s = _settings(None, cmdline, ec2_endpoint, configdrive, nocloud, timeout, attempts)
+    with clean_errors(DatasourceError):
+        got = fetch(s, datasource)
+    if got is None:
+        fail(f"no user-data found (looked at: {', '.join(ORDER)})", code=1)
+    if as_json:
+        print(json.dumps({"source": got.source, "metadata": got.metadata.__dict__,
+                          "userdata": got.userdata.decode("utf-8", "replace")}, indent=2))
+    else:
+        sys.stdout.buffer.write(got.userdata)

@@ -1,0 +1,321 @@
+"""Where user-data comes from: a file, a URL on the kernel command line, an OpenStack config
+drive, a NoCloud seed, or EC2 instance metadata (IMDSv2 first, IMDSv1 as fallback).
+
+Sources are probed in that order. Local sources are looked at once; network sources retry with
+exponential backoff, like coreos-cloudinit's HTTP client: 4xx means "no user-data here"
+(no retry), 5xx and connection errors are retried until the attempts run out.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+import yaml
+
+ORDER = ("file", "url", "configdrive", "nocloud", "ec2")
+DEFAULT_FILES = ("/var/lib/obelisk/user_data", "/usr/share/oem/cloud-config.yml")
+CONFIGDRIVE_DIRS = ("/media/configdrive", "/media/configvirtfs")
+CONFIGDRIVE_LABELS = ("config-2", "CONFIG-2")
+NOCLOUD_DIRS = ("/var/lib/cloud/seed/nocloud",)
+NOCLOUD_LABELS = ("CIDATA", "cidata")
+EC2_ENDPOINT = "http://169.254.169.254"
+
+
+class DatasourceError(RuntimeError):
+    """A source was asked for explicitly and could not be read; one line, for the user."""
+
+
+@dataclass
+class Metadata:
+    hostname: str | None = None
+    public_keys: list[str] = field(default_factory=list)
+    private_ipv4: str | None = None
+    public_ipv4: str | None = None
+    private_ipv6: str | None = None
+    public_ipv6: str | None = None
+    instance_id: str | None = None
+
+    def addresses(self) -> dict[str, str]:
+        return {k: v for k in ("private_ipv4", "public_ipv4", "private_ipv6", "public_ipv6")
+                if (v := getattr(self, k))}
+
+
+@dataclass
+class Fetched:
+    source: str  # e.g. "ec2 (http://169.254.169.254)"
+    userdata: bytes
+    metadata: Metadata = field(default_factory=Metadata)
+
+
+@dataclass
+class Settings:
+    """Everything a probe looks at; tests point these at temporary files and loopback servers."""
+    file: Path | None = None
+    cmdline: Path = Path("/proc/cmdline")
+    configdrive_dirs: tuple[str, ...] = CONFIGDRIVE_DIRS
+    configdrive_labels: tuple[str, ...] = CONFIGDRIVE_LABELS
+    nocloud_dirs: tuple[str, ...] = NOCLOUD_DIRS
+    nocloud_labels: tuple[str, ...] = NOCLOUD_LABELS
+    by_label: Path = Path("/dev/disk/by-label")
+    ec2_endpoint: str = EC2_ENDPOINT
+    timeout: float = 10.0  # per request
+    attempts: int = 5
+    backoff: float = 0.05  # first retry delay; doubles, capped at max_backoff
+    max_backoff: float = 5.0
+    log: Callable[[str], None] = lambda _msg: None
+
+
+# --- HTTP with coreos-cloudinit's retry rules ----------------------------------------------------
+
+class _NotFound(Exception):
+    pass
+
+
+def http_get(url: str, s: Settings, *, headers: dict[str, str] | None = None, method: str = "GET",
+             attempts: int | None = None) -> bytes:
+    """Body of a 2xx answer; _NotFound for 4xx; DatasourceError after the last failed attempt."""
+    if not url.startswith(("http://", "https://")):
+        raise DatasourceError(f"{url}: only http:// and https:// URLs are fetched")
+    delay = s.backoff
+    last = ""
+    n = attempts or s.attempts
+    for i in range(n):
+        try:
+            r = requests.request(method, url, headers=headers, timeout=s.timeout, allow_redirects=True)
+            if 200 <= r.status_code < 300:
+                return r.content
+            if 400 <= r.status_code < 500:
+                raise _NotFound(f"{url}: HTTP {r.status_code}")
+            last = f"HTTP {r.status_code}"
+        except requests.RequestException as exc:
+            last = type(exc).__name__
+        s.log(f"{method} {url} failed ({last}), attempt {i + 1} of {n}")
+        if i + 1 < n:
+            time.sleep(delay)
+            delay = min(delay * 2, s.max_backoff)
+    raise DatasourceError(f"{url}: no answer after {n} attempts ({last})")
+
+
+# --- the sources ---------------------------------------------------------------------------------
+
+def from_file(s: Settings) -> Fetched | None:
+    paths = [str(s.file)] if s.file else list(DEFAULT_FILES)
+    for p in paths:
+        try:
+            return Fetched(f"file ({p})", Path(p).read_bytes())
+        except FileNotFoundError:
+            if s.file:
+                raise DatasourceError(f"{p}: no such file") from None
+        except IsADirectoryError:
+            raise DatasourceError(f"{p} is a directory; give the cloud-config file") from None
+        except OSError as exc:
+            raise DatasourceError(f"cannot read {p}: {exc.strerror}") from None
+    return None
+
+
+def cmdline_url(text: str) -> str | None:
+    """`cloud-config-url=` (or with underscores) on the kernel command line; the last one wins."""
+    found = None
+    for tok in text.split():
+        key, eq, value = tok.partition("=")
+        if eq and key.replace("_", "-") == "cloud-config-url":
+            found = value
+    return found
+
+
+def from_url(s: Settings) -> Fetched | None:
+    try:
+        text = s.cmdline.read_text(errors="replace")
+    except OSError:
+        return None
+    url = cmdline_url(text)
+    if not url:
+        return None
+    try:
+        data = http_get(url, s)
+    except _NotFound:
+        data = b""  # coreos-cloudinit: 4xx = empty user-data, not an error
+    return Fetched(f"url ({url})", data)
+
+
+def _label_dirs(s: Settings, labels: tuple[str, ...]) -> list[tuple[str, Path]]:
+    """Devices with one of these labels, mounted read-only into a temporary directory (live host only)."""
+    out = []
+    for label in labels:
+        dev = s.by_label / label
+        if dev.exists():
+            out.append((label, dev))
+    return out
+
+
+def _mounted(dev: Path, probe: Callable[[Path], Fetched | None]) -> Fetched | None:
+    from builder.tools import ToolError, run
+
+    mnt = Path(tempfile.mkdtemp(prefix="obelisk-cloudconfig-"))
+    try:
+        run(["mount", "-o", "ro", dev, mnt], timeout=30)
+    except ToolError as exc:
+        mnt.rmdir()
+        raise DatasourceError(f"cannot mount {dev}: {exc}") from None
+    try:
+        return probe(mnt)
+    finally:
+        run(["umount", mnt], check=False, timeout=30)
+        mnt.rmdir()
+
+
+def read_configdrive(d: Path) -> Fetched | None:
+    latest = d / "openstack" / "latest"
+    if not latest.is_dir():
+        return None
+    md = Metadata()
+    try:
+        meta = json.loads((latest / "meta_data.json").read_text())
+    except (OSError, ValueError):
+        meta = {}
+    if isinstance(meta, dict):
+        md.hostname = meta.get("hostname") if isinstance(meta.get("hostname"), str) else None
+        keys = meta.get("public_keys")
+        if isinstance(keys, dict):
+            md.public_keys = [str(v).strip() for _, v in sorted(keys.items()) if isinstance(v, str)]
+        md.instance_id = meta.get("uuid") if isinstance(meta.get("uuid"), str) else None
+    try:
+        data = (latest / "user_data").read_bytes()
+    except OSError:
+        data = b""
+    return Fetched(f"configdrive ({d})", data, md)
+
+
+def from_configdrive(s: Settings) -> Fetched | None:
+    for d in s.configdrive_dirs:
+        got = read_configdrive(Path(d))
+        if got:
+            return got
+    for _label, dev in _label_dirs(s, s.configdrive_labels):
+        got = _mounted(dev, read_configdrive)
+        if got:
+            return got
+    return None
+
+
+def read_nocloud(d: Path) -> Fetched | None:
+    if not (d / "meta-data").is_file() and not (d / "user-data").is_file():
+        return None
+    md = Metadata()
+    try:
+        meta = yaml.safe_load((d / "meta-data").read_text())
+    except (OSError, yaml.YAMLError, ValueError):
+        meta = None
+    if isinstance(meta, dict):
+        host = meta.get("local-hostname") or meta.get("hostname")
+        md.hostname = str(host) if isinstance(host, str) else None
+        md.instance_id = str(meta.get("instance-id")) if meta.get("instance-id") is not None else None
+        keys = meta.get("public-keys") or meta.get("public_keys")
+        if isinstance(keys, str):
+            md.public_keys = [keys]
+        elif isinstance(keys, list):
+            md.public_keys = [str(k) for k in keys if isinstance(k, str)]
+        elif isinstance(keys, dict):
+            md.public_keys = [str(v) for _, v in sorted(keys.items()) if isinstance(v, str)]
+    try:
+        data = (d / "user-data").read_bytes()
+    except OSError:
+        data = b""
+    return Fetched(f"nocloud ({d})", data, md)
+
+
+def from_nocloud(s: Settings) -> Fetched | None:
+    for d in s.nocloud_dirs:
+        got = read_nocloud(Path(d))
+        if got:
+            return got
+    for _label, dev in _label_dirs(s, s.nocloud_labels):
+        got = _mounted(dev, read_nocloud)
+        if got:
+            return got
+    return None
+
+
+def _imds_token(s: Settings, base: str) -> str | None:
+    """IMDSv2 session token; None when the service only speaks IMDSv1 (PUT refused with 4xx)."""
+    try:
+        return http_get(f"{base}/latest/api/token", s, method="PUT",
+                        headers={"X-aws-ec2-metadata-token-ttl-seconds": "21600"}).decode().strip()
+    except _NotFound:
+        return None
+
+
+def from_ec2(s: Settings) -> Fetched | None:
+    base = s.ec2_endpoint.rstrip("/")
+    try:
+        token = _imds_token(s, base)
+    except DatasourceError:
+        return None  # nothing answers: not on EC2
+    headers = {"X-aws-ec2-metadata-token": token} if token else {}
+
+    def get(path: str) -> str | None:
+        try:
+            return http_get(f"{base}/latest/{path}", s, headers=headers).decode("utf-8", "replace").strip()
+        except _NotFound:
+            return None
+
+    iid = get("meta-data/instance-id")
+    if iid is None:
+        return None
+    md = Metadata(instance_id=iid, hostname=get("meta-data/local-hostname") or get("meta-data/hostname"),
+                  private_ipv4=get("meta-data/local-ipv4"), public_ipv4=get("meta-data/public-ipv4"),
+                  private_ipv6=(get("meta-data/ipv6") or "").split("\n")[0] or None)
+    keys = get("meta-data/public-keys/") or ""
+    for line in keys.splitlines():
+        idx = line.split("=", 1)[0].strip()
+        if idx.isdigit():
+            k = get(f"meta-data/public-keys/{idx}/openssh-key")
+            if k:
+                md.public_keys.append(k)
+    try:
+        data = http_get(f"{base}/latest/user-data", s, headers=headers)
+    except _NotFound:
+        data = b""
+    return Fetched(f"ec2 ({base}, {'IMDSv2' if token else 'IMDSv1'})", data, md)
+
+
+PROBES: dict[str, Callable[[Settings], Fetched | None]] = {
+    "file": from_file, "url": from_url, "configdrive": from_configdrive, "nocloud": from_nocloud, "ec2": from_ec2,
+}
+
+
+def fetch(s: Settings, name: str | None = None) -> Fetched | None:
+    """The named source, or the first source in ORDER that has user-data; None when none has."""
+    if name is not None:
+        if name not in PROBES:
+            raise DatasourceError(f"unknown datasource {name!r}: use one of {', '.join(ORDER)}")
+        got = PROBES[name](s)
+        if got is None:
+            raise DatasourceError(f"datasource {name} has no user-data on this host")
+        return got
+    if s.file is not None:
+        return from_file(s)
+    for n in ORDER:
+        got = PROBES[n](s)
+        if got is not None:
+            s.log(f"using datasource {got.source}")
+            return got
+    return None
+
+
+def environment_addresses(env: dict[str, str] | None = None) -> dict[str, str]:
+    """$private_ipv4 & co. from COREOS_PRIVATE_IPV4 (coreos-cloudinit's names) or OBELISK_PRIVATE_IPV4."""
+    env = dict(os.environ) if env is None else env
+    out = {}
+    for k in ("private_ipv4", "public_ipv4", "private_ipv6", "public_ipv6"):
+        v = env.get(f"OBELISK_{k.upper()}") or env.get(f"COREOS_{k.upper()}")
+        if v:
+            out[k] = v
+    return out

@@ -1,0 +1,193 @@
+"""Users, groups and SSH keys, planned into a target root's passwd/group/shadow files.
+
+On a root that is not the running system useradd cannot be used (it would edit this machine),
+so the account files are edited directly with useradd's rules: new users get the next free
+UID (system users count down from 999), a group of their own unless told otherwise, a locked
+password ("*") when no hash is given, and a home directory. As in coreos-cloudinit, an existing
+user only gets its password hash and SSH keys updated.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from cloudconfig.model import User
+from cloudconfig.rootfs import ApplyError, Plan
+
+KEYS_NAME = "obelisk-cloudconfig"  # file under ~/.ssh/authorized_keys.d/, like update-ssh-keys' coreos-cloudinit
+
+
+@dataclass
+class Account:
+    name: str
+    uid: int
+    gid: int
+    home: str
+
+
+def _table(plan: Plan, path: str) -> list[list[str]]:
+    text = plan.read_text(path) or ""
+    return [ln.split(":") for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+
+
+def _render(rows: list[list[str]]) -> bytes:
+    return "".join(":".join(r) + "\n" for r in rows).encode()
+
+
+def lookup_user(plan: Plan, name: str) -> Account | None:
+    for r in _table(plan, "/etc/passwd"):
+        if len(r) >= 6 and (r[0] == name or (name.isdigit() and r[2] == name)):
+            return Account(r[0], int(r[2]), int(r[3]), r[5])
+    return None
+
+
+def lookup_group(plan: Plan, name: str) -> int | None:
+    for r in _table(plan, "/etc/group"):
+        if len(r) >= 3 and (r[0] == name or (name.isdigit() and r[2] == name)):
+            return int(r[2])
+    return int(name) if name.isdigit() else None
+
+
+def resolve_owner(plan: Plan, owner: str | None) -> tuple[int, int]:
+    """'user', 'user:group' or 'uid:gid' -> numbers, looked up in the target root."""
+    if not owner:
+        return 0, 0
+    uname, _, gname = owner.partition(":")
+    acct = lookup_user(plan, uname)
+    if acct is None:
+        if not uname.isdigit():
+            raise ApplyError(f"owner {owner!r}: user {uname!r} does not exist in {plan.root}/etc/passwd; "
+                             "create it under users: or use a numeric uid")
+        uid, gid = int(uname), int(uname)
+    else:
+        uid, gid = acct.uid, acct.gid
+    if gname:
+        g = lookup_group(plan, gname)
+        if g is None:
+            raise ApplyError(f"owner {owner!r}: group {gname!r} does not exist in {plan.root}/etc/group")
+        gid = g
+    return uid, gid
+
+
+def _free_id(used: set[int], system: bool) -> int:
+    if system:
+        for i in range(999, 99, -1):
+            if i not in used:
+                return i
+        raise ApplyError("no free system id between 100 and 999")
+    i = max([u for u in used if 1000 <= u < 60000], default=999) + 1
+    return i
+
+
+def plan_user(plan: Plan, u: User) -> None:
+    passwd = _table(plan, "/etc/passwd")
+    shadow = _table(plan, "/etc/shadow")
+    groups = _table(plan, "/etc/group")
+    existing = next((r for r in passwd if r[0] == u.name), None)
+    if existing is None:
+        uids = {int(r[2]) for r in passwd if len(r) > 2 and r[2].isdigit()}
+        gids = {int(r[2]) for r in groups if len(r) > 2 and r[2].isdigit()}
+        uid = _free_id(uids, u.system)
+        if u.primary_group:
+            gid = lookup_group(plan, u.primary_group)
+            if gid is None:
+                raise ApplyError(f"user {u.name}: primary_group {u.primary_group!r} does not exist in "
+                                 f"{plan.root}/etc/group")
+        elif u.no_user_group:
+            gid = lookup_group(plan, "users") or 100
+        else:
+            if any(r[0] == u.name for r in groups):
+                raise ApplyError(f"user {u.name}: a group named {u.name} already exists; set primary_group or "
+                                 "no_user_group")
+            gid = uid if uid not in gids else _free_id(gids | uids, u.system)
+            groups.append([u.name, "x", str(gid), ""])
+        home = u.homedir or f"/home/{u.name}"
+        passwd.append([u.name, "x", str(uid), str(gid), u.gecos or "", home, u.shell or "/bin/bash"])
+        shadow.append([u.name, u.passwd or "*", str(int(time.time() // 86400)), "0", "99999", "7", "", "", ""])
+        for g in u.groups:
+            row = next((r for r in groups if r[0] == g), None)
+            if row is None:
+                raise ApplyError(f"user {u.name}: group {g!r} does not exist in {plan.root}/etc/group; "
+                                 "remove it from groups or create it in the image")
+            while len(row) < 4:
+                row.append("")
+            members = [m for m in row[3].split(",") if m]
+            if u.name not in members:
+                row[3] = ",".join([*members, u.name])
+        plan.write("/etc/passwd", _render(passwd), 0o644, why=f"user {u.name}")
+        plan.write("/etc/group", _render(groups), 0o644, why=f"user {u.name}")
+        plan.write("/etc/shadow", _render(shadow), 0o640 if _shadow_gid(plan) else 0o600, gid=_shadow_gid(plan),
+                   why=f"user {u.name}")
+        if not u.no_create_home:
+            plan.mkdir(home, 0o700, uid, gid, why=f"home of {u.name}")
+    elif u.passwd:
+        row = next((r for r in shadow if r[0] == u.name), None)
+        if row is None:
+            shadow.append([u.name, u.passwd, str(int(time.time() // 86400)), "0", "99999", "7", "", "", ""])
+        elif row[1] != u.passwd:
+            row[1] = u.passwd
+            if len(row) > 2:
+                row[2] = str(int(time.time() // 86400))
+        plan.write("/etc/shadow", _render(shadow), 0o640 if _shadow_gid(plan) else 0o600, gid=_shadow_gid(plan),
+                   why=f"password of {u.name}")
+    if u.ssh_authorized_keys:
+        plan_keys(plan, u.name, u.ssh_authorized_keys)
+
+
+def _shadow_gid(plan: Plan) -> int:
+    return lookup_group(plan, "shadow") or 0
+
+
+def plan_keys(plan: Plan, user: str, keys: list[str]) -> None:
+    """Keys go to ~/.ssh/authorized_keys.d/obelisk-cloudconfig; authorized_keys is the join of that dir."""
+    acct = lookup_user(plan, user)
+    if acct is None:
+        raise ApplyError(f"ssh keys for {user}: user does not exist in {plan.root}/etc/passwd")
+    ssh = f"{acct.home.rstrip('/')}/.ssh"
+    plan.mkdir(acct.home, 0o700, acct.uid, acct.gid, why=f"home of {user}") if not plan.exists(acct.home) else None
+    plan.mkdir(ssh, 0o700, acct.uid, acct.gid)
+    plan.mkdir(f"{ssh}/authorized_keys.d", 0o700, acct.uid, acct.gid)
+    d_files: dict[str, bytes] = {}
+    ddir = plan.host(f"{ssh}/authorized_keys.d")
+    if ddir.is_dir():
+        for f in sorted(ddir.iterdir()):
+            if f.is_file() and not f.name.startswith("."):
+                d_files[f.name] = f.read_bytes()
+    elif plan.exists(f"{ssh}/authorized_keys"):
+        # keep keys that were there before we managed the file (update-ssh-keys does the same)
+        old = plan.read(f"{ssh}/authorized_keys") or b""
+        d_files["old_authorized_keys"] = old
+        plan.write(f"{ssh}/authorized_keys.d/old_authorized_keys", old, 0o600, acct.uid, acct.gid)
+    ours = "".join(k.strip() + "\n" for k in keys if k.strip()).encode()
+    d_files[KEYS_NAME] = ours
+    plan.write(f"{ssh}/authorized_keys.d/{KEYS_NAME}", ours, 0o600, acct.uid, acct.gid, why=f"ssh keys of {user}")
+    joined = b"".join(d_files[n] if d_files[n].endswith(b"\n") or not d_files[n] else d_files[n] + b"\n"
+                      for n in sorted(d_files))
+    plan.write(f"{ssh}/authorized_keys", joined, 0o600, acct.uid, acct.gid, why=f"ssh keys of {user}")
+
+
+def live_user_commands(u: User, exists: bool) -> list[list[str]]:
+    """The running system: useradd/chpasswd as coreos-cloudinit did (argv lists for builder.tools.run)."""
+    if exists:
+        return []
+    argv = ["useradd"]
+    if u.gecos:
+        argv += ["--comment", u.gecos]
+    if u.homedir:
+        argv += ["--home-dir", u.homedir]
+    argv += ["--no-create-home"] if u.no_create_home else ["--create-home"]
+    if u.primary_group:
+        argv += ["--gid", u.primary_group]
+    if u.groups:
+        argv += ["--groups", ",".join(u.groups)]
+    if u.no_user_group:
+        argv += ["--no-user-group"]
+    if u.system:
+        argv += ["--system"]
+    if u.no_log_init:
+        argv += ["--no-log-init"]
+    if u.shell:
+        argv += ["--shell", u.shell]
+    argv += ["--password", u.passwd or "*", u.name]
+    return [argv]

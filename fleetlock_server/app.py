@@ -1,0 +1,146 @@
+"""The FleetLock HTTP API (coreos/zincati docs/development/fleetlock/protocol.md) over etcd.
+
+POST /v1/pre-reboot    recursive lock of a reboot slot for client_params.id in client_params.group
+POST /v1/steady-state  unlock if held
+GET  /v1/status        obelisk extension: every known group's slots and holders (airlock#81 asks for it)
+
+Every request must carry `fleet-lock-protocol: true`. 200 is success; failures are
+`{"kind": ..., "value": ...}` with Airlock's kinds where Airlock has one (invalid_client_identity,
+unknown_group, failed_lock), so Zincati's logs and metrics read the same as behind Airlock.
+The semaphore is the same etcd key Airlock uses; obelisk hosts with etcd-lock share it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from datetime import UTC, datetime, timedelta
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from update_engine.reboot.semaphore import (
+    CorruptSemaphore,
+    EtcdEndpoints,
+    EtcdSemaphore,
+    EtcdUnavailable,
+    LockError,
+    SlotsFull,
+)
+
+log = logging.getLogger("obelisk.fleetlock")
+GROUP_RE = re.compile(r"^[a-zA-Z0-9.-]+$")
+
+
+def error(status: int, kind: str, value: str) -> JSONResponse:
+    return JSONResponse({"kind": kind, "value": value}, status_code=status)
+
+
+class BadRequest(Exception):
+    def __init__(self, value: str) -> None:
+        self.value = value
+
+
+def make_app(endpoints: EtcdEndpoints, groups: dict[str, int] | None = None, *,
+             stale_after: timedelta | None = None) -> Starlette:
+    """groups: configured group -> slots used when its semaphore is first created (default: {"default": 1}).
+    A group not configured is served only if its semaphore already exists in etcd (e.g. `obelisk lock set-max`)."""
+    configured = dict(groups or {"default": 1})
+    semaphores: dict[str, EtcdSemaphore] = {}
+
+    def semaphore(group: str) -> EtcdSemaphore:
+        if group not in semaphores:
+            semaphores[group] = EtcdSemaphore(endpoints, group, stale_after=stale_after,
+                                              default_slots=configured.get(group, 1))
+        return semaphores[group]
+
+    async def client_params(request: Request) -> tuple[str, str]:
+        if request.headers.get("fleet-lock-protocol", "").strip().lower() != "true":
+            raise BadRequest("missing or wrong 'fleet-lock-protocol: true' header")
+        body = await request.body()
+        try:
+            doc = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            raise BadRequest("body is not JSON: expected {\"client_params\": {\"id\": ..., \"group\": ...}}") from None
+        params = doc.get("client_params") if isinstance(doc, dict) else None
+        if not isinstance(params, dict):
+            raise BadRequest("body has no client_params object")
+        ident, group = params.get("id"), params.get("group")
+        if not isinstance(ident, str) or not ident:
+            raise BadRequest("client_params.id is missing or empty")
+        if not isinstance(group, str) or not GROUP_RE.match(group):
+            raise BadRequest("client_params.group is missing or not ^[a-zA-Z0-9.-]+$")
+        return ident, group
+
+    async def known(group: str) -> bool:
+        if group in configured:
+            return True
+        state = await run_in_threadpool(semaphore(group).read)
+        return state.exists
+
+    async def handle(request: Request, action: str) -> Response:
+        try:
+            ident, group = await client_params(request)
+        except BadRequest as exc:
+            return error(400, "invalid_client_identity", exc.value)
+        try:
+            if not await known(group):
+                return error(400, "unknown_group", f"group '{group}' is not served here")
+            sem = semaphore(group)
+            if action == "lock":
+                await run_in_threadpool(sem.lock, ident)
+                log.info("pre-reboot: %s holds a slot of %s", ident, group)
+            else:
+                released = await run_in_threadpool(sem.unlock, ident)
+                if released:
+                    log.info("steady-state: %s gave back its slot of %s", ident, group)
+        except SlotsFull as exc:
+            return error(500, "failed_lock", str(exc))
+        except CorruptSemaphore as exc:
+            return error(500, "corrupt_semaphore", str(exc))
+        except EtcdUnavailable as exc:
+            return error(503, "etcd_unavailable", str(exc))
+        except LockError as exc:
+            return error(500, "failed_lock" if action == "lock" else "failed_unlock", str(exc))
+        return Response(status_code=200)
+
+    async def pre_reboot(request: Request) -> Response:
+        return await handle(request, "lock")
+
+    async def steady_state(request: Request) -> Response:
+        return await handle(request, "unlock")
+
+    async def status(request: Request) -> Response:
+        names = sorted(set(configured) | set(request.query_params.getlist("group")))
+        now = datetime.now(UTC)
+        out = []
+        try:
+            for g in names:
+                state = await run_in_threadpool(semaphore(g).read)
+                out.append(state.to_json(now, stale_after))
+        except LockError as exc:
+            return error(503 if isinstance(exc, EtcdUnavailable) else 500, exc.kind, str(exc))
+        return JSONResponse({"groups": out})
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        if exc.status_code == 405:
+            resp = error(405, "method_not_allowed", f"{request.method} is not allowed here: FleetLock uses POST")
+            resp.headers["Allow"] = exc.headers.get("Allow", "POST") if exc.headers else "POST"
+            return resp
+        if exc.status_code == 404:
+            path = request.url.path
+            return error(404, "not_found", f"no such endpoint {path}: use /v1/pre-reboot or /v1/steady-state")
+        return error(exc.status_code, f"http_{exc.status_code}", str(exc.detail))
+
+    routes = [
+        Route("/v1/pre-reboot", pre_reboot, methods=["POST"]),
+        Route("/v1/steady-state", steady_state, methods=["POST"]),
+        Route("/v1/status", status, methods=["GET"]),
+    ]
+    return Starlette(routes=routes, exception_handlers={HTTPException: http_error})

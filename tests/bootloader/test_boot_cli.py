@@ -1,0 +1,159 @@
+"""`obelisk boot` in real processes: bad input, the next/mark-good/rollback cycle, human output."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from bootdisks import DISK_SIZE, OBELISK, make_disk, obelisk, obelisk_inproc, sha, state
+
+from bootloader import gpt, slots
+
+
+def _corrupt(path: Path, offset: int, data: bytes = b"\xde\xad\xbe\xef") -> Path:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+    return path
+
+
+def _bad_disks(tmp: Path) -> dict[str, Path]:
+    out = {}
+    (tmp / "text.img").write_text("not a disk\n" * 100)
+    out["text file"] = tmp / "text.img"
+    (tmp / "zeros.img").write_bytes(bytes(2 * 1024 * 1024))
+    out["zeros"] = tmp / "zeros.img"
+    (tmp / "empty.img").write_bytes(b"")
+    out["empty"] = tmp / "empty.img"
+    trunc = make_disk(tmp / "trunc.raw")
+    os.truncate(trunc, DISK_SIZE - 4096)
+    out["truncated"] = trunc
+    both = make_disk(tmp / "both.raw")
+    _corrupt(both, 512 + 24)
+    _corrupt(both, gpt.read_table(make_disk(tmp / "ref.raw")).backup_lba * 512 + 24)
+    out["both copies corrupt"] = both
+    out["missing"] = tmp / "missing.raw"
+    out["directory"] = tmp
+    return out
+
+
+BAD_REQUESTS = [
+    ("set 1", ["set", "1", "--priority", "1"]),  # the ESP, not a USR slot
+    ("set 9", ["set", "9", "--tries", "1"]),
+    ("set 7 (empty)", ["set", "7", "--tries", "1"]),
+    ("set C", ["set", "C", "--priority", "1"]),
+    ("priority 16", ["set", "3", "--priority", "16"]),
+    ("priority -1", ["set", "3", "--priority", "-1"]),
+    ("priority abc", ["set", "3", "--priority", "abc"]),
+    ("tries 16", ["set", "4", "--tries", "16"]),
+    ("tries -3", ["set", "4", "--tries", "-3"]),
+    ("successful 2", ["set", "4", "--successful", "2"]),
+    ("prioritize 1", ["prioritize", "1"]),
+    ("prioritize --max 0", ["prioritize", "4", "--max", "0"]),
+    ("prioritize --max 16", ["prioritize", "4", "--max", "16"]),
+    ("mark-good --slot 6", ["mark-good", "--slot", "6"]),
+    ("rollback to a never-good slot", ["rollback"]),
+]
+
+
+def _check_one_line_exit_2(r, what: str) -> None:
+    assert r.code == 2, f"{what}: exit {r.code}, stderr {r.err!r}"
+    lines = r.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), f"{what}: stderr {r.err!r}"
+    assert "Traceback" not in r.err and r.out == "", what
+
+
+def test_bad_disks_exit_2_with_one_line_and_nothing_written(tmp_path: Path) -> None:
+    """Each bad disk through every command kind (reading, setting, next): a real process for one
+    command per disk, the in-process runner for the rest."""
+    disks = _bad_disks(tmp_path)
+    tried = 0
+    for what, path in disks.items():
+        before = sha(path) if path.is_file() else None
+        for args in (["status", "--json"], ["set", "3", "--priority", "2"], ["next"], ["mark-good", "--slot", "A"],
+                     ["prioritize", "B"], ["rollback"], ["repair"]):
+            run = obelisk if args[0] == "status" else obelisk_inproc
+            r = run("boot", *args, "--disk", path)
+            _check_one_line_exit_2(r, f"{what}: {args}")
+            tried += 1
+        if before is not None:
+            assert sha(path) == before, what
+    assert "truncated" in obelisk_inproc("boot", "status", "--disk", disks["truncated"]).err
+    assert "not a GPT disk" in obelisk_inproc("boot", "status", "--disk", disks["zeros"]).err
+    assert "no such file" in obelisk_inproc("boot", "status", "--disk", disks["missing"]).err
+    assert tried == 49
+
+
+def test_bad_requests_exit_2_with_one_line_and_nothing_written(disk: Path) -> None:
+    for i, (what, args) in enumerate(BAD_REQUESTS):
+        before = sha(disk)
+        r = (obelisk if i % 4 == 0 else obelisk_inproc)("boot", *args, "--disk", disk)
+        _check_one_line_exit_2(r, what)
+        assert sha(disk) == before, what
+    assert "not a USR slot" in obelisk("boot", "set", "1", "-P", "1", "--disk", disk).err
+
+
+@pytest.mark.parametrize("where", ["header", "entries"])
+def test_damaged_primary_is_read_from_backup_and_repaired_only_on_request_or_write(tmp_path: Path, where: str) -> None:
+    path = make_disk(tmp_path / "d.raw")
+    _corrupt(path, 512 + 16 if where == "header" else 2 * 512 + 2 * 128 + 48)
+    damaged = sha(path)
+    r = obelisk("boot", "status", "--json", "--disk", path)
+    assert r.code == 0 and json.loads(r.out)["next"] == 3
+    assert r.err.count("\n") == 1 and r.err.startswith("warning: ") and "obelisk boot repair" in r.err
+    assert obelisk("boot", "next", "--dry-run", "--disk", path).out.strip() == str(slots.USR_A_UUID)
+    r = obelisk("boot", "set", "4", "--priority", "16", "--disk", path)  # bad request: no repair either
+    assert r.code == 2 and sha(path) == damaged
+    if where == "header":
+        r = obelisk("boot", "repair", "--disk", path)
+        assert r.code == 0 and "repaired: primary GPT is corrupt" in r.out
+    else:
+        assert obelisk("boot", "set", "4", "--priority", "0", "--disk", path).code == 0  # a write repairs
+    assert not gpt.read_table(path).needs_repair
+    assert obelisk("boot", "status", "--disk", path).err == ""
+
+
+def test_next_burns_a_try_and_prints_the_guid(disk: Path) -> None:
+    """`boot next` against the reference rules: B staged (P2 T1 S0) boots once, then A again."""
+    slots.stage_trial(disk, 4)
+    r = obelisk("boot", "next", "--dry-run", "--disk", disk)
+    assert r.code == 0 and r.out.strip() == str(slots.USR_B_UUID)
+    assert state(disk)[4] == (2, 1, False)
+    assert obelisk("boot", "next", "--disk", disk).out.strip() == str(slots.USR_B_UUID)
+    assert state(disk)[4] == (2, 0, False)
+    assert obelisk("boot", "next", "--disk", disk).out.strip() == str(slots.USR_A_UUID)  # fall back
+    assert state(disk) == {3: (1, 0, True), 4: (2, 0, False)}
+    slots.set_attrs(disk, 3, priority=0)
+    before = sha(disk)
+    r = obelisk("boot", "next", "--disk", disk)
+    assert r.code == 2 and "no USR slot is bootable" in r.err and sha(disk) == before
+
+
+def test_mark_good_rollback_and_status(disk: Path) -> None:
+    slots.stage_trial(disk, 4)
+    r = obelisk("boot", "mark-good", "--slot", "B", "--disk", disk)
+    assert r.code == 0 and "priority=2 tries=0 successful=1" in r.out
+    r = obelisk("boot", "rollback", "--disk", disk)
+    assert r.code == 0 and "slot A (partition 3)" in r.out
+    assert state(disk) == {3: (2, 0, True), 4: (1, 0, True)}
+    r = obelisk("boot", "mark-good", "--disk", disk)  # not the booted disk: the next-boot slot (A)
+    assert r.code == 0 and r.out.startswith("USR-A")
+    human = obelisk("boot", "status", "--disk", disk).out
+    assert "USR-A" in human and str(slots.USR_B_UUID) in human and "next boot: slot A (partition 3)" in human
+
+
+def test_no_disk_on_a_non_obelisk_host_says_to_pass_one() -> None:
+    r = obelisk("boot", "status")
+    if r.code == 0:  # running on an obelisk host: it found the boot disk
+        return
+    _check_one_line_exit_2(r, "no --disk")
+    assert "--disk" in r.err
+
+
+def test_root_cli_mounts_boot(disk: Path) -> None:
+    p = subprocess.run([OBELISK, "boot", "status", "--json", "--disk", str(disk)], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["next"] == 3

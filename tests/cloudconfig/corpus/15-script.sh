@@ -1,0 +1,2 @@
+#!/bin/bash
+echo "provisioned by a script" > /var/log/provisioned

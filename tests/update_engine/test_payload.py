@@ -1,0 +1,123 @@
+"""Payload format: determinism, round trip, and every way a payload can be wrong."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import struct
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from update_engine import payload, signing
+from update_engine.payload import PayloadError
+
+APPID = "{e96281a6-d1af-4bde-9a0a-97b76e56dc57}"
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory):
+    d = tmp_path_factory.mktemp("keys")
+    signing.generate_keypair(d / "good")
+    signing.generate_keypair(d / "evil")
+    return (signing.load_private_key(d / "good/obelisk.key"), signing.load_public_key(d / "good/obelisk.pub"),
+            signing.load_private_key(d / "evil/obelisk.key"))
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory: pytest.TempPathFactory, keys):
+    d = tmp_path_factory.mktemp("payload")
+    usr = d / "usr.img"
+    usr.write_bytes(os.urandom(payload.CHUNK_SIZE * 2 + 4096 * 5))
+    out = d / "update.payload"
+    m = payload.write_payload(usr, out, app_id=APPID, arch="amd64", version="1.2.3",
+                              verity_root_hash="ab" * 32, hash_offset=4096 * 4, private_key=keys[0])
+    return usr, out, m
+
+
+def test_deterministic_and_round_trip(made, keys, tmp_path: Path) -> None:
+    usr, out, m = made
+    again = tmp_path / "again.payload"
+    payload.write_payload(usr, again, app_id=APPID, arch="amd64", version="1.2.3",
+                          verity_root_hash="AB" * 32, hash_offset=4096 * 4, private_key=keys[0])
+    assert again.read_bytes() == out.read_bytes()
+    r = payload.read_manifest(out, [keys[1]])
+    assert r == m and r.signed_by == keys[1].key_id
+    assert r.target_size == usr.stat().st_size and r.payload_size == out.stat().st_size
+    assert len(r.operations[0].chunk_sha256) == 3
+    assert out.read_bytes()[r.data_offset:] == usr.read_bytes()
+
+
+def _mutated(src: Path, dst: Path, fn) -> Path:
+    b = bytearray(src.read_bytes())
+    fn(b)
+    dst.write_bytes(bytes(b))
+    return dst
+
+
+def test_rejects(made, keys, tmp_path: Path) -> None:
+    _, out, m = made
+    pub = [keys[1]]
+    cases = {
+        "bad magic": lambda b: b.__setitem__(0, ord("X")),
+        "format": lambda b: b.__setitem__(slice(8, 12), struct.pack(">I", 9)),
+        "manifest bit": lambda b: b.__setitem__(40, b[40] ^ 1),
+        "signature bit": lambda b: b.__setitem__(m.data_offset - 3, b[m.data_offset - 3] ^ 0x10),
+        "truncated": lambda b: b.__delitem__(slice(len(b) - 100, len(b))),
+        "oversized": lambda b: b.extend(b"x" * 10),
+        "huge manifest length": lambda b: b.__setitem__(slice(12, 16), struct.pack(">I", 1 << 31)),
+    }
+    msgs = {}
+    for name, fn in cases.items():
+        with pytest.raises(PayloadError) as ei:
+            payload.read_manifest(_mutated(out, tmp_path / name.replace(" ", "_"), fn), pub)
+        msgs[name] = str(ei.value)
+    assert "magic" in msgs["bad magic"] and "signature" in msgs["manifest bit"]
+    assert "truncated" in msgs["truncated"] and "more than" in msgs["oversized"]
+    with pytest.raises(PayloadError, match="not made by any trusted key"):
+        payload.read_manifest(out, [signing.public_key_of(keys[2])])
+    with pytest.raises(PayloadError, match="no trusted public keys"):
+        payload.read_manifest(out, [])
+
+
+def test_resigned_bad_manifest_is_refused(keys) -> None:
+    """A correctly signed but inconsistent manifest is refused by shape checks, not trusted blindly."""
+    good = payload.Manifest(APPID, "amd64", "1.0", 8192, "0" * 64, "a" * 64, 4096,
+                            (payload.Operation("replace", payload.Extent(0, 4096), 0, 4096, (), ("1" * 64,)),))
+    blob = payload.canonical_json(good.to_json())
+    head = payload.HEADER.pack(payload.MAGIC, 1, len(blob), 64, 0)
+    with pytest.raises(PayloadError, match="cover 4096 bytes"):
+        payload.verify_signed(head, blob, signing.sign(keys[0], head + blob), [keys[1]])
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(max_size=600), cut=st.integers(0, 2000), flip=st.integers(0, 4000))
+def test_fuzz_parser_never_crashes(made, keys, data: bytes, cut: int, flip: int) -> None:
+    _, out, _ = made
+    head = out.read_bytes()[:2000]
+    candidates = [data, head[:cut] + data, bytearray(head)]
+    if flip < len(head) * 8:
+        candidates[2][flip // 8] ^= 1 << (flip % 8)
+    for c in candidates:
+        buf = memoryview(bytes(c))
+        pos = [0]
+
+        def read(n: int, buf=buf, pos=pos) -> bytes:
+            chunk = bytes(buf[pos[0]:pos[0] + n])
+            pos[0] += len(chunk)
+            return chunk
+        with contextlib.suppress(PayloadError):
+            payload.read_manifest_stream(read, [keys[1]])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+                    lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=12), c, max_size=6),
+                    max_leaves=30))
+def test_fuzz_manifest_json_never_crashes(obj) -> None:
+    import json
+    for blob in (json.dumps(obj).encode(), json.dumps({"format": 1, "x": obj}).encode()):
+        with contextlib.suppress(PayloadError):
+            payload.parse_manifest_json(blob)

@@ -1,0 +1,548 @@
+"""Stage a payload into the passive USR slot: fetch → verify → write → re-read → postinstall, resumable.
+
+Order (Flatcar's, with the manifest checked before any write, as Android's payload v2 does):
+1. read header + signed manifest; verify it against the trusted keys and the policy (app id,
+   arch, newer version, sizes agree with the Omaha response, target fits the slot);
+2. mark the passive slot unbootable (P=0 T=0 S=0) so a half-written slot can never boot;
+3. stream each chunk, check its SHA-256 *before* writing it, write it inside the passive slot's
+   extent only, hash the whole payload as it goes; read no byte past the announced size;
+4. checkpoint (fdatasync, then an atomic progress file) so a kill resumes with HTTP Range;
+5. whole payload: size and SHA-256 against the Omaha response; then re-read the slot and compare
+   with the manifest's target SHA-256;
+6. postinstall: boot data via ``bootloader.loader.stage``, then ``slots.stage_trial`` (S=0 T=1,
+   prioritized). The previous version is recorded by the caller (the daemon's state).
+Nothing is ever written outside the passive slot's extent, and never to the running slot.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import requests
+
+from bootloader import loader, slots
+from update_engine import omaha, payload
+from update_engine.omaha import compare_versions
+from update_engine.payload import Manifest, PayloadError
+from update_engine.signing import PublicKey
+
+log = logging.getLogger("obelisk.update")
+PROGRESS_FILE = "apply-progress.json"
+MANIFEST_FILE = "apply-manifest.bin"
+READ_SIZE = 1 << 20
+
+
+class ApplyError(RuntimeError):
+    """An apply step failed; ``code`` is the Omaha error code to report, ``str()`` one line for the user."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Stopped(ApplyError):
+    def __init__(self) -> None:
+        msg = "stopped before the update was staged; it resumes on the next run"
+        super().__init__(msg, omaha.ERR_DOWNLOAD_TRANSFER)
+
+
+@dataclass
+class Policy:
+    """What the payload must match. None means "not checked" (a manual apply without Omaha)."""
+
+    app_id: str | None = None
+    arch: str | None = None
+    current_version: str | None = None  # the payload must be newer, unless allow_downgrade
+    allow_downgrade: bool = False
+    expected_size: int | None = None  # from the Omaha response
+    expected_sha256: str | None = None  # hex, from the Omaha response
+    expected_version: str | None = None  # from the Omaha response manifest
+
+
+@dataclass
+class Transfer:
+    """HTTP behaviour, update_engine's defaults: connect 30 s, abort below 10 B/s for 90 s, 20 retries."""
+
+    connect_timeout: float = 30.0
+    low_speed_limit: int = 10  # bytes/s
+    low_speed_time: float = 90.0
+    retries: int = 20
+    retry_delay: float = 2.0
+    bandwidth: int = 0  # bytes/s, 0 = unlimited
+    proxy: str | None = None
+    checkpoint_bytes: int = 16 << 20
+
+
+@dataclass
+class Result:
+    disk: str
+    slot: str
+    index: int
+    version: str
+    bytes_written: int
+    resumed_from: int
+    manifest: dict = field(default_factory=dict)
+
+
+ProgressFn = Callable[[str, int, int], None]  # (phase, done, total)
+
+
+# ---------------------------------------------------------------- sources
+
+
+class Stream(Protocol):
+    def read(self, n: int) -> bytes: ...
+    def close(self) -> None: ...
+
+
+class FileStream:
+    def __init__(self, path: Path, offset: int) -> None:
+        try:
+            self.f = open(path, "rb")  # noqa: SIM115 - closed by close()
+        except OSError as exc:
+            raise ApplyError(f"cannot read payload {path}: {exc.strerror}", omaha.ERR_DOWNLOAD_TRANSFER) from None
+        self.f.seek(offset)
+
+    def read(self, n: int) -> bytes:
+        return self.f.read(n)
+
+    def close(self) -> None:
+        self.f.close()
+
+
+class HttpStream:
+    """A GET from ``offset`` (HTTP Range), with update_engine's slow-retrieval abort and a rate cap."""
+
+    def __init__(self, session: requests.Session, url: str, offset: int, t: Transfer) -> None:
+        self.t = t
+        headers = {"Range": f"bytes={offset}-"} if offset else {}
+        read_timeout = max(1.0, t.low_speed_time)
+        try:
+            self.resp = session.get(url, headers=headers, stream=True, timeout=(t.connect_timeout, read_timeout))
+        except requests.RequestException as exc:
+            raise TransferFailed(f"cannot fetch {url}: {_reason(exc)}") from None
+        if self.resp.status_code >= 400:
+            code = self.resp.status_code
+            self.resp.close()
+            raise TransferFailed(f"{url}: HTTP {code}", http_status=code)
+        if offset and self.resp.status_code != 206:
+            self.resp.close()
+            raise TransferFailed(f"{url}: server ignored the Range request (HTTP {self.resp.status_code})")
+        self.window_start = time.monotonic()
+        self.window_bytes = 0
+        self.rate_start = time.monotonic()
+        self.rate_bytes = 0
+
+    def read(self, n: int) -> bytes:
+        try:
+            data = self.resp.raw.read(n, decode_content=False)
+        except Exception as exc:  # urllib3 raises several kinds (timeouts, protocol errors)
+            raise TransferFailed(f"download failed: {_reason(exc)}") from None
+        now = time.monotonic()
+        self.window_bytes += len(data)
+        if now - self.window_start >= self.t.low_speed_time:
+            if self.window_bytes < self.t.low_speed_limit * (now - self.window_start):
+                raise TransferFailed(
+                    f"download slower than {self.t.low_speed_limit} B/s for {self.t.low_speed_time:.0f}s")
+            self.window_start, self.window_bytes = now, 0
+        if self.t.bandwidth:
+            self.rate_bytes += len(data)
+            ahead = self.rate_bytes / self.t.bandwidth - (now - self.rate_start)
+            if ahead > 0:
+                time.sleep(ahead)
+        return data
+
+    def close(self) -> None:
+        self.resp.close()
+
+
+class TransferFailed(ApplyError):
+    """A network problem worth a retry from the last checkpoint."""
+
+    def __init__(self, message: str, http_status: int | None = None) -> None:
+        super().__init__(message, omaha.ERR_DOWNLOAD_TRANSFER)
+        self.http_status = http_status
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    if "timed out" in text.lower() or "timeout" in type(exc).__name__.lower():
+        return "the server stopped sending (timed out)"
+    return text.splitlines()[0][:200]
+
+
+class Source:
+    def __init__(self, source: str, t: Transfer) -> None:
+        self.source = source
+        self.t = t
+        self.is_url = source.startswith(("http://", "https://"))
+        self.session: requests.Session | None = None
+        if self.is_url:
+            self.session = requests.Session()
+            self.session.trust_env = t.proxy is None
+            if t.proxy:
+                self.session.proxies = {"http": t.proxy, "https": t.proxy}
+        elif not Path(source).is_file():
+            raise ApplyError(f"payload {source} does not exist: pass a file or an http(s):// URL",
+                             omaha.ERR_DOWNLOAD_TRANSFER)
+
+    def open(self, offset: int) -> Stream:
+        if self.session is not None:
+            return HttpStream(self.session, self.source, offset, self.t)
+        return FileStream(Path(self.source), offset)
+
+    def close(self) -> None:
+        if self.session is not None:
+            self.session.close()
+
+
+# ---------------------------------------------------------------- progress (resume)
+
+
+@dataclass
+class Progress:
+    identity: str  # what is being downloaded: manifest hash + Omaha hash
+    disk: str
+    index: int
+    data_done: int  # bytes of the data area durably written to the slot
+
+    def save(self, state_dir: Path) -> None:
+        _atomic_write(state_dir / PROGRESS_FILE, json.dumps(asdict(self)).encode())
+
+    @staticmethod
+    def load(state_dir: Path) -> Progress | None:
+        try:
+            obj = json.loads((state_dir / PROGRESS_FILE).read_text())
+            return Progress(str(obj["identity"]), str(obj["disk"]), int(obj["index"]), int(obj["data_done"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None  # no progress, or a torn/foreign file: start over, never trust it
+
+
+def clear_progress(state_dir: Path | None) -> None:
+    if state_dir is not None:
+        (state_dir / PROGRESS_FILE).unlink(missing_ok=True)
+        (state_dir / MANIFEST_FILE).unlink(missing_ok=True)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+# ---------------------------------------------------------------- checks
+
+
+def check_policy(m: Manifest, policy: Policy, slot_len: int) -> None:
+    """Everything that can be decided from the signed manifest, before any write."""
+    if policy.app_id and m.app_id.lower() != policy.app_id.lower():
+        raise ApplyError(f"payload is for app {m.app_id}, this host runs {policy.app_id}: wrong release",
+                         omaha.ERR_PAYLOAD_VERIFICATION)
+    if policy.arch and m.arch != policy.arch:
+        raise ApplyError(f"payload is for arch {m.arch}, this host is {policy.arch}: wrong release",
+                         omaha.ERR_PAYLOAD_VERIFICATION)
+    if policy.current_version and not policy.allow_downgrade and compare_versions(m.version,
+                                                                                  policy.current_version) <= 0:
+        raise ApplyError(f"payload version {m.version} is not newer than the running {policy.current_version}: "
+                         "refusing a downgrade", omaha.ERR_PAYLOAD_VERIFICATION)
+    if policy.expected_version and compare_versions(m.version, policy.expected_version) != 0:
+        raise ApplyError(f"payload version {m.version} differs from the {policy.expected_version} the server "
+                         "announced", omaha.ERR_PAYLOAD_VERIFICATION)
+    if policy.expected_size is not None and m.payload_size != policy.expected_size:
+        raise ApplyError(f"payload is {m.payload_size} bytes by its manifest, the server announced "
+                         f"{policy.expected_size}", omaha.ERR_PAYLOAD_SIZE)
+    if m.target_size > slot_len:
+        raise ApplyError(f"payload target is {m.target_size} bytes, the slot holds only {slot_len}",
+                         omaha.ERR_PAYLOAD_SIZE)
+    for op in m.operations:
+        if op.type != payload.OP_REPLACE:
+            raise ApplyError(f"payload uses operation {op.type}, which this host cannot apply yet",
+                             omaha.ERR_PAYLOAD_VERIFICATION)
+
+
+def _payload_error_code(exc: PayloadError) -> int:
+    return omaha.ERR_SIGNATURE if "signature" in str(exc) else omaha.ERR_PAYLOAD_VERIFICATION
+
+
+# ---------------------------------------------------------------- the apply
+
+
+@dataclass
+class Applier:
+    source: str
+    disk: Path
+    trusted_keys: list[PublicKey]
+    slot: int | None = None
+    policy: Policy = field(default_factory=Policy)
+    transfer: Transfer = field(default_factory=Transfer)
+    state_dir: Path | None = None
+    on_progress: ProgressFn | None = None
+    should_stop: Callable[[], bool] = lambda: False
+    on_phase: Callable[[str], None] | None = None  # "downloading", "verifying", "finalizing"
+
+    def _phase(self, name: str) -> None:
+        if self.on_phase:
+            self.on_phase(name)
+
+    def _target(self) -> tuple[int, int, int]:
+        try:
+            running = slots.running_index(self.disk)
+            index = self.slot
+            if index is None:
+                if running is None:
+                    raise ApplyError(f"{self.disk}: no slot is bootable, so the passive one is unknown: pass --slot",
+                                     omaha.ERR_POSTINSTALL)
+                index = slots.USR_B if running == slots.USR_A else slots.USR_A
+            if index == running:
+                raise ApplyError(f"{self.disk}: slot {_name(index)} is the running slot; only the passive slot "
+                                 "is ever written", omaha.ERR_POSTINSTALL)
+            off, length = slots.slot_extent(self.disk, index)
+            if running is not None:
+                r_off, r_len = slots.slot_extent(self.disk, running)
+                if off < r_off + r_len and r_off < off + length:
+                    raise ApplyError(f"{self.disk}: slots overlap in the partition table", omaha.ERR_POSTINSTALL)
+        except (slots.SlotError, ValueError) as exc:
+            if isinstance(exc, ApplyError):
+                raise
+            raise ApplyError(f"{self.disk}: {exc}", omaha.ERR_POSTINSTALL) from None
+        return index, off, length
+
+    def _read_manifest(self, src: Source) -> tuple[Manifest, Stream]:
+        """The verified manifest, and the stream left positioned at the data area."""
+        stream = self._open_retrying(src, 0)
+        try:
+            return payload.read_manifest_stream(stream.read, self.trusted_keys), stream
+        except PayloadError as exc:
+            stream.close()
+            raise ApplyError(str(exc), _payload_error_code(exc)) from None
+        except BaseException:
+            stream.close()
+            raise
+
+    def _open_retrying(self, src: Source, offset: int) -> Stream:
+        attempt = 0
+        while True:
+            try:
+                return src.open(offset)
+            except TransferFailed as exc:
+                # A 4xx is the server's considered answer: retrying the same URL will not help.
+                if (exc.http_status and 400 <= exc.http_status < 500) or attempt >= self.transfer.retries:
+                    raise
+                attempt += 1
+                self._sleep(self.transfer.retry_delay)
+
+    def _sleep(self, seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            if self.should_stop():
+                raise Stopped()
+            time.sleep(min(0.2, end - time.monotonic()))
+
+    slot_name: str = ""  # set once the target slot is known
+
+    def run(self) -> Result:
+        index, slot_off, slot_len = self._target()
+        self.slot_name = _name(index)
+        src = Source(self.source, self.transfer)
+        try:
+            return self._run(src, index, slot_off, slot_len)
+        finally:
+            src.close()
+
+    def _run(self, src: Source, index: int, slot_off: int, slot_len: int) -> Result:
+        self._phase("downloading")
+        m, first = self._read_manifest(src)
+        try:
+            check_policy(m, self.policy, slot_len)
+            identity = hashlib.sha256(m.raw + (self.policy.expected_sha256 or "").encode()).hexdigest()
+            done = self._resume_point(identity, index, m)
+        except BaseException:
+            first.close()
+            raise
+        if done:
+            first.close()
+            first = None
+        # Beyond here the passive slot's content is about to change: it must never be chosen to boot.
+        try:
+            with _clean_slot_errors():
+                slots.mark_unbootable(self.disk, index)
+            if self.state_dir is not None:
+                _atomic_write(self.state_dir / MANIFEST_FILE, m.raw)
+                Progress(identity, str(self.disk), index, done).save(self.state_dir)
+            fd = os.open(self.disk, os.O_RDWR)
+        except BaseException:
+            if first is not None:
+                first.close()
+            raise
+        try:
+            whole = hashlib.sha256(m.raw)
+            # Resuming: the payload's prefix is the manifest plus what is on the slot already, and each of
+            # those chunks is re-checked against the signed manifest before it is trusted.
+            if not self._rehash_written(fd, slot_off, m, done, whole):
+                done, whole = 0, hashlib.sha256(m.raw)  # the partial slot changed: start the data over
+            self._stream(src, first, fd, slot_off, slot_len, m, identity, index, done, whole)
+            if self.policy.expected_sha256 and whole.hexdigest() != self.policy.expected_sha256.lower():
+                raise ApplyError("payload SHA-256 differs from the one the update server announced",
+                                 omaha.ERR_PAYLOAD_HASH)
+            self._phase("verifying")
+            self._verify_slot(fd, slot_off, m)
+        finally:
+            os.close(fd)
+        self._phase("finalizing")
+        try:
+            loader.stage(self.disk, index, root_hash=m.verity_root_hash, hash_offset=m.hash_offset, version=m.version)
+            slots.stage_trial(self.disk, index)
+        except (OSError, ValueError) as exc:
+            raise ApplyError(f"postinstall failed: {exc}", omaha.ERR_POSTINSTALL) from None
+        clear_progress(self.state_dir)
+        return Result(str(self.disk), _name(index), index, m.version, m.target_size, done, m.summary())
+
+    def _resume_point(self, identity: str, index: int, m: Manifest) -> int:
+        if self.state_dir is None:
+            return 0
+        p = Progress.load(self.state_dir)
+        try:
+            stored = (self.state_dir / MANIFEST_FILE).read_bytes()
+        except OSError:
+            stored = b""
+        if (p is None or p.identity != identity or p.index != index or stored != m.raw
+                or os.path.realpath(p.disk) != os.path.realpath(self.disk)):
+            clear_progress(self.state_dir)
+            return 0
+        # Only whole chunks count, so every resumed byte has a signed hash to check against.
+        return min(p.data_done - p.data_done % m.chunk_size, m.data_size)
+
+    def _rehash_written(self, fd: int, slot_off: int, m: Manifest, done: int, whole: hashlib._Hash) -> bool:
+        """Feed what a previous run wrote into the payload hash; False if it no longer matches the manifest."""
+        op = m.operations[0]
+        pos = 0
+        while pos < done:
+            n = min(m.chunk_size, done - pos)
+            data = os.pread(fd, n, slot_off + op.dst.offset + pos)
+            if len(data) != n or hashlib.sha256(data).hexdigest() != op.chunk_sha256[pos // m.chunk_size]:
+                log.warning("the partly written slot changed since the last run: downloading it all again")
+                return False
+            whole.update(data)
+            pos += n
+        if self.on_progress:
+            self.on_progress("downloading", done, m.data_size)
+        return True
+
+    def _stream(self, src: Source, first: Stream | None, fd: int, slot_off: int, slot_len: int, m: Manifest,
+                identity: str, index: int, done: int, whole: hashlib._Hash) -> None:
+        op = m.operations[0]
+        total = m.data_size
+        attempt = 0
+        last_checkpoint = done
+        while done < total or first is not None:
+            stream = first if first is not None else self._open_retrying(src, m.data_offset + done)
+            first = None
+            try:
+                while done < total:
+                    if self.should_stop():
+                        raise Stopped()
+                    n = min(m.chunk_size - done % m.chunk_size, total - done)
+                    chunk = _read_exact(stream, n)
+                    if len(chunk) < n:
+                        raise TransferFailed(f"payload ended early: {m.data_offset + done + len(chunk)} of "
+                                             f"{m.payload_size} bytes")
+                    if hashlib.sha256(chunk).hexdigest() != op.chunk_sha256[done // m.chunk_size]:
+                        raise ApplyError(f"payload data chunk {done // m.chunk_size} does not match its signed "
+                                         "hash: the payload is corrupt", omaha.ERR_PAYLOAD_HASH)
+                    dst = op.dst.offset + done
+                    if dst + n > slot_len:  # the manifest was checked; this is the last line of defence
+                        raise ApplyError("write would leave the passive slot", omaha.ERR_POSTINSTALL)
+                    _pwrite_all(fd, chunk, slot_off + dst)
+                    whole.update(chunk)
+                    done += n
+                    attempt = 0
+                    if self.state_dir is not None and (done - last_checkpoint >= self.transfer.checkpoint_bytes
+                                                       or done == total):
+                        os.fdatasync(fd)  # progress must never claim bytes that are not on the disk
+                        Progress(identity, str(self.disk), index, done).save(self.state_dir)
+                        last_checkpoint = done
+                    if self.on_progress:
+                        self.on_progress("downloading", done, total)
+                # Stop reading at the announced size; one byte more means the server lied about it.
+                extra = stream.read(1)
+                if extra:
+                    raise ApplyError(f"server sent more than the {m.payload_size} bytes the payload announces",
+                                     omaha.ERR_PAYLOAD_SIZE)
+            except TransferFailed:
+                if not src.is_url or attempt >= self.transfer.retries:
+                    raise
+                attempt += 1
+                self._sleep(self.transfer.retry_delay)
+            finally:
+                stream.close()
+        os.fdatasync(fd)
+
+    def _verify_slot(self, fd: int, slot_off: int, m: Manifest) -> None:
+        h = hashlib.sha256()
+        pos = 0
+        while pos < m.target_size:
+            n = min(8 << 20, m.target_size - pos)
+            data = os.pread(fd, n, slot_off + pos)
+            if not data:
+                break
+            h.update(data)
+            pos += len(data)
+            if self.on_progress:
+                self.on_progress("verifying", pos, m.target_size)
+        if h.hexdigest() != m.target_sha256:
+            raise ApplyError("the written slot does not read back as the manifest's target SHA-256: "
+                             "check the disk", omaha.ERR_NEW_ROOTFS_VERIFICATION)
+
+
+def _read_exact(stream: Stream, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        got = stream.read(min(READ_SIZE, n - len(buf)))
+        if not got:
+            break
+        buf += got
+    return bytes(buf)
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
+
+
+def _name(index: int) -> str:
+    return {slots.USR_A: "A", slots.USR_B: "B"}.get(index, str(index))
+
+
+class _clean_slot_errors:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, exc, tb) -> bool:  # noqa: ANN001
+        if exc is not None and isinstance(exc, (slots.SlotError, OSError)) and not isinstance(exc, ApplyError):
+            raise ApplyError(f"cannot change slot attributes: {exc}", omaha.ERR_POSTINSTALL) from None
+        return False
+
+
+def apply(source: str, disk: Path, trusted_keys: list[PublicKey], **kw: object) -> Result:
+    """Convenience wrapper: ``Applier(source, disk, trusted_keys, **kw).run()``."""
+    return Applier(source, Path(disk), trusted_keys, **kw).run()  # type: ignore[arg-type]
