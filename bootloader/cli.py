@@ -150,11 +150,14 @@ def rollback(disk: Path | None = DiskOpt) -> None:
 
 
 @app.command()
-def repair(disk: Path | None = DiskOpt) -> None:
+def repair(
+    disk: Path | None = DiskOpt,
+    move_backup: bool = typer.Option(False, "--move-backup", help="Move the backup GPT to the end of a grown disk."),
+) -> None:
     """Rewrite a damaged primary or backup GPT from the intact copy (like `cgpt repair`)."""
     with clean_errors(*ERRORS):
         d = _disk(disk)
-        fixed = gpt.repair(d)
+        fixed = gpt.repair(d, move_backup=move_backup)
     print("\n".join(f"repaired: {p}" for p in fixed) if fixed else f"{d}: both GPT copies are intact")
 
 

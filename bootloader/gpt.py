@@ -285,6 +285,8 @@ def read_table(disk: Path) -> GptTable:
             p_err = ""
         except _Bad as exc:
             primary, p_err = None, str(exc)
+        if primary is not None and primary.alternate_lba <= primary.last_usable_lba:
+            primary, p_err = None, f"backup LBA {primary.alternate_lba} lies inside the usable area"
         if primary is not None and max(primary.alternate_lba, primary.last_usable_lba) >= disk_lbas:
             need = max(primary.alternate_lba, primary.last_usable_lba) + 1
             raise GptError(
@@ -427,13 +429,31 @@ def write_table(disk: Path, table: GptTable) -> None:
         _write_copies(fd, table)
 
 
-def repair(disk: Path) -> list[str]:
-    """Rewrite both copies from the good one (like ``cgpt repair``); returns the problems fixed."""
+def moved_to_end(table: GptTable) -> GptTable:
+    """``table`` with its backup at the end of the disk and the usable area grown to meet it
+    (like ``sgdisk -e``), for an image written to a larger disk or a grown image file."""
+    ent_sectors = -(-table.num_entries * table.entry_size // table.sector_size)
+    end = table.disk_lbas - 1
+    return replace(table, backup_lba=end, backup_entries_lba=end - ent_sectors,
+                   last_usable_lba=max(table.last_usable_lba, end - ent_sectors - 1))
+
+
+def repair(disk: Path, *, move_backup: bool = False) -> list[str]:
+    """Rewrite both copies from the good one (like ``cgpt repair``); returns the problems fixed.
+
+    With ``move_backup``, a backup that is not at the end of the disk is moved there. The new
+    backup is written before the primary that points at it, so the old table stays readable
+    until the new one is whole.
+    """
     table = read_table(disk)
-    if not table.needs_repair:
+    problems = list(table.problems)
+    if move_backup and table.backup_lba != table.disk_lbas - 1:
+        problems.append(f"backup GPT moved from sector {table.backup_lba} to the disk's end ({table.disk_lbas - 1})")
+        table = moved_to_end(table)
+    elif not table.needs_repair:
         return []
     write_table(disk, table)
-    return table.problems
+    return problems
 
 
 # ---------------------------------------------------------------- creating

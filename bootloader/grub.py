@@ -171,6 +171,15 @@ def render_select() -> str:
     return chooser + burn
 
 
+def cmdline(n: str, extra: str = "") -> str:
+    """The kernel command line of slot ``n`` (GRUB expands the ``$`` variables from the env)."""
+    args = [f"obelisk.usr=PARTUUID={SLOT_UUID[n]}", f"obelisk.usrhash=${n}_hash", f"obelisk.usrhashoffset=${n}_hashoff",
+            f"obelisk.slot={n}", "obelisk.trial=$obelisk_trial", "root=PARTLABEL=ROOT", "console=ttyS0",
+            # panic=1: a dm-verity panic resets the machine, so GRUB's tries logic takes over.
+            "panic=1", "quiet", extra]
+    return " ".join(a for a in args if a)
+
+
 def render_cfg(*, extra_cmdline: str = "") -> str:
     """The ESP's grub.cfg. ``$root`` is the ESP (GRUB was loaded from it; prefix /EFI/obelisk)."""
     entries = ""
@@ -191,8 +200,7 @@ if [ "$obelisk_slot" = {n} ]; then
   set obelisk_kdir=/lib/obelisk/boot
   if [ ! -f "$obelisk_usr$obelisk_kdir/vmlinuz" ]; then set obelisk_kdir=/usr/lib/obelisk/boot; fi
   echo "{MARK_BOOTING} {n} version=${n}_version trial=$obelisk_trial tries_left=${n}_tries"
-  if linux "$obelisk_usr$obelisk_kdir/vmlinuz" obelisk.usr=PARTUUID={SLOT_UUID[n]} obelisk.usrhash=${n}_hash \\
-      obelisk.usrhashoffset=${n}_hashoff obelisk.slot={n} obelisk.trial=$obelisk_trial root=PARTLABEL=ROOT console=ttyS0 panic=1 quiet {extra_cmdline}; then
+  if linux "$obelisk_usr$obelisk_kdir/vmlinuz" {cmdline(n, extra_cmdline)}; then
     if initrd "$obelisk_usr$obelisk_kdir/initrd.img"; then
       boot
     fi
@@ -234,7 +242,7 @@ fi
 
 
 # Modules built into BOOTX64.EFI: no module files on the ESP, nothing to go stale.
-GRUB_MODULES = (
-    "part_gpt fat squash4 gzio xzio lzopio linux normal serial terminal echo test loadenv regexp "
-    "search configfile reboot halt sleep probe efi_gop"
-).split()
+GRUB_MODULES = [
+    "part_gpt", "fat", "squash4", "gzio", "xzio", "lzopio", "linux", "normal", "serial", "terminal", "echo", "test",
+    "loadenv", "regexp", "search", "configfile", "reboot", "halt", "sleep", "probe", "efi_gop",
+]

@@ -232,10 +232,9 @@ def build(tree: Path, out: Path) -> None:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "wb") as f:
-        # mtime=0 and no file name: the same tree gives the same bytes.
-        with gzip.GzipFile(filename="", mode="wb", fileobj=f, mtime=0, compresslevel=6) as gz:
-            gz.write(a.cpio())
+    # mtime=0 and no file name: the same tree gives the same bytes.
+    with open(tmp, "wb") as f, gzip.GzipFile(filename="", mode="wb", fileobj=f, mtime=0, compresslevel=6) as gz:
+        gz.write(a.cpio())
     os.replace(tmp, out)
 
 

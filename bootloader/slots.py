@@ -8,11 +8,16 @@ every operation is one crash-safe :func:`bootloader.gpt.write_table`.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import functools
 import os
 import re
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ParamSpec, TypeVar
 
 from bootloader import gpt, loader
 
@@ -146,6 +151,46 @@ def parse_slot(text: str) -> int:
 # ---------------------------------------------------------------- disk level
 
 
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+_held: dict[str, int] = {}  # disks this process holds the slot lock on (re-entry from nested calls)
+
+
+@contextlib.contextmanager
+def _exclusive(disk: Path) -> Iterator[None]:
+    """An advisory lock on the disk for one read-modify-write, so the update engine and the boot
+    check cannot interleave and lose a change. cgpt takes no lock, so it is not excluded."""
+    key = os.path.realpath(disk)
+    if _held.get(key):
+        _held[key] += 1
+        try:
+            yield
+        finally:
+            _held[key] -= 1
+        return
+    try:
+        fd = os.open(key, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:  # missing or unreadable: the read that follows gives the one-line error
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        _held[key] = 1
+        yield
+    finally:
+        _held.pop(key, None)
+        os.close(fd)
+
+
+def _locked(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    @functools.wraps(fn)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with _exclusive(Path(args[0] if args else kwargs["disk"])):  # type: ignore[arg-type]
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
 def _slot(p: gpt.GptPartition) -> Slot:
     prio, tries, ok = decode(p.attributes)
     return Slot(p.index, p.name, p.part_guid, prio, tries, ok, p.first_lba, p.last_lba)
@@ -180,10 +225,12 @@ def _by_index(slots: list[Slot], index: int) -> Slot:
     return next(s for s in slots if s.index == index)
 
 
+@_locked
 def read_slots(disk: Path) -> list[Slot]:
     return _read(Path(disk))[1]
 
 
+@_locked
 def set_attrs(disk: Path, index: int, *, priority: int | None = None, tries: int | None = None,
               successful: bool | None = None) -> Slot:
     """Like ``cgpt add -i INDEX -P -T -S``: change only the given fields."""
@@ -205,6 +252,7 @@ def _prioritize_changes(table: gpt.GptTable, slots: list[Slot], index: int | Non
     return out
 
 
+@_locked
 def prioritize(disk: Path, index: int, *, max_priority: int | None = None, friends: bool = False) -> list[Slot]:
     """``cgpt prioritize -i INDEX [-P max] [-f]`` over the USR slots."""
     disk = Path(disk)
@@ -214,6 +262,7 @@ def prioritize(disk: Path, index: int, *, max_priority: int | None = None, frien
     return _write(disk, table, _prioritize_changes(table, slots, index, {}, max_priority, friends))
 
 
+@_locked
 def boot_next(disk: Path, *, dry_run: bool = False) -> Slot | None:
     """The boot-time choice (``gptprio.next``): pick, burn one try if it has any, write both copies.
 
@@ -233,6 +282,7 @@ def boot_next(disk: Path, *, dry_run: bool = False) -> Slot | None:
     return _by_index(_write(disk, table, {chosen: attrs}), chosen)
 
 
+@_locked
 def mark_good(disk: Path, index: int) -> Slot:
     """After a healthy boot: S=1 T=0 and prioritize it (``flatcar-setgoodroot``), in one write."""
     disk = Path(disk)
@@ -242,11 +292,13 @@ def mark_good(disk: Path, index: int) -> Slot:
     return _by_index(_write(disk, table, _prioritize_changes(table, slots, index, base, None, False)), index)
 
 
+@_locked
 def mark_unbootable(disk: Path, index: int) -> Slot:
     """P=0 T=0 S=0: before a slot is rewritten, so no boot can pick a half-written slot."""
     return set_attrs(disk, index, priority=0, tries=0, successful=False)
 
 
+@_locked
 def stage_trial(disk: Path, index: int, *, tries: int = 1) -> Slot:
     """Postinstall: S=0 T=tries, then prioritize the slot (``cgpt add -S0 -T1`` + ``cgpt prioritize``)."""
     disk = Path(disk)
@@ -259,6 +311,7 @@ def stage_trial(disk: Path, index: int, *, tries: int = 1) -> Slot:
     return _by_index(_write(disk, table, _prioritize_changes(table, slots, index, base, None, False)), index)
 
 
+@_locked
 def rollback(disk: Path) -> Slot:
     """Make the other slot the next boot, but only if it has booted well before (S=1)."""
     disk = Path(disk)
@@ -278,6 +331,7 @@ def rollback(disk: Path) -> Slot:
     return _by_index(_write(disk, table, _prioritize_changes(table, slots, other.index, {}, None, False)), other.index)
 
 
+@_locked
 def slot_extent(disk: Path, index: int) -> tuple[int, int]:
     """(byte offset, byte length) of a USR slot's partition."""
     disk = Path(disk)
@@ -332,6 +386,16 @@ def find_boot_disk() -> Path:
         disk = _disk_of_partition(dev) if dev.exists() else None
         if disk is not None:
             return disk
+        # No udev links (e.g. in an initramfs): look for the GUID in every whole disk's GPT.
+        for block in sorted(Path("/sys/block").glob("*")):
+            if block.name.startswith(("loop", "ram", "dm-", "zram")):
+                continue
+            try:
+                table = gpt.read_table(Path("/dev") / block.name)
+            except gpt.GptError:
+                continue
+            if any(p.part_guid == part for p in table.partitions):
+                return Path("/dev") / block.name
     raise SlotError("cannot tell which disk holds the booted /usr (not an obelisk host?) — pass --disk PATH")
 
 
@@ -349,6 +413,7 @@ def _running_or_next(disk: Path, slots: list[Slot]) -> int | None:
     return next_index(slots)
 
 
+@_locked
 def running_index(disk: Path) -> int | None:
     """The slot /usr is mounted from when ``disk`` is the booted disk, else the next-boot slot."""
     disk = Path(disk)

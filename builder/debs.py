@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +29,48 @@ def _fields(text: str) -> dict[str, str]:
     return out
 
 
-def resolve(package: str) -> Deb:
+APT_LISTS = Path("/var/lib/apt/lists")
+_memo: dict[str, Deb] = {}
+
+
+def _lists_fingerprint() -> str:
+    """Changes whenever apt's package lists do (apt-get update), so resolutions can be remembered."""
+    h = hashlib.sha256()
+    for p in sorted(APT_LISTS.glob("*Packages*")):
+        st = p.stat()
+        h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def resolve(package: str, cache: Path | None = None) -> Deb:
     """The candidate version of ``package`` (a metapackage like linux-image-amd64 is followed to
-    the real kernel package it depends on). Reads apt's lists only: no download."""
+    the real kernel package it depends on). Reads apt's lists only: no download. apt-cache takes
+    seconds on a busy machine, so answers are remembered in ``cache/debs/resolved.json`` until the
+    lists change."""
+    if package in _memo:
+        return _memo[package]
+    store = cache / "debs" / "resolved.json" if cache else None
+    fp = _lists_fingerprint()
+    known: dict = {}
+    if store and store.is_file():
+        with contextlib.suppress(ValueError, OSError):
+            known = json.loads(store.read_text())
+    if known.get("lists") == fp and package in known.get("debs", {}):
+        deb = Deb(**known["debs"][package])
+    else:
+        deb = _resolve(package)
+        if store:
+            debs = known.get("debs", {}) if known.get("lists") == fp else {}
+            debs[package] = deb.__dict__
+            store.parent.mkdir(parents=True, exist_ok=True)
+            tmp = store.with_name(f".resolved.{os.getpid()}")
+            tmp.write_text(json.dumps({"lists": fp, "debs": debs}, indent=1))
+            os.replace(tmp, store)
+    _memo[package] = deb
+    return deb
+
+
+def _resolve(package: str) -> Deb:
     res = tools.run(["apt-cache", "show", "--no-all-versions", package], check=False)
     if res.returncode != 0 or not res.stdout.strip():
         raise tools.ToolError(f"Debian package {package!r} is not known to apt: check the name or run 'apt-get update'")
@@ -37,7 +79,7 @@ def resolve(package: str) -> Deb:
         deps = [d.strip().split(" ")[0] for d in f["Depends"].split(",")]
         real = [d for d in deps if d.startswith("linux-image-")]
         if real:
-            return resolve(real[0])
+            return _resolve(real[0])
     return Deb(package, f["Version"], f.get("SHA256", ""), Path(f.get("Filename", package)).name)
 
 

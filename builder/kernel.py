@@ -26,7 +26,7 @@ def _norm(name: str) -> str:
     return name.replace("-", "_")
 
 
-def module_closure(mod_root: Path, wanted: list[str]) -> set[str]:
+def module_closure(mod_root: Path, wanted: list[str], optional: frozenset[str] = frozenset()) -> set[str]:
     """Relative .ko paths of ``wanted`` modules and what they depend on (modinfo, not a full depmod:
     a Debian kernel has 4000 modules and we want a few dozen)."""
     by_name = {_norm(p.name.split(".ko")[0]): p for p in (mod_root / "kernel").rglob("*.ko*")}
@@ -37,7 +37,7 @@ def module_closure(mod_root: Path, wanted: list[str]) -> set[str]:
     keep: set[str] = set()
     todo = [_norm(n) for n in wanted]
     for name in todo:
-        if name not in by_name and name not in builtin:
+        if name not in by_name and name not in builtin and name not in optional:
             raise KernelError(f"kernel.modules: no module named {name!r} in this kernel")
     seen: set[str] = set()
     while todo:
@@ -52,7 +52,7 @@ def module_closure(mod_root: Path, wanted: list[str]) -> set[str]:
     return keep
 
 
-def install_from_deb(deb_file: Path, tree: Path, modules: list[str]) -> str:
+def install_from_deb(deb_file: Path, tree: Path, modules: list[str], optional: frozenset[str] = frozenset()) -> str:
     """Extract a linux-image .deb into ``tree`` (merged /usr); keep ``modules`` only, if given."""
     with tempfile.TemporaryDirectory(dir=tree.parent, prefix=".kernel-") as tmp:
         x = Path(tmp)
@@ -66,7 +66,7 @@ def install_from_deb(deb_file: Path, tree: Path, modules: list[str]) -> str:
         dest = tree / "usr/lib/modules" / kver
         dest.mkdir(parents=True, exist_ok=True)
         if modules:
-            for rel in module_closure(src, modules):
+            for rel in module_closure(src, modules, frozenset(_norm(m) for m in optional)):
                 (dest / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(src / rel, dest / rel)
             for f in src.glob("modules.builtin*"):

@@ -53,6 +53,7 @@ TOOL_PACKAGES: dict[str, str] = {
     "modinfo": "kmod",
     "dpkg-deb": "dpkg",
     "apt-get": "apt",
+    "wall": "bsdutils",
 }
 
 

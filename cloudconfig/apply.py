@@ -28,6 +28,7 @@ from cloudconfig.validate import (
 
 SCRIPT_PATH = "/var/lib/obelisk/cloudconfig/scripts/user-data"
 CORE_USER = "core"
+CORE_USER_SPEC = User(name=CORE_USER, gecos="obelisk admin")
 
 
 class InvalidConfig(ApplyError):
@@ -98,12 +99,16 @@ def apply_userdata(raw: bytes, root: Path, *, metadata: Metadata | None = None,
     elif kind == "script":
         _plan_script(plan, text.encode(), live)
     if kind in ("cloud-config", "empty"):
+        if live:
+            # Plan once with users written into the account files, only to prove every owner, group and
+            # unit resolves before useradd changes anything; then create users and plan for real.
+            _plan_config(Plan(root), cfg, md, values, live, users_in_files=True)
+            if not dry_run:
+                _live_users(cfg, bool(cfg.ssh_authorized_keys or md.public_keys))
         _plan_config(plan, cfg, md, values, live)
     result.changes, result.notes, result.commands = plan.changes, [*result.notes, *plan.notes], plan.commands
     if dry_run:
         return result
-    if live:
-        _live_users(cfg)
     plan.commit()
     if live:
         _run_commands(plan)
@@ -119,7 +124,8 @@ def _plan_script(plan: Plan, data: bytes, live: bool) -> None:
         plan.notes.append(f"script saved to {SCRIPT_PATH}; not run (target root is not the running system)")
 
 
-def _plan_config(plan: Plan, cfg: CloudConfig, md: Metadata, values: dict[str, str], live: bool) -> None:
+def _plan_config(plan: Plan, cfg: CloudConfig, md: Metadata, values: dict[str, str], live: bool,
+                 users_in_files: bool = False) -> None:
     # hostname: user-data wins over metadata
     host = cfg.hostname or md.hostname
     if host:
@@ -128,18 +134,21 @@ def _plan_config(plan: Plan, cfg: CloudConfig, md: Metadata, values: dict[str, s
         if live:
             plan.commands.append(["hostname", host])
     # users (on the live system useradd runs before the plan is committed; see _live_users)
+    by_useradd = live and not users_in_files
     for u in cfg.users:
-        if live and users.lookup_user(plan, u.name) is None:
-            plan.notes.append(f"user {u.name} is created with useradd")
-            if u.ssh_authorized_keys:
-                plan.notes.append(f"ssh keys of {u.name} are written after useradd")
+        if by_useradd and users.lookup_user(plan, u.name) is None:
+            plan.notes.append(f"user {u.name} is created with useradd")  # dry run on the live system
             continue
         users.plan_user(plan, u)
     keys = [*cfg.ssh_authorized_keys, *md.public_keys]
     if keys:
         if users.lookup_user(plan, CORE_USER) is None:
-            users.plan_user(plan, User(name=CORE_USER, gecos="obelisk admin"))
-        users.plan_keys(plan, CORE_USER, keys)
+            if by_useradd:
+                plan.notes.append(f"user {CORE_USER} is created with useradd")
+            else:
+                users.plan_user(plan, CORE_USER_SPEC)
+        if users.lookup_user(plan, CORE_USER) is not None:
+            users.plan_keys(plan, CORE_USER, keys)
     # write_files
     tls = _tls_paths(cfg)
     for wf in cfg.write_files:
@@ -200,20 +209,16 @@ def _plan_environment(plan: Plan, values: dict[str, str]) -> None:
     plan.write("/etc/environment", ("\n".join(out) + "\n").encode(), 0o644, why="addresses from metadata")
 
 
-def _live_users(cfg: CloudConfig) -> None:  # pragma: no cover - needs the running system's account database
+def _live_users(cfg: CloudConfig, need_core: bool) -> None:  # pragma: no cover - edits this machine's accounts
+    """useradd for users the running system does not have yet; passwords and keys go through the plan."""
     from builder.tools import run
 
     live = Plan(Path("/"))
-    for u in cfg.users:
-        exists = users.lookup_user(live, u.name) is not None
-        for argv in users.live_user_commands(u, exists):
-            run(argv, timeout=60)
-        if exists and u.passwd:
-            run(["chpasswd", "-e"], input=f"{u.name}:{u.passwd}\n", timeout=60)
-        if u.ssh_authorized_keys:
-            p = Plan(Path("/"))
-            users.plan_keys(p, u.name, u.ssh_authorized_keys)
-            p.commit()
+    wanted = [*cfg.users, *([CORE_USER_SPEC] if need_core else [])]
+    for u in wanted:
+        if users.lookup_user(live, u.name) is None:
+            for argv in users.live_user_commands(u, exists=False):
+                run(argv, timeout=60)
 
 
 def _run_commands(plan: Plan) -> None:  # pragma: no cover - systemctl only exists on the running system

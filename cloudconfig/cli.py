@@ -54,8 +54,8 @@ def validate(
 
 
 def _settings(file: str | None, cmdline: Path | None, ec2_endpoint: str | None, configdrive: list[Path] | None,
-              nocloud: list[Path] | None, timeout: float, attempts: int) -> Settings:
-    s = Settings(file=Path(file) if file else None, timeout=timeout, attempts=attempts,
+              nocloud: list[Path] | None, timeout: float, attempts: int, by_label: Path) -> Settings:
+    s = Settings(file=Path(file) if file else None, timeout=timeout, attempts=attempts, by_label=by_label,
                  log=lambda m: print(m, file=sys.stderr))
     if cmdline:
         s.cmdline = cmdline
@@ -84,9 +84,11 @@ def apply(
     nocloud: list[Path] = typer.Option(None, "--nocloud", help="NoCloud seed directory (repeatable)"),
     timeout: float = typer.Option(10.0, "--timeout", help="seconds per metadata request"),
     attempts: int = typer.Option(5, "--attempts", help="tries per metadata request"),
+    by_label: Path = typer.Option(Path("/dev/disk/by-label"), "--by-label",
+                                  help="where config-2/CIDATA volumes are looked up by label"),
 ) -> None:
     """Apply user-data to the target root: users, keys, files, units, etcd/update/lock settings. Idempotent."""
-    s = _settings(file, cmdline, ec2_endpoint, configdrive, nocloud, timeout, attempts)
+    s = _settings(file, cmdline, ec2_endpoint, configdrive, nocloud, timeout, attempts, by_label)
     with clean_errors(DatasourceError):
         got = fetch(s, datasource)
     if got is None:
@@ -136,10 +138,11 @@ def fetch_cmd(
     nocloud: list[Path] = typer.Option(None, "--nocloud", help="NoCloud seed directory (repeatable)"),
     timeout: float = typer.Option(10.0, "--timeout"),
     attempts: int = typer.Option(5, "--attempts"),
+    by_label: Path = typer.Option(Path("/dev/disk/by-label"), "--by-label"),
     as_json: bool = typer.Option(False, "--json", help="metadata and user-data as JSON"),
 ) -> None:
     """Print the user-data (and with --json the metadata) the datasources offer."""
-    s = _settings(None, cmdline, ec2_endpoint, configdrive, nocloud, timeout, attempts)
+    s = _settings(None, cmdline, ec2_endpoint, configdrive, nocloud, timeout, attempts, by_label)
     with clean_errors(DatasourceError):
         got = fetch(s, datasource)
     if got is None:

@@ -79,7 +79,7 @@ def plan_unit(plan: Plan, u: Unit, live: bool) -> None:
             _plan_enable(plan, u, path)
     if u.command and not is_net:
         if live:
-            plan.commands.append(["systemctl", u.command, u.name])
+            plan.commands.append(["systemctl", "--no-block", u.command, u.name])
         else:
             plan.notes.append(f"not run (target root is not the running system): systemctl {u.command} {u.name}")
 

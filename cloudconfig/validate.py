@@ -423,7 +423,7 @@ def _cross_checks(rep: Report, cfg: dict[str, Any], marks: dict[str, tuple[int, 
     for i, unit in enumerate(coreos.get("units", [])):
         p = f"coreos.units[{i}]"
         if unit.get("mask") and "content" in unit:
-            at(f"{p}.content", "warning", f"{unit['name']} is masked, so its content is not written")
+            at(f"{p}.content", "warning", f"{unit.get('name', 'this unit')} is masked, so its content is not written")
         if (not any(k in unit for k in ("content", "enable", "command", "mask", "drop_ins")) and "name" in unit
                 and not any(e.path.startswith(p) for e in rep.entries)):
             at(p, "warning", f"unit {unit['name']} has no content, enable, command, mask or drop_ins: nothing to do")

@@ -3,6 +3,7 @@
 POST /v1/pre-reboot    recursive lock of a reboot slot for client_params.id in client_params.group
 POST /v1/steady-state  unlock if held
 GET  /v1/status        obelisk extension: every known group's slots and holders (airlock#81 asks for it)
+GET  /metrics          Prometheus text: requests by endpoint and result, slots and holders per group
 
 Every request must carry `fleet-lock-protocol: true`. 200 is success; failures are
 `{"kind": ..., "value": ...}` with Airlock's kinds where Airlock has one (invalid_client_identity,
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections import Counter
 from datetime import UTC, datetime, timedelta
 
 from starlette.applications import Starlette
@@ -52,6 +54,7 @@ def make_app(endpoints: EtcdEndpoints, groups: dict[str, int] | None = None, *,
     A group not configured is served only if its semaphore already exists in etcd (e.g. `obelisk lock set-max`)."""
     configured = dict(groups or {"default": 1})
     semaphores: dict[str, EtcdSemaphore] = {}
+    counts: Counter[tuple[str, str]] = Counter()  # (endpoint, result kind or "ok") -> requests
 
     def semaphore(group: str) -> EtcdSemaphore:
         if group not in semaphores:
@@ -84,6 +87,14 @@ def make_app(endpoints: EtcdEndpoints, groups: dict[str, int] | None = None, *,
         return state.exists
 
     async def handle(request: Request, action: str) -> Response:
+        resp = await _handle(request, action)
+        kind = "ok"
+        if resp.status_code != 200:
+            kind = json.loads(bytes(resp.body)).get("kind", "error")
+        counts[("pre_reboot" if action == "lock" else "steady_state", kind)] += 1
+        return resp
+
+    async def _handle(request: Request, action: str) -> Response:
         try:
             ident, group = await client_params(request)
         except BadRequest as exc:
@@ -127,6 +138,23 @@ def make_app(endpoints: EtcdEndpoints, groups: dict[str, int] | None = None, *,
             return error(503 if isinstance(exc, EtcdUnavailable) else 500, exc.kind, str(exc))
         return JSONResponse({"groups": out})
 
+    async def metrics(request: Request) -> Response:
+        lines = ["# TYPE obelisk_fleetlock_requests_total counter"]
+        for (endpoint, kind), n in sorted(counts.items()):
+            lines.append(f'obelisk_fleetlock_requests_total{{endpoint="{endpoint}",result="{kind}"}} {n}')
+        lines += ["# TYPE obelisk_fleetlock_semaphore_slots gauge", "# TYPE obelisk_fleetlock_semaphore_holders gauge"]
+        up = 1
+        for g in sorted(configured):
+            try:
+                state = await run_in_threadpool(semaphore(g).read)
+            except LockError:
+                up = 0
+                continue
+            lines.append(f'obelisk_fleetlock_semaphore_slots{{group="{g}"}} {state.total_slots}')
+            lines.append(f'obelisk_fleetlock_semaphore_holders{{group="{g}"}} {len(state.holders)}')
+        lines += ["# TYPE obelisk_fleetlock_etcd_up gauge", f"obelisk_fleetlock_etcd_up {up}"]
+        return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         if exc.status_code == 405:
@@ -142,5 +170,6 @@ def make_app(endpoints: EtcdEndpoints, groups: dict[str, int] | None = None, *,
         Route("/v1/pre-reboot", pre_reboot, methods=["POST"]),
         Route("/v1/steady-state", steady_state, methods=["POST"]),
         Route("/v1/status", status, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
     ]
     return Starlette(routes=routes, exception_handlers={HTTPException: http_error})

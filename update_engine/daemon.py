@@ -93,6 +93,7 @@ def sd_notify(message: str) -> None:
     if addr.startswith("@"):
         addr = "\0" + addr[1:]
     with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.setblocking(False)  # a status line is never worth stalling an update for
         s.sendto(message.encode(), addr)
 
 
@@ -440,8 +441,12 @@ class Daemon:
     def serve_forever(self, *, first_check: float | None = None) -> None:
         server = StatusServer(self.opts.socket_path, self)
         threading.Thread(target=server.serve_forever, daemon=True, name="status-socket").start()
+        def stop(*_: object) -> None:
+            self.stop_event.set()
+            self.check_now.set()  # wake the scheduler's wait
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: self.stop_event.set())
+            signal.signal(sig, stop)
         sd_notify("READY=1")
         wait = fuzz(*FIRST_CHECK) if first_check is None else first_check
         try:

@@ -19,18 +19,41 @@ DPKG_EXCLUDES = ["/usr/share/doc/*", "/usr/share/man/*", "/usr/share/info/*", "/
                  "/usr/share/lintian/*"]
 
 
+def initramfs_modules() -> frozenset[str]:
+    try:
+        from bootloader import initramfs
+    except ImportError:
+        return frozenset()
+    return frozenset(getattr(initramfs, "MODULES", []))
+
+
+def kept_modules(ctx) -> list[str]:
+    """The definition's module list plus whatever the initramfs loads (empty list: keep all)."""
+    wanted = list(ctx.definition.kernel.modules)
+    if not wanted:
+        return []
+    try:
+        from bootloader import initramfs
+
+        wanted += [m for m in getattr(initramfs, "MODULES", []) if m not in wanted]
+    except ImportError:
+        pass
+    return wanted
+
+
 def inputs(ctx) -> dict:
     d = ctx.definition
     src = d.source
-    out: dict = {"source": src.model_dump(mode="json"), "kernel": d.kernel.model_dump(mode="json")}
+    out: dict = {"source": src.model_dump(mode="json"), "kernel": d.kernel.model_dump(mode="json"),
+                 "modules": kept_modules(ctx)}
     if isinstance(src, TinySource):
-        out["debs"] = [debs.resolve(p).__dict__ for p in (src.busybox_package, d.kernel.package)]
+        out["debs"] = [debs.resolve(p, ctx.cache).__dict__ for p in (src.busybox_package, d.kernel.package)]
     elif isinstance(src, DirectorySource | OciSource):
         out["digest"] = fsutil.digest_tree(src.path)
     elif isinstance(src, TarballSource):
         out["digest"] = fsutil.sha256_file(src.path)
     if not isinstance(src, DebianSource | TinySource):
-        out["kernel_deb"] = debs.resolve(d.kernel.package).__dict__  # used only when the tree has none
+        out["kernel_deb"] = debs.resolve(d.kernel.package, ctx.cache).__dict__  # used only when the tree has none
     return out
 
 
@@ -54,9 +77,9 @@ def run(ctx, out: Path) -> dict:
     merge_usr(root)
     found = kernel.find_kernel(root)
     if found is None:
-        deb = debs.fetch(debs.resolve(d.kernel.package), ctx.cache)
+        deb = debs.fetch(debs.resolve(d.kernel.package, ctx.cache), ctx.cache)
         ctx.log(f"rootfs: installing {deb.name}")
-        kernel.install_from_deb(deb, root, d.kernel.modules)
+        kernel.install_from_deb(deb, root, kept_modules(ctx), initramfs_modules())
         found = kernel.find_kernel(root)
     assert found is not None
     return {"kernel_version": found[0]}
@@ -84,7 +107,7 @@ def _tiny(ctx, src: TinySource, root: Path) -> None:
     d = ctx.definition
     for sub in ("usr/bin", "usr/sbin", "usr/lib", "etc", "dev", "proc", "sys", "run", "tmp", "var", "root"):
         (root / sub).mkdir(parents=True, exist_ok=True)
-    bb_deb = debs.fetch(debs.resolve(src.busybox_package), ctx.cache)
+    bb_deb = debs.fetch(debs.resolve(src.busybox_package, ctx.cache), ctx.cache)
     x = root.parent / "busybox-deb"
     debs.extract(bb_deb, x)
     bb = next((p for p in (x / "bin/busybox", x / "usr/bin/busybox") if p.is_file()), None)
@@ -101,9 +124,9 @@ def _tiny(ctx, src: TinySource, root: Path) -> None:
         link = root / "usr" / rel
         if not link.exists() and not link.is_symlink():
             link.symlink_to("busybox" if rel.startswith("bin/") else "../bin/busybox")
-    kdeb = debs.fetch(debs.resolve(d.kernel.package), ctx.cache)
+    kdeb = debs.fetch(debs.resolve(d.kernel.package, ctx.cache), ctx.cache)
     ctx.log(f"rootfs: installing {kdeb.name}")
-    kernel.install_from_deb(kdeb, root, d.kernel.modules)
+    kernel.install_from_deb(kdeb, root, kept_modules(ctx), initramfs_modules())
 
 
 def _untar(path: Path, root: Path) -> None:

@@ -141,3 +141,23 @@ def test_sigkill_at_random_points_leaves_old_or_new(tmp_path: Path) -> None:
     # kills landed inside writes (a copy was left damaged) and between them
     print("kill outcomes:", outcomes)
     assert outcomes["damaged"] > 0 and outcomes["old"] > 0, outcomes
+
+
+BURNER = r"""
+import sys
+sys.path.insert(0, sys.argv[2])
+from bootloader import slots
+for _ in range(5):
+    slots.boot_next(sys.argv[1])
+"""
+
+
+def test_concurrent_writers_lose_no_update(tmp_path: Path) -> None:
+    """Three processes burn five tries each at the same time: the slot lock makes each
+    read-modify-write whole, so exactly 15 tries are gone (a lost update would leave some)."""
+    path = make_disk(tmp_path / "busy.raw")
+    slots.set_attrs(path, 4, priority=2, tries=15, successful=False)
+    repo = str(Path(__file__).resolve().parents[2])
+    procs = [subprocess.Popen([sys.executable, "-c", BURNER, str(path), repo]) for _ in range(3)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0, 0]
+    assert state(path)[4] == (2, 0, False)

@@ -245,3 +245,52 @@ def test_write_refuses_bad_tables(disk: Path) -> None:
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(gpt.GptError, match="no such file"):
         gpt.read_table(tmp_path / "nope.raw")
+
+
+def test_grown_disk_keeps_working_and_backup_moves_to_the_end_on_request(disk: Path) -> None:
+    need_gpt_tools()
+    os.truncate(disk, DISK_SIZE * 2)
+    table = gpt.read_table(disk)
+    assert not table.needs_repair and table.backup_lba == DISK_SIZE // 512 - 1
+    slots.set_attrs(disk, 4, priority=2)  # writes in place; the backup stays where it was
+    assert gpt.read_table(disk).backup_lba == DISK_SIZE // 512 - 1
+    assert gpt.repair(disk) == []
+    fixed = gpt.repair(disk, move_backup=True)
+    assert len(fixed) == 1 and "moved" in fixed[0]
+    moved = gpt.read_table(disk)
+    assert moved.backup_lba == 2 * DISK_SIZE // 512 - 1 and moved.last_usable_lba == moved.backup_lba - 33
+    assert "No problems found" in sgdisk_verify(disk)
+    assert slots.decode(moved.partition(4).attributes)[0] == 2
+
+
+def test_random_damage_gives_a_table_or_one_gpt_error(tmp_path: Path) -> None:
+    """Seeded fuzz (300 cases): random bytes over the headers and entry arrays of both copies.
+    read_table either returns a table (from an intact copy) or raises GptError — no other
+    exception — and the write that follows, when it is allowed, leaves a clean table."""
+    path = make_disk(tmp_path / "fuzz.raw")
+    pristine = path.read_bytes()
+    t = gpt.read_table(path)
+    areas = [(512, 34 * 512), (t.backup_entries_lba * 512, DISK_SIZE)]
+    rnd = random.Random(99)
+    outcomes = {"read": 0, "error": 0}
+    for _ in range(300):
+        with open(path, "r+b") as f:
+            for lo, hi in areas:  # put the table areas back, then damage them
+                f.seek(lo)
+                f.write(pristine[lo:hi])
+            for _ in range(rnd.randint(1, 6)):
+                lo, hi = rnd.choice(areas)
+                at = rnd.randrange(lo, hi)
+                f.seek(at)
+                f.write(rnd.randbytes(min(rnd.randint(1, 64), hi - at)))
+        try:
+            table = gpt.read_table(path)
+        except gpt.GptError as exc:
+            assert "\n" not in str(exc)
+            outcomes["error"] += 1
+            continue
+        outcomes["read"] += 1
+        if table.needs_repair:
+            gpt.write_table(path, table)
+            assert not gpt.read_table(path).needs_repair
+    assert outcomes["read"] and outcomes["error"], outcomes

@@ -9,7 +9,7 @@ import uuid
 from dataclasses import replace
 from pathlib import Path
 
-from bootdisks import make_disk, need_gpt_tools, obelisk, state
+from bootdisks import make_disk, need_gpt_tools, obelisk, obelisk_inproc, state
 
 from bootloader import gpt, slots
 from builder.tools import run
@@ -30,11 +30,11 @@ def sgdisk_bits(path: Path, index: int) -> int:
 def test_attributes_written_by_cgpt_read_identically_by_obelisk_status(disk: Path) -> None:
     need_gpt_tools()
     rnd = random.Random(2)
-    for _ in range(3):
+    for case in range(3):
         want = {i: (rnd.randint(0, 15), rnd.randint(0, 15), rnd.random() < 0.5) for i in (3, 4)}
         for i, (p, t, s) in want.items():
             run(["cgpt", "add", "-i", str(i), "-P", str(p), "-T", str(t), "-S", str(int(s)), disk])
-        r = obelisk("boot", "status", "--json", "--disk", disk)
+        r = (obelisk if case == 0 else obelisk_inproc)("boot", "status", "--json", "--disk", disk)
         assert r.code == 0, r.err
         doc = json.loads(r.out)
         assert set(doc) == {"slots", "next"}
@@ -56,8 +56,8 @@ def test_attributes_written_by_obelisk_read_identically_by_cgpt_and_sgdisk(disk:
     rnd = random.Random(3)
     for case in range(3):
         p, t, s = rnd.randint(0, 15), rnd.randint(0, 15), case % 2
-        r = obelisk("boot", "set", "B", "--priority", str(p), "--tries", str(t), "--successful", str(s),
-                    "--disk", disk)
+        cli = obelisk if case == 0 else obelisk_inproc
+        r = cli("boot", "set", "B", "--priority", str(p), "--tries", str(t), "--successful", str(s), "--disk", disk)
         assert r.code == 0, r.err
         assert cgpt_pts(disk, 4) == (p, t, bool(s))
         assert sgdisk_bits(disk, 4) == gpt.read_table(disk).partition(4).attributes
@@ -96,12 +96,12 @@ def _apply(path: Path, table: gpt.GptTable, cand_type: uuid.UUID, candidates: se
 def test_prioritize_matches_cgpt_on_random_tables(fast_tmp: Path) -> None:
     """Seeded random tables (300 cases): after `cgpt prioritize` on the kernel-typed twin and
     obelisk's prioritize on the USR-typed disk, every entry's whole 64-bit attribute field agrees.
-    A few cases go through the real `obelisk boot prioritize` CLI."""
+    A few cases go through the `obelisk boot prioritize` CLI (two in a real process)."""
     need_gpt_tools()
     ours, theirs = _twin_tables(fast_tmp)
     t_ours, t_theirs = gpt.read_table(ours), gpt.read_table(theirs)
     rnd = random.Random(20261126)
-    cli_cases = {5, 77, 150, 299}
+    cli_cases = {5: obelisk, 77: obelisk_inproc, 150: obelisk, 299: obelisk_inproc}
     for case in range(300):
         candidates = set(rnd.sample(range(1, N_PARTS + 1), rnd.randint(1, N_PARTS)))
         spread = rnd.choice([2, 4, 16])  # small spreads make ties and friends likely
@@ -119,7 +119,7 @@ def test_prioritize_matches_cgpt_on_random_tables(fast_tmp: Path) -> None:
         argv = ["cgpt", "prioritize", "-i", str(index), *opts]
         run([*argv, theirs])
         if case in cli_cases:
-            r = obelisk("boot", "prioritize", str(index), *(["--max", str(top)] if top else []),
+            r = cli_cases[case]("boot", "prioritize", str(index), *(["--max", str(top)] if top else []),
                         *(["--friends"] if friends else []), "--disk", ours)
             assert r.code == 0, r.err
         else:

@@ -297,3 +297,29 @@ def test_invalid_config_error_type(root: Path) -> None:
     with pytest.raises(InvalidConfig) as info:
         apply_userdata(b"#cloud-config\nhostname: bad_name\n", root)
     assert info.value.report.errors[0].line == 2
+
+
+def test_live_plan_uses_systemctl_and_useradd(root: Path) -> None:
+    """What apply would do on the running system, shown with a dry run (nothing here touches this machine)."""
+    res = apply_userdata(b"#cloud-config\nhostname: live-1\nusers:\n  - name: zed\n    groups: [sudo]\n"
+                         b"coreos:\n  units:\n    - name: a.service\n      content: \"[Service]\\n\"\n"
+                         b"      enable: true\n      command: restart\n    - name: b.service\n      mask: true\n",
+                         root, live=True, dry_run=True)
+    cmds = [" ".join(c) for c in res.commands]
+    assert cmds == ["systemctl daemon-reload", "hostname live-1", "systemctl enable a.service",
+                    "systemctl --no-block restart a.service"]
+    assert "user zed is created with useradd" in res.notes
+    assert not any(c.path == "/etc/passwd" for c in res.changes)  # useradd owns the live account files
+
+
+def test_apply_json(root: Path, tmp_path: Path) -> None:
+    import json
+
+    cfg = tmp_path / "cc.yaml"
+    cfg.write_text("#cloud-config\nhostname: j\nhostnmae: typo\n")
+    res = runner.invoke(app, ["apply", str(cfg), "--root", str(root), "--json"])
+    out = json.loads(res.stdout)
+    assert out["changed"] is True and out["changes"] == ["wrote /etc/hostname (mode 0644, 2 bytes) [hostname]"]
+    assert out["warnings"] == ['line 3: warning: unrecognized key "hostnmae" (did you mean "hostname"?)']
+    again = json.loads(runner.invoke(app, ["apply", str(cfg), "--root", str(root), "--json"]).stdout)
+    assert again["changed"] is False and again["changes"] == []

@@ -80,7 +80,7 @@ def serve() -> Iterator:
 
     def start(handler: type[BaseHTTPRequestHandler]) -> str:
         srv = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
         servers.append(srv)
         return f"http://127.0.0.1:{srv.server_address[1]}"
 
@@ -219,13 +219,13 @@ def test_order_and_nothing_found(tmp_path: Path) -> None:
     assert fetch(_nothing(tmp_path)) is None  # EC2 endpoint is a closed port: probed, not found
     res = runner.invoke(app, ["apply", "--cmdline", str(tmp_path / "cmdline"), "--ec2-endpoint", "http://127.0.0.1:9",
                               "--configdrive", str(tmp_path / "none"), "--nocloud", str(tmp_path / "none"),
-                              "--attempts", "1", "--root", str(tmp_path)])
+                              "--attempts", "1", "--by-label", str(tmp_path / "none"), "--root", str(tmp_path)])
     assert res.exit_code == 0 and "no user-data found" in res.stderr
 
 
 def test_explicit_source_without_data_is_a_clean_error(tmp_path: Path) -> None:
     res = runner.invoke(app, ["apply", "--datasource", "nocloud", "--nocloud", str(tmp_path / "x"),
-                              "--root", str(tmp_path)])
+                              "--by-label", str(tmp_path / "x"), "--root", str(tmp_path)])
     assert res.exit_code == 2 and res.stderr.strip() == "error: datasource nocloud has no user-data on this host"
     res = runner.invoke(app, ["apply", "--datasource", "azure", "--root", str(tmp_path)])
     assert res.exit_code == 2 and "unknown datasource 'azure'" in res.stderr

@@ -97,3 +97,15 @@ def test_header_with_trailing_space_and_crlf() -> None:
 def test_newline_in_a_one_line_setting_is_refused() -> None:
     rep = validate_bytes(b'#cloud-config\ncoreos:\n  etcd2:\n    name: "a\\nETCD_FORCE_NEW_CLUSTER=true"\n')
     assert [e.text() for e in rep.entries] == ['line 4: error: "name" must be a single line']
+
+
+def test_through_the_installed_cli(obelisk_bin: str, tmp_path: Path) -> None:
+    import subprocess
+
+    bad = CORPUS / "43-etcd-not-in-cluster.yaml"
+    res = subprocess.run([obelisk_bin, "cloudconfig", "validate", str(bad)], capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 1 and res.stdout == bad.with_suffix(".expected").read_text()
+    res = subprocess.run([obelisk_bin, "cloudconfig", "validate", str(tmp_path / "x")], capture_output=True,
+                         text=True, timeout=60)
+    assert res.returncode == 2 and res.stderr == f"error: {tmp_path / 'x'}: no such file\n"

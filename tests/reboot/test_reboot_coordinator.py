@@ -53,6 +53,9 @@ def test_waits_for_the_window_then_locks_and_reboots(etcd1, group) -> None:
     when, held = seen[0]
     assert datetime(2026, 11, 28, 4, 0, tzinfo=UTC) <= when < datetime(2026, 11, 28, 5, 0, tzinfo=UTC)
     assert held == ["host-a"]  # the slot is held across the reboot
+    st = c.status()
+    assert st["strategy"] == "etcd-lock" and st["state"] == "rebooting" and st["group"] == group
+    assert st["windows"] == "Sat 04:00 1h"
     c.release_after_boot()
     assert holders(etcd1, group) == []
     c.release_after_boot()  # nothing held: no error, no write

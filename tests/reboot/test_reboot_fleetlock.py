@@ -110,6 +110,10 @@ def test_bad_requests_get_kind_and_value(server) -> None:
         assert resp.status_code == status, (resp.request.method, resp.request.url, resp.text)
         doc = resp.json()
         assert doc["kind"] == kind and isinstance(doc["value"], str) and doc["value"], doc
+    metrics = requests.get(server + "/metrics", timeout=5).text
+    assert 'obelisk_fleetlock_requests_total{endpoint="pre_reboot",result="unknown_group"} 1' in metrics
+    assert 'obelisk_fleetlock_semaphore_slots{group="default"} 2' in metrics
+    assert "obelisk_fleetlock_etcd_up 1" in metrics
 
 
 def test_fleetlock_strategy_reboots_through_the_server(server) -> None:

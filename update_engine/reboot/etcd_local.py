@@ -26,6 +26,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@dataclass(frozen=True)
+class Tls:
+    """Server cert/key for the members, the CA that signed the client certs (client-cert auth on)."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+
 @dataclass
 class Member:
     name: str
@@ -34,6 +43,7 @@ class Member:
     peer_port: int
     initial_cluster: str = ""
     token: str = "obelisk"  # the same for every member of one cluster
+    tls: Tls | None = None
     proc: subprocess.Popen | None = None
     log_path: Path = field(init=False)
 
@@ -42,7 +52,7 @@ class Member:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.client_port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.client_port}"
 
     @property
     def peer_url(self) -> str:
@@ -58,6 +68,9 @@ class Member:
             # Short timers: a lost leader is noticed and replaced in well under a second on loopback.
             "--heartbeat-interval", "50", "--election-timeout", "500",
         ]
+        if self.tls:
+            argv += ["--cert-file", str(self.tls.cert), "--key-file", str(self.tls.key),
+                     "--trusted-ca-file", str(self.tls.ca), "--client-cert-auth"]
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child, closed by the OS on exit
         self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
@@ -84,11 +97,14 @@ class Member:
 class LocalEtcd:
     """One or more members on loopback. `with LocalEtcd(dir, 3) as etcd: etcd.endpoints`."""
 
-    def __init__(self, base: Path, members: int = 1) -> None:
+    def __init__(self, base: Path, members: int = 1, *, tls: Tls | None = None,
+                 client_cert: tuple[Path, Path] | None = None) -> None:
         self.base = Path(base)
+        self.tls = tls
+        self.client_cert = client_cert  # (cert, key) the health check presents when TLS is on
         self.base.mkdir(parents=True, exist_ok=True)
         self.members = [
-            Member(f"m{i}", self.base / f"m{i}", free_port(), free_port()) for i in range(members)
+            Member(f"m{i}", self.base / f"m{i}", free_port(), free_port(), tls=tls) for i in range(members)
         ]
         cluster = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
         for m in self.members:
@@ -117,7 +133,11 @@ class LocalEtcd:
                 if not m.alive:
                     continue
                 try:
-                    r = requests.get(m.url + "/health", timeout=1)
+                    kw = {}
+                    if self.tls:
+                        kw = {"verify": str(self.tls.ca),
+                              "cert": tuple(map(str, self.client_cert)) if self.client_cert else None}
+                    r = requests.get(m.url + "/health", timeout=1, **kw)
                     if r.ok and r.json().get("health") == "true":
                         return
                     last = r.text

@@ -25,6 +25,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import os
 import random
 import threading
 import time
@@ -34,6 +35,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 from urllib.parse import quote_plus, urlsplit
 
+import requests
 from etcd3gw import exceptions as etcd_exc
 from etcd3gw.client import Etcd3Client
 
@@ -167,6 +169,10 @@ class EtcdEndpoints:
         if not urls:
             raise LockError("no etcd endpoint given: pass --endpoint http://HOST:2379 or set ENDPOINT in lock.conf")
         self.urls = list(urls)
+        for what, path in (("CA file", cafile), ("client certificate", certfile), ("client key", keyfile)):
+            if path and not os.access(path, os.R_OK):
+                raise LockError(f"{what} {path} is missing or unreadable: check --cafile/--certfile/--keyfile "
+                                "(CAFILE/CERTFILE/KEYFILE in lock.conf)")
         self.cafile, self.certfile, self.keyfile = cafile, certfile, keyfile
         self.timeout = timeout
         self._local = threading.local()
@@ -184,9 +190,16 @@ class EtcdEndpoints:
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise LockError(f"bad etcd URL {url!r}: expected http://HOST:PORT or https://HOST:PORT")
         # api_path fixed to /v3/ (etcd >= 3.4) so no client spends a round trip on /version discovery.
+        session = requests.Session()
+        if self.cafile:
+            session.verify = self.cafile
+            # requests lets REQUESTS_CA_BUNDLE/CURL_CA_BUNDLE override a session's verify (psf/requests#3829):
+            # with our own CA we must not read the environment, or the etcd CA is silently ignored.
+            session.trust_env = False
+        if self.certfile and self.keyfile:
+            session.cert = (self.certfile, self.keyfile)
         return Etcd3Client(host=parts.hostname, port=parts.port or 2379, protocol=parts.scheme,
-                           ca_cert=self.cafile, cert_cert=self.certfile, cert_key=self.keyfile,
-                           timeout=self.timeout, api_path="/v3/")
+                           timeout=self.timeout, api_path="/v3/", session=session)
 
     def call(self, fn: Callable[[Etcd3Client], T]) -> T:
         clients = self._clients()
@@ -218,6 +231,14 @@ def _short(text: str) -> str:
         pass
     if "Connection refused" in text:
         return "connection refused"
+    if "certificate verify failed" in text:
+        why = text.split("certificate verify failed:")[-1].split("(_ssl")[0].strip(" ')(\"")
+        return f"TLS: etcd's certificate is not trusted ({why[:80]}): pass --cafile / set CAFILE to the etcd CA"
+    if "SSLEOFError" in text or "certificate required" in text or ("alert" in text.lower() and "SSL" in text):
+        return ("TLS handshake refused by etcd: it probably requires a client certificate "
+                "(--certfile/--keyfile, CERTFILE/KEYFILE)")
+    if "SSLError" in text:
+        return "TLS failed: " + text[text.find("SSLError"):][:140]
     if "timed out" in text.lower() or "timeout" in text.lower():
         return "timed out" if "etcdserver" not in text else text[:120]
     return text[:160]

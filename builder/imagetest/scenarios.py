@@ -1,0 +1,327 @@
+"""The VM scenarios: boot, update, rollback, badverity, power-loss (one function each).
+
+Each works on its own copy of the release's disk under ``RELEASE/test/<scenario>/`` and checks
+both what the console showed and what the GPT says afterwards (through ``bootloader.slots``,
+which first takes in what the boot loader recorded).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bootloader import gpt, slots
+from builder.imagetest import qemu
+from builder.tools import run
+
+PLACEHOLDER_GUID = uuid.UUID("00000000-0000-0000-0000-000000000001")
+GROW_BYTES = 256 << 20  # the boot scenario enlarges the disk by this much before the first boot
+
+
+class ScenarioFailed(AssertionError):
+    pass
+
+
+@dataclass
+class Outcome:
+    name: str
+    ok: bool
+    message: str
+    boots: list[qemu.Boot] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def line(self) -> str:
+        times = " ".join(f"{b.slot or '?'}{'*' if b.trial else ''}={b.seconds:.1f}s" for b in self.boots)
+        return f"{'PASS' if self.ok else 'FAIL'} {self.name:<11} {self.seconds:6.1f}s  boots: {times or '-'}  " \
+               f"{self.message}"
+
+
+@dataclass
+class Context:
+    release: Path
+    work: Path
+    boot_timeout: float
+    next_release: Callable[[], Path]
+    broken_release: Callable[[], Path]
+    obelisk: list[str]
+    log: Callable[[str], None] = print
+    boots: list[qemu.Boot] = field(default_factory=list)
+
+    def release_meta(self, rel: Path | None = None) -> dict:
+        return json.loads(((rel or self.release) / "release.json").read_text())
+
+    def fresh_disk(self, name: str, *, grow: int = 0) -> Path:
+        d = self.work / name
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir(parents=True)
+        disk = d / "disk.raw"
+        run(["cp", "--sparse=always", self.release / "disk.raw", disk])
+        if grow:
+            run(["qemu-img", "resize", "-q", "-f", "raw", disk, f"+{grow}"])
+        return disk
+
+    def power_on(self, disk: Path, tag: str, **kw) -> qemu.Run:
+        log = disk.parent / f"{tag}.log"
+        kw.setdefault("stop_when", lambda b, line: qemu.GOOD in line)
+        r = qemu.power_on(disk, log, boot_timeout=self.boot_timeout, **kw)
+        self.boots.extend(r.boots)
+        self.log(f"  {disk.parent.name}/{tag}: {r.summary()} (log {log})")
+        return r
+
+    def stage(self, disk: Path, release: Path) -> None:
+        """`obelisk update apply RELEASE/update.payload --disk DISK` with the key the image trusts."""
+        key = trusted_key(self.release, disk.parent)
+        res = run([*self.obelisk, "update", "apply", release / "update.payload", "--disk", disk, "--key", key],
+                  check=False, timeout=600)
+        if res.returncode != 0:
+            raise ScenarioFailed(f"obelisk update apply failed: {(res.stderr or res.stdout).strip()[-300:]}")
+        self.log(f"  {disk.parent.name}: {res.stdout.strip()}")
+
+    def status(self, disk: Path) -> dict:
+        res = run([*self.obelisk, "boot", "status", "--disk", disk, "--json"], check=False, timeout=60)
+        if res.returncode != 0:
+            raise ScenarioFailed(f"obelisk boot status failed: {(res.stderr or res.stdout).strip()[-300:]}")
+        return json.loads(res.stdout)
+
+
+def trusted_key(release: Path, scratch: Path) -> Path:
+    """The public key the release's image trusts (read out of its usr.img, as a host would have it)."""
+    meta = json.loads((release / "release.json").read_text())
+    kid = meta.get("signing_key_id")
+    out = scratch / "trusted.pub"
+    if kid:
+        res = run(["unsquashfs", "-cat", release / "usr.img", f"share/obelisk/keys/{kid}.pub"], check=False)
+        if res.returncode == 0 and "PUBLIC KEY" in res.stdout:
+            out.write_text(res.stdout)
+            return out
+    from builder.build import data_dir
+
+    dev = data_dir() / "dev-key" / "obelisk.pub"
+    if dev.exists():
+        return dev
+    raise ScenarioFailed(f"cannot find the public key {kid} that {release} trusts")
+
+
+def expect(cond: bool, message: str) -> None:
+    if not cond:
+        raise ScenarioFailed(message)
+
+
+def slot_state(disk: Path) -> dict[str, slots.Slot]:
+    return {s.name: s for s in slots.read_slots(disk)}
+
+
+def describe(disk: Path) -> str:
+    return " ".join(f"{s.name}:P{s.priority}T{s.tries}S{int(s.successful)}" for s in slots.read_slots(disk))
+
+
+# --- scenarios --------------------------------------------------------------------------------------
+
+
+def scenario_boot(ctx: Context) -> str:
+    disk = ctx.fresh_disk("boot", grow=GROW_BYTES)
+    version = ctx.release_meta()["version"]
+    r = ctx.power_on(disk, "boot1")
+    expect(len(r.boots) == 1 and r.boots[0].good, f"first boot did not come up healthy: {r.summary()}")
+    b = r.boots[0]
+    expect(b.slot == "A", f"first boot ran slot {b.slot}, expected A")
+    expect(b.os_version == version, f"console showed version {b.os_version!r}, release is {version}")
+    expect(b.usr_mount is not None, "the guest did not report its /usr mount")
+    dev, fstype, opts = b.usr_mount
+    expect(dev in ("/dev/mapper/usr", "/dev/dm-0") and fstype == "squashfs" and opts.split(",")[0] == "ro",
+           f"/usr is {dev} {fstype} {opts}, expected the verity device /dev/mapper/usr, squashfs, ro")
+    table = gpt.read_table(disk)
+    expect(table.disk_guid != PLACEHOLDER_GUID, "first boot kept the placeholder disk GUID")
+    root = table.partition(9)
+    expect(root is not None and root.last_lba >= table.last_usable_lba - 2048,
+           f"ROOT ends at LBA {root.last_lba if root else '?'}, the disk's last usable LBA is {table.last_usable_lba}")
+    a = slot_state(disk)["A"]
+    expect(a.successful and a.priority > 0, f"slot A after boot: {describe(disk)}")
+    r2 = ctx.power_on(disk, "boot2")
+    expect(len(r2.boots) == 1 and r2.boots[0].good and r2.boots[0].slot == "A",
+           f"second boot: {r2.summary()}")
+    return f"version {version} on A, /usr {dev} ro, ROOT grown to LBA {root.last_lba}; {describe(disk)}"
+
+
+def scenario_update(ctx: Context) -> str:
+    disk = ctx.fresh_disk("update")
+    new = ctx.next_release()
+    version = ctx.release_meta(new)["version"]
+    ctx.stage(disk, new)
+    st = slot_state(disk)
+    expect(st["B"].tries > 0 and not st["B"].successful, f"after apply: {describe(disk)}")
+    r = ctx.power_on(disk, "trial")
+    expect(len(r.boots) == 1, f"trial boot: {r.summary()}")
+    b = r.boots[0]
+    expect(b.slot == "B" and b.trial and b.good, f"trial boot: {r.summary()}")
+    expect(b.os_version == version, f"trial boot showed version {b.os_version!r}, staged {version}")
+    r2 = ctx.power_on(disk, "after")
+    expect(len(r2.boots) == 1 and r2.boots[0].slot == "B" and not r2.boots[0].trial and r2.boots[0].good,
+           f"boot after the trial: {r2.summary()}")
+    status = ctx.status(disk)
+    st = slot_state(disk)
+    expect(st["B"].successful and st["B"].priority > st["A"].priority,
+           f"status after update: {describe(disk)} ({json.dumps(status)[:200]})")
+    return f"{version} on B, marked good, prioritized; {describe(disk)}"
+
+
+def scenario_rollback(ctx: Context) -> str:
+    disk = ctx.fresh_disk("rollback")
+    broken = ctx.broken_release()
+    ctx.stage(disk, broken)
+    r = ctx.power_on(disk, "trial", max_boots=3)
+    expect(len(r.boots) >= 2, f"the broken trial boot did not reset the VM: {r.summary()}")
+    first, last = r.boots[0], r.boots[-1]
+    expect(first.slot == "B" and first.trial and not first.good, f"trial boot: {r.summary()}")
+    expect(last.slot == "A" and last.good, f"after the failed trial: {r.summary()}")
+    st = slot_state(disk)
+    expect(st["B"].tries == 0 and not st["B"].successful, f"broken slot after rollback: {describe(disk)}")
+    expect(slots.next_index(list(st.values())) == slots.USR_A, f"next boot would not pick A: {describe(disk)}")
+    r2 = ctx.power_on(disk, "again")
+    expect(len(r2.boots) == 1 and r2.boots[0].slot == "A" and r2.boots[0].good,
+           f"the broken slot was chosen again: {r2.summary()}")
+    ctx.status(disk)
+    return f"trial of B failed its health check, VM reset, A came back; {describe(disk)}"
+
+
+def squashfs_id_table(disk: Path, index: int) -> int:
+    """Byte offset on the disk of slot ``index``'s squashfs id index table (read at mount)."""
+    off, _length = slots.slot_extent(disk, index)
+    with open(disk, "rb") as f:
+        f.seek(off)
+        sb = f.read(96)
+    magic, = struct.unpack_from("<I", sb, 0)
+    expect(magic == 0x73717368, f"slot {index} holds no squashfs (magic {magic:#x})")
+    id_table_start, = struct.unpack_from("<Q", sb, 48)
+    return off + id_table_start
+
+
+def corrupt_slot(disk: Path, index: int) -> int:
+    """Flip the bytes of the squashfs id index (inside one 4 KiB data block of the slot).
+
+    GRUB does not read that table, so the kernel and initramfs still load; Linux reads it when
+    it mounts /usr, through dm-verity, which must stop the boot there.
+    """
+    where = squashfs_id_table(disk, index)
+    with open(disk, "r+b") as f:
+        f.seek(where)
+        data = f.read(8)
+        f.seek(where)
+        f.write(bytes(b ^ 0xFF for b in data))
+    return where
+
+
+def scenario_badverity(ctx: Context) -> str:
+    disk = ctx.fresh_disk("badverity")
+    ctx.stage(disk, ctx.next_release())
+    where = corrupt_slot(disk, slots.USR_B)
+    r = ctx.power_on(disk, "trial", max_boots=3)
+    expect(len(r.boots) >= 2, f"the corrupted trial boot did not reset the VM: {r.summary()}")
+    first, last = r.boots[0], r.boots[-1]
+    expect(first.slot == "B" and first.trial and not first.good, f"trial boot: {r.summary()}")
+    expect(first.verity_failed, f"the trial boot did not stop at dm-verity (see {r.log})")
+    expect(last.slot == "A" and last.good, f"after the verity failure: {r.summary()}")
+    st = slot_state(disk)
+    expect(st["B"].tries == 0 and not st["B"].successful, f"corrupted slot afterwards: {describe(disk)}")
+    return f"flipped 8 bytes at disk byte {where}; verity stopped B, A came back; {describe(disk)}"
+
+
+def scenario_power_loss(ctx: Context) -> str:
+    disk = ctx.fresh_disk("power-loss")
+    ctx.stage(disk, ctx.next_release())
+    # SIGKILL QEMU once the trial's initramfs runs: after GRUB burned the try, before mark-good.
+    r = ctx.power_on(disk, "killed", kill_on=lambda b, line: b.slot == "B" and "obelisk-initramfs: slot" in line)
+    expect(r.end == "killed" and r.boots[0].slot == "B", f"power-loss run: {r.summary()}")
+    for i in (1, 2):
+        ri = ctx.power_on(disk, f"after{i}", max_boots=3)
+        last = ri.boots[-1]
+        st = slot_state(disk)
+        expect(last.good and st[last.slot].successful, f"boot {i} after the power loss: {ri.summary()}; "
+                                                       f"{describe(disk)}")
+    return f"killed during B's trial; the following boots came up on good slots; {describe(disk)}"
+
+
+SCENARIOS: dict[str, Callable[[Context], str]] = {
+    "boot": scenario_boot,
+    "update": scenario_update,
+    "rollback": scenario_rollback,
+    "badverity": scenario_badverity,
+    "power-loss": scenario_power_loss,
+}
+
+
+def run_scenario(ctx: Context, name: str) -> Outcome:
+    import time
+
+    ctx.boots = []
+    t0 = time.monotonic()
+    try:
+        msg = SCENARIOS[name](ctx)
+        ok = True
+    except (ScenarioFailed, qemu.VmError) as exc:
+        ok, msg = False, str(exc)
+    except Exception as exc:  # a tool or builder error: report it as this scenario's failure
+        ok, msg = False, f"{type(exc).__name__}: {exc}"
+    return Outcome(name, ok, msg, list(ctx.boots), time.monotonic() - t0)
+
+
+def obelisk_cmd() -> list[str]:
+    exe = Path(sys.executable).with_name("obelisk")
+    return [str(exe)] if exe.exists() else [sys.executable, "-c", "from obelisk.cli import main; main()"]
+
+
+def bump_version(version: str, by: int = 1) -> str:
+    m = re.match(r"^(.*?)(\d+)([^\d]*)$", version)
+    if not m:
+        raise ValueError(f"version {version!r} has no number to increase")
+    return f"{m.group(1)}{int(m.group(2)) + by}"
+
+
+def build_release(definition: Path, out: Path, version: str, key: Path | None, log: Callable[[str], None]) -> Path:
+    argv = [*obelisk_cmd(), "image", "build", definition, "--out", out, "--version", version, "--format", "raw"]
+    if key is not None:
+        argv += ["--key", key]
+    log(f"  building {definition.name} {version} into {out}")
+    res = subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=3600)
+    if res.returncode != 0:
+        raise ScenarioFailed(f"obelisk image build {definition} --version {version} failed: "
+                             f"{(res.stderr or res.stdout).strip()[-400:]}")
+    dirs = [p.parent for p in out.glob(f"*/{version}/release.json")]
+    if not dirs:
+        raise ScenarioFailed(f"obelisk image build wrote no release under {out}")
+    return dirs[0]
+
+
+BROKEN_HOOK = """#!/bin/sh
+# A deliberately broken release for the rollback scenario: its health check always fails.
+echo "broken release: health check fails on purpose"
+exit 1
+"""
+
+
+def broken_definition(definition: Path, work: Path) -> Path:
+    """A copy of ``definition`` with one more overlay: a health hook that always fails."""
+    import tomllib
+
+    text = definition.read_text()
+    data = tomllib.loads(text)
+    overlay = work / "broken-overlay"
+    hook = overlay / "usr/lib/obelisk/health.d/50-broken"
+    hook.parent.mkdir(parents=True, exist_ok=True)
+    hook.write_text(BROKEN_HOOK)
+    hook.chmod(0o755)
+    files = [str((definition.parent / p).resolve()) for p in data.get("files", [])] + [str(overlay)]
+    keys = [str((definition.parent / p).resolve()) for p in data.get("trusted_keys", [])]
+    body = re.sub(r"(?m)^(files|trusted_keys)\s*=.*$", "", text)
+    head = f"files = {json.dumps(files)}\n" + (f"trusted_keys = {json.dumps(keys)}\n" if keys else "")
+    out = work / definition.name
+    out.write_text(head + body)
+    return out
