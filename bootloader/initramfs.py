@@ -26,7 +26,7 @@ MODULES = [
 ]
 OPTIONAL = {"virtio_scsi", "sd_mod", "nls_iso8859_1", "nls_ascii", "crc32c_intel"}
 # Programs copied with their shared libraries: from the tree when it has them, else the host.
-PROGRAMS = ["veritysetup", "sgdisk", "resize2fs", "e2fsck"]
+PROGRAMS = ["veritysetup", "sgdisk", "resize2fs"]
 PROGRAM_DIRS = ["usr/sbin", "usr/bin", "sbin", "bin"]
 
 

@@ -8,6 +8,7 @@ Nothing is written unless the whole config validated and planned without error.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +71,13 @@ def apply_userdata(raw: bytes, root: Path, *, metadata: Metadata | None = None,
     live = is_live(root) if live is None else live
     md = metadata or Metadata()
     values = {**md.addresses(), **(addresses or {})}
+    for key, value in values.items():
+        # substituted into the YAML text: anything but an address could inject keys
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            raise ApplyError(f"{key} {value[:60]!r} (from the datasource or environment) is not an IP address; "
+                             "nothing was changed") from None
     text, bad = decode_userdata(raw)
     if bad is not None:
         raise InvalidConfig(f"{name}: {bad.entries[0].message}; nothing was changed", bad)
@@ -98,7 +106,7 @@ def apply_userdata(raw: bytes, root: Path, *, metadata: Metadata | None = None,
         cfg = CloudConfig.from_value(rep.value or {})
     elif kind == "script":
         _plan_script(plan, text.encode(), live)
-    if kind in ("cloud-config", "empty"):
+    if kind in ("cloud-config", "empty", "script"):  # metadata (hostname, keys) applies to all three
         if live:
             # Plan once with users written into the account files, only to prove every owner, group and
             # unit resolves before useradd changes anything; then create users and plan for real.

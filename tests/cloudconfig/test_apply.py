@@ -323,3 +323,10 @@ def test_apply_json(root: Path, tmp_path: Path) -> None:
     assert out["warnings"] == ['line 3: warning: unrecognized key "hostnmae" (did you mean "hostname"?)']
     again = json.loads(runner.invoke(app, ["apply", str(cfg), "--root", str(root), "--json"]).stdout)
     assert again["changed"] is False and again["changes"] == []
+
+
+def test_address_that_is_not_an_address_is_refused(root: Path) -> None:
+    digest = tree_digest(root)
+    with pytest.raises(ApplyError, match="private_ipv4 .* is not an IP address"):
+        apply_userdata(b"#cloud-config\nhostname: a\n", root, addresses={"private_ipv4": "1.2.3.4\nusers: []"})
+    assert tree_digest(root) == digest

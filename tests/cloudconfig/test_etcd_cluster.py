@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import requests
 from cloudconfig_helpers import make_root
 from typer.testing import CliRunner
 
@@ -37,9 +38,11 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
-def host_config(i: int, root: Path, peers: list[int], clients: list[int], token: str) -> str:
+def host_config(i: int, root: Path, peers: list[int], clients: list[int], token: str, discovery: str | None) -> str:
     cluster = ",".join(f"m{j}=http://127.0.0.1:{p}" for j, p in enumerate(peers))
     endpoints = ",".join(f"http://127.0.0.1:{c}" for c in clients)
+    static = f"initial-cluster: {cluster}\n    initial-cluster-state: new"
+    bootstrap = f"discovery: {discovery}" if discovery else static
     return f"""#cloud-config
 hostname: control-{i}
 coreos:
@@ -47,8 +50,7 @@ coreos:
     name: m{i}
     data-dir: {root}/var/lib/etcd/data
     initial-cluster-token: {token}
-    initial-cluster: {cluster}
-    initial-cluster-state: new
+    {bootstrap}
     initial-advertise-peer-urls: http://$private_ipv4:{peers[i]}
     listen-peer-urls: http://$private_ipv4:{peers[i]}
     listen-client-urls: http://$private_ipv4:{clients[i]}
@@ -85,25 +87,47 @@ def etcd_procs() -> Iterator[list[subprocess.Popen]]:
     procs: list[subprocess.Popen] = []
     yield procs
     for p in procs:
-        p.terminate()
+        p.kill()  # the data is thrown away: no need to wait for a graceful stop
     for p in procs:
+        p.wait(timeout=30)
+
+
+def _discovery_service(tmp_path: Path, procs: list[subprocess.Popen], size: int) -> str:
+    """A real etcd with the v2 API as the discovery service (what discovery.etcd.io runs), size preset."""
+    peer, client = free_ports(2)
+    url = f"http://127.0.0.1:{client}"
+    log = open(tmp_path / "discovery.log", "wb")  # noqa: SIM115 - lives as long as the process
+    procs.append(subprocess.Popen(
+        [require("etcd"), "--name=disc", f"--data-dir={tmp_path / 'disc'}", "--enable-v2=true",
+         f"--listen-client-urls={url}", f"--advertise-client-urls={url}",
+         f"--listen-peer-urls=http://127.0.0.1:{peer}", f"--initial-advertise-peer-urls=http://127.0.0.1:{peer}",
+         f"--initial-cluster=disc=http://127.0.0.1:{peer}"], stdout=log, stderr=subprocess.STDOUT))
+    token = uuid.uuid4().hex
+    deadline = time.monotonic() + 30
+    while True:
         try:
-            p.wait(timeout=3)  # the data is thrown away: no need to wait for a graceful stop
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+            r = requests.put(f"{url}/v2/keys/discovery/{token}/_config/size", data={"value": str(size)}, timeout=2)
+            if r.status_code in (200, 201):
+                return f"{url}/v2/keys/discovery/{token}"
+        except requests.RequestException:
+            pass
+        assert time.monotonic() < deadline, _logs(tmp_path)
+        time.sleep(0.2)
 
 
-def test_three_hosts_form_a_healthy_cluster(tmp_path: Path, etcd_procs: list[subprocess.Popen]) -> None:
+@pytest.mark.parametrize("bootstrap", ["static", "discovery"])
+def test_three_hosts_form_a_healthy_cluster(tmp_path: Path, etcd_procs: list[subprocess.Popen],
+                                            bootstrap: str) -> None:
     require("etcdctl")  # ToolMissing names the package: a failure, not a skip (make setup installs it)
     ports = free_ports(6)
     peers, clients = ports[:3], ports[3:]
     token = f"obelisk-{uuid.uuid4().hex[:8]}"
+    discovery = _discovery_service(tmp_path, etcd_procs, 3) if bootstrap == "discovery" else None
     roots = []
     for i in range(3):
         root = make_root(tmp_path / f"host{i}")
         cfg = tmp_path / f"host{i}.yaml"
-        cfg.write_text(host_config(i, root, peers, clients, token))
+        cfg.write_text(host_config(i, root, peers, clients, token, discovery))
         res = runner.invoke(app, ["apply", str(cfg), "--root", str(root)], env={"COREOS_PRIVATE_IPV4": "127.0.0.1"})
         assert res.exit_code == 0, res.output
         roots.append(root)
@@ -111,6 +135,7 @@ def test_three_hosts_form_a_healthy_cluster(tmp_path: Path, etcd_procs: list[sub
     for i, root in enumerate(roots):
         env = environment_file(root)
         assert env["ETCD_NAME"] == f"m{i}" and env["ETCD_INITIAL_CLUSTER_TOKEN"] == token
+        assert ("ETCD_DISCOVERY" in env) == (discovery is not None)
         # only what obelisk wrote (plus PATH): no flags, no inherited ETCD_* variables
         clean = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **env}
         log = open(tmp_path / f"etcd{i}.log", "wb")  # noqa: SIM115 - lives as long as the process
