@@ -121,7 +121,11 @@ def build(def_path: Path, *, out: Path, version: str | None = None, key: Path | 
     keys = sorted(trusted.items())
 
     digest = inputs_digest(defn, version, epoch, keys, def_path)
-    build_id = f"{time.strftime('%Y%m%d', time.gmtime(epoch))}.{digest[:8]}"
+    # The build id names the OS content: it goes into /usr, so it must not change with disk sizes or
+    # formats (that would rebuild /usr for a bigger ROOT partition).
+    content = inputs_digest(defn.model_copy(update={"disk": definition.Disk(), "formats": ["raw"]}), version,
+                            epoch, keys, def_path)
+    build_id = f"{time.strftime('%Y%m%d', time.gmtime(epoch))}.{content[:8]}"
     ctx = pipeline.BuildContext(
         definition=defn, definition_path=def_path, version=version, build_id=build_id, epoch=epoch,
         formats=fmts, private_key=private, trusted_keys=keys, cache=(cache or pipeline.default_cache_dir()).resolve(),

@@ -73,6 +73,16 @@ class Kernel(_Strict):
     package: str = "linux-image-amd64"
     # Keep only these modules (and what they depend on). Empty list: keep every module.
     modules: list[str] = []
+    # Drop these folders of /usr/lib/modules/<version>/ (e.g. "kernel/sound"): hardware a host never has.
+    exclude: list[str] = []
+
+    @field_validator("exclude")
+    @classmethod
+    def _relative(cls, v: list[str]) -> list[str]:
+        for p in v:
+            if p.startswith("/") or ".." in Path(p).parts:
+                raise ValueError(f"{p!r} must be a path inside /usr/lib/modules/<version>/, like kernel/sound")
+        return v
 
 
 class Disk(_Strict):

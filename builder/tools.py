@@ -33,6 +33,7 @@ TOOL_PACKAGES: dict[str, str] = {
     "mmd": "mtools",
     "mdir": "mtools",
     "mdel": "mtools",
+    "umount": "mount",
     "mtype": "mtools",
     "mkfs.ext4": "e2fsprogs",
     "mke2fs": "e2fsprogs",

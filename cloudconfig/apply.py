@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cloudconfig import bootstrap, units, users
+from cloudconfig import bootstrap, schema, units, users
 from cloudconfig.datasources import Metadata
 from cloudconfig.model import CloudConfig, User
 from cloudconfig.rootfs import ApplyError, Change, Plan
@@ -135,9 +135,14 @@ def _plan_script(plan: Plan, data: bytes, live: bool) -> None:
 def _plan_config(plan: Plan, cfg: CloudConfig, md: Metadata, values: dict[str, str], live: bool,
                  users_in_files: bool = False) -> None:
     # hostname: user-data wins over metadata
-    host = cfg.hostname or md.hostname
+    host = cfg.hostname
+    if not host and md.hostname:
+        short = md.hostname.split(".")[0]
+        if schema.hostname(short) is None:
+            host = short
+        else:
+            plan.notes.append(f"ignored the metadata hostname {md.hostname[:60]!r}: not a valid host name")
     if host:
-        host = host.split(".")[0] if not cfg.hostname else host
         plan.write("/etc/hostname", f"{host}\n".encode(), 0o644, why="hostname")
         if live:
             plan.commands.append(["hostname", host])

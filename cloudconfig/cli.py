@@ -31,6 +31,9 @@ def _read(path: str) -> bytes:
         fail(f"cannot read {path}: {exc.strerror}")
 
 
+_KINDS = {"script": "a script (#!)", "ignition": "an Ignition config", "empty": "empty"}
+
+
 @app.command()
 def validate(
     files: list[str] = typer.Argument(..., help="cloud-config files ('-' for standard input)"),
@@ -43,6 +46,8 @@ def validate(
     for name, raw in blobs:
         rep = validate_bytes(raw)
         errors += len(rep.errors)
+        if rep.kind in ("script", "ignition", "empty"):
+            print(f"note: {name} is {_KINDS[rep.kind]}: there is no cloud-config to check", file=sys.stderr)
         for e in rep.entries:
             if as_json:
                 out.append({**e.__dict__, **({"file": name} if len(files) > 1 else {})})

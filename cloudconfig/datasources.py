@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -156,19 +157,34 @@ def _label_dirs(s: Settings, labels: tuple[str, ...]) -> list[tuple[str, Path]]:
 
 
 def _mounted(dev: Path, probe: Callable[[Path], Fetched | None]) -> Fetched | None:
+    """Read a labelled volume: FAT (the usual config-2/CIDATA) with mtools, needing no mount; others mounted ro."""
     from builder.tools import ToolError, run
 
-    mnt = Path(tempfile.mkdtemp(prefix="obelisk-cloudconfig-"))
+    tmp = Path(tempfile.mkdtemp(prefix="obelisk-cloudconfig-"))
     try:
-        run(["mount", "-o", "ro", dev, mnt], timeout=30)
-    except ToolError as exc:
-        mnt.rmdir()
-        raise DatasourceError(f"cannot mount {dev}: {exc}") from None
-    try:
-        return probe(mnt)
+        try:
+            run(["mcopy", "-s", "-n", "-i", dev, "::/", f"{tmp}/"], timeout=60, env={"MTOOLS_SKIP_CHECK": "1"})
+            got = probe(tmp)
+            if got is not None:
+                got.source = got.source.replace(str(tmp), str(dev))
+            return got
+        except ToolError:
+            pass  # not FAT (iso9660, ext4...): mount it
+        mnt = tmp / "mnt"
+        mnt.mkdir()
+        try:
+            run(["mount", "-o", "ro", dev, mnt], timeout=30)
+        except ToolError as exc:
+            raise DatasourceError(f"cannot read {dev}: {exc}") from None
+        try:
+            got = probe(mnt)
+            if got is not None:
+                got.source = got.source.replace(str(mnt), str(dev))
+            return got
+        finally:
+            run(["umount", mnt], check=False, timeout=30)
     finally:
-        run(["umount", mnt], check=False, timeout=30)
-        mnt.rmdir()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def read_configdrive(d: Path) -> Fetched | None:

@@ -182,6 +182,13 @@ class Plan:
 
     # --- commit ---------------------------------------------------------------------------------
     def commit(self) -> None:
+        if os.geteuid() != 0:
+            # chown would fail half-way through; refuse before the first write instead
+            foreign = [c for c in self.changes if c.op in ("write", "mkdir", "chmod")
+                       and ((c.uid or 0) != os.geteuid() or (c.gid or 0) not in os.getgroups() + [os.getegid()])]
+            if foreign:
+                raise ApplyError(f"{foreign[0].path} must be owned by {foreign[0].uid}:{foreign[0].gid}, which needs "
+                                 "root: run apply as root (nothing was changed)")
         for ch in self.changes:
             host = self.host(ch.path)
             if ch.op in ("write", "symlink"):

@@ -16,10 +16,13 @@ Nothing is ever written outside the passive slot's extent, and never to the runn
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import queue
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -37,7 +40,6 @@ from update_engine.signing import PublicKey
 log = logging.getLogger("obelisk.update")
 PROGRESS_FILE = "apply-progress.json"
 MANIFEST_FILE = "apply-manifest.bin"
-READ_SIZE = 1 << 20
 
 
 class ApplyError(RuntimeError):
@@ -100,6 +102,7 @@ ProgressFn = Callable[[str, int, int], None]  # (phase, done, total)
 
 class Stream(Protocol):
     def read(self, n: int) -> bytes: ...
+    def readinto(self, buf: memoryview) -> int: ...
     def close(self) -> None: ...
 
 
@@ -114,6 +117,9 @@ class FileStream:
     def read(self, n: int) -> bytes:
         return self.f.read(n)
 
+    def readinto(self, buf: memoryview) -> int:
+        return self.f.readinto(buf) or 0
+
     def close(self) -> None:
         self.f.close()
 
@@ -123,7 +129,8 @@ class HttpStream:
 
     def __init__(self, session: requests.Session, url: str, offset: int, t: Transfer) -> None:
         self.t = t
-        headers = {"Range": f"bytes={offset}-"} if offset else {}
+        # identity: the bytes on the wire must be the payload's bytes (hashes, Range offsets).
+        headers = {"Accept-Encoding": "identity", **({"Range": f"bytes={offset}-"} if offset else {})}
         read_timeout = max(1.0, t.low_speed_time)
         try:
             self.resp = session.get(url, headers=headers, stream=True, timeout=(t.connect_timeout, read_timeout))
@@ -146,19 +153,41 @@ class HttpStream:
             data = self.resp.raw.read(n, decode_content=False)
         except Exception as exc:  # urllib3 raises several kinds (timeouts, protocol errors)
             raise TransferFailed(f"download failed: {_reason(exc)}") from None
+        self._account(len(data))
+        return data
+
+    def readinto(self, buf: memoryview) -> int:
+        # http.client's readinto fills our buffer without the copies urllib3's read() makes.
+        fp = getattr(self.resp.raw, "_fp", None)
+        try:
+            if fp is not None and hasattr(fp, "readinto"):
+                n = fp.readinto(buf) or 0
+                if n == 0 and len(buf) and fp.length not in (None, 0):
+                    raise TransferFailed("download failed: connection closed before the announced length")
+            else:
+                data = self.resp.raw.read(len(buf), decode_content=False)
+                n = len(data)
+                buf[:n] = data
+        except TransferFailed:
+            raise
+        except Exception as exc:  # http.client / urllib3 raise several kinds (timeouts, incomplete reads)
+            raise TransferFailed(f"download failed: {_reason(exc)}") from None
+        self._account(n)
+        return n
+
+    def _account(self, nbytes: int) -> None:
         now = time.monotonic()
-        self.window_bytes += len(data)
+        self.window_bytes += nbytes
         if now - self.window_start >= self.t.low_speed_time:
             if self.window_bytes < self.t.low_speed_limit * (now - self.window_start):
                 raise TransferFailed(
                     f"download slower than {self.t.low_speed_limit} B/s for {self.t.low_speed_time:.0f}s")
             self.window_start, self.window_bytes = now, 0
         if self.t.bandwidth:
-            self.rate_bytes += len(data)
+            self.rate_bytes += nbytes
             ahead = self.rate_bytes / self.t.bandwidth - (now - self.rate_start)
             if ahead > 0:
                 time.sleep(ahead)
-        return data
 
     def close(self) -> None:
         self.resp.close()
@@ -447,6 +476,9 @@ class Applier:
 
     def _stream(self, src: Source, first: Stream | None, fd: int, slot_off: int, slot_len: int, m: Manifest,
                 identity: str, index: int, done: int, whole: hashlib._Hash) -> None:
+        """Two stages: a reader thread fetches whole chunks (and feeds the payload hash); this thread checks
+        each chunk's signed hash, writes it and checkpoints. hashlib, recv and pwrite drop the GIL, so the
+        stages overlap; at most QUEUE_DEPTH + 2 chunks are in memory."""
         op = m.operations[0]
         total = m.data_size
         attempt = 0
@@ -454,23 +486,28 @@ class Applier:
         while done < total or first is not None:
             stream = first if first is not None else self._open_retrying(src, m.data_offset + done)
             first = None
+            q: queue.Queue = queue.Queue(maxsize=QUEUE_DEPTH)
+            halt = threading.Event()
+            reader = threading.Thread(target=_reader, args=(stream, m, done, whole, q, halt), daemon=True,
+                                      name="payload-reader")
+            reader.start()
             try:
-                while done < total:
+                while True:
                     if self.should_stop():
                         raise Stopped()
-                    n = min(m.chunk_size - done % m.chunk_size, total - done)
-                    chunk = _read_exact(stream, n)
-                    if len(chunk) < n:
-                        raise TransferFailed(f"payload ended early: {m.data_offset + done + len(chunk)} of "
-                                             f"{m.payload_size} bytes")
-                    if hashlib.sha256(chunk).hexdigest() != op.chunk_sha256[done // m.chunk_size]:
+                    item = q.get()
+                    if item is _END:
+                        break
+                    if isinstance(item, BaseException):
+                        raise item
+                    n = len(item)
+                    if hashlib.sha256(item).hexdigest() != op.chunk_sha256[done // m.chunk_size]:
                         raise ApplyError(f"payload data chunk {done // m.chunk_size} does not match its signed "
                                          "hash: the payload is corrupt", omaha.ERR_PAYLOAD_HASH)
                     dst = op.dst.offset + done
                     if dst + n > slot_len:  # the manifest was checked; this is the last line of defence
                         raise ApplyError("write would leave the passive slot", omaha.ERR_POSTINSTALL)
-                    _pwrite_all(fd, chunk, slot_off + dst)
-                    whole.update(chunk)
+                    _pwrite_all(fd, item, slot_off + dst)
                     done += n
                     attempt = 0
                     if self.state_dir is not None and (done - last_checkpoint >= self.transfer.checkpoint_bytes
@@ -480,18 +517,18 @@ class Applier:
                         last_checkpoint = done
                     if self.on_progress:
                         self.on_progress("downloading", done, total)
-                # Stop reading at the announced size; one byte more means the server lied about it.
-                extra = stream.read(1)
-                if extra:
-                    raise ApplyError(f"server sent more than the {m.payload_size} bytes the payload announces",
-                                     omaha.ERR_PAYLOAD_SIZE)
             except TransferFailed:
                 if not src.is_url or attempt >= self.transfer.retries:
                     raise
                 attempt += 1
                 self._sleep(self.transfer.retry_delay)
             finally:
+                halt.set()
                 stream.close()
+                with contextlib.suppress(queue.Empty):
+                    while True:  # unblock a reader waiting to put
+                        q.get_nowait()
+                reader.join(timeout=10)
         os.fdatasync(fd)
 
     def _verify_slot(self, fd: int, slot_off: int, m: Manifest) -> None:
@@ -511,14 +548,50 @@ class Applier:
                              "check the disk", omaha.ERR_NEW_ROOTFS_VERIFICATION)
 
 
-def _read_exact(stream: Stream, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        got = stream.read(min(READ_SIZE, n - len(buf)))
-        if not got:
-            break
-        buf += got
-    return bytes(buf)
+_END = object()
+QUEUE_DEPTH = 3
+
+
+def _reader(stream: Stream, m: Manifest, done: int, whole: hashlib._Hash, q: queue.Queue,
+            halt: threading.Event) -> None:
+    """Fetch chunks from ``done`` to the end of the data; hand each (or the error) to the writer."""
+
+    def put(item: object) -> bool:
+        while not halt.is_set():
+            try:
+                q.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    total = m.data_size
+    try:
+        while done < total and not halt.is_set():
+            n = min(m.chunk_size - done % m.chunk_size, total - done)
+            buf = bytearray(n)
+            view = memoryview(buf)
+            got = 0
+            while got < n:
+                k = stream.readinto(view[got:])
+                if not k:
+                    break
+                got += k
+            if got < n:
+                raise TransferFailed(f"payload ended early: {m.data_offset + done + got} of {m.payload_size} bytes")
+            whole.update(buf)  # in order, whole chunks only: a retry restarts at a chunk boundary
+            if not put(buf):
+                return
+            done += n
+        if halt.is_set():
+            return
+        # Stop reading at the announced size; one byte more means the server lied about it.
+        if stream.read(1):
+            raise ApplyError(f"server sent more than the {m.payload_size} bytes the payload announces",
+                             omaha.ERR_PAYLOAD_SIZE)
+        put(_END)
+    except BaseException as exc:  # noqa: BLE001 - handed to the writer thread, which raises it
+        put(exc)
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:

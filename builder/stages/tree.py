@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 from builder import fsutil, kernel, tools
@@ -43,6 +44,7 @@ def inputs(ctx) -> dict:
         "app_id": ctx.definition.app_id,
         "pretty_name": ctx.definition.pretty_name,
         "epoch": ctx.epoch,
+        "exclude": ctx.definition.kernel.exclude,
     }
 
 
@@ -54,6 +56,13 @@ def run(ctx, out: Path) -> dict:
     if found is None:
         raise tools.ToolError("the OS tree has no kernel in /usr/lib/modules/<version>/")
     kver, vmlinuz = found
+    if ctx.definition.kernel.exclude:
+        mods = tree / "usr/lib/modules" / kver
+        for rel in ctx.definition.kernel.exclude:
+            fsutil.remove_tree(mods / rel)
+        with tempfile.TemporaryDirectory(dir=out, prefix=".depmod-") as base:
+            (Path(base) / "lib").symlink_to(tree / "usr/lib")
+            tools.run(["depmod", "-b", base, kver], timeout=900)
     boot = tree / BOOT_DIR
     boot.mkdir(parents=True, exist_ok=True)
     shutil.copy2(vmlinuz, boot / "vmlinuz")

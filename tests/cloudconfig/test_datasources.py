@@ -229,3 +229,37 @@ def test_explicit_source_without_data_is_a_clean_error(tmp_path: Path) -> None:
     assert res.exit_code == 2 and res.stderr.strip() == "error: datasource nocloud has no user-data on this host"
     res = runner.invoke(app, ["apply", "--datasource", "azure", "--root", str(tmp_path)])
     assert res.exit_code == 2 and "unknown datasource 'azure'" in res.stderr
+
+
+def _fat_volume(tmp_path: Path, label: str, files: dict[str, bytes]) -> Path:
+    """A real FAT filesystem image with a volume label, as a hypervisor attaches for config-2 / CIDATA."""
+    from builder.tools import run
+
+    img = tmp_path / f"{label}.img"
+    run(["mkfs.vfat", "-C", "-n", label, img, "1440"])
+    for name, data in files.items():
+        src = tmp_path / "src"
+        src.write_bytes(data)
+        parts = name.split("/")
+        for i in range(1, len(parts)):
+            run(["mmd", "-D", "s", "-i", img, "::/" + "/".join(parts[:i])], check=False,
+                env={"MTOOLS_SKIP_CHECK": "1"})
+        run(["mcopy", "-i", img, src, f"::/{name}"], env={"MTOOLS_SKIP_CHECK": "1"})
+    return img
+
+
+def test_labelled_volumes(tmp_path: Path) -> None:
+    by_label = tmp_path / "by-label"
+    by_label.mkdir()
+    drive = _fat_volume(tmp_path, "config-2", {
+        "openstack/latest/user_data": b"#cloud-config\nhostname: fat-drive\n",
+        "openstack/latest/meta_data.json": json.dumps({"hostname": "md-host", "uuid": "u-1"}).encode()})
+    (by_label / "config-2").symlink_to(drive)
+    got = fetch(_nothing(tmp_path, by_label=by_label), "configdrive")
+    assert got is not None and got.userdata == b"#cloud-config\nhostname: fat-drive\n"
+    assert got.metadata.instance_id == "u-1" and str(by_label / "config-2") in got.source
+    seed = _fat_volume(tmp_path, "CIDATA", {"user-data": b"#cloud-config\nhostname: fat-seed\n",
+                                             "meta-data": b"instance-id: iid-9\n"})
+    (by_label / "CIDATA").symlink_to(seed)
+    got = fetch(_nothing(tmp_path, by_label=by_label), "nocloud")
+    assert got is not None and got.userdata.endswith(b"fat-seed\n") and got.metadata.instance_id == "iid-9"

@@ -10,7 +10,9 @@ Order inside wait_and_reboot: window open? -> lock -> window still open? (Flatca
 retries that drift past the window must not reboot outside it; we give the slot back and wait for
 the next window) -> courtesy delay with a wall message if users are logged in -> reboot(). The lock
 is held across the reboot and given back by release_after_boot() once the new slot is marked good.
-Lock errors (etcd down, no quorum, slots full) never lead to a reboot: they back off and retry.
+Lock errors (etcd down, no quorum, slots full) never lead to a reboot: they back off and retry,
+except that a host finding every slot taken waits on an etcd watch of the group (watch.py) and
+retries as soon as a slot frees for it, with watch_fallback as the bound if an event is missed.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Any, Protocol
 from .config import LockConfig, load
 from .fleetlock import FleetLockClient
 from .identity import host_id as machine_host_id
-from .semaphore import EtcdEndpoints, EtcdSemaphore, LockError
+from .semaphore import EtcdEndpoints, EtcdSemaphore, LockError, SlotsFull
 from .windows import WindowSet
 
 log = logging.getLogger("obelisk.reboot")
@@ -74,6 +76,8 @@ class RebootCoordinator:
     retry_max: float = 300.0
     poll: float = 1.0  # longest uninterrupted sleep, so should_stop is seen promptly
     release_attempts: int = 5
+    watch: bool = True  # wait on an etcd watch after SlotsFull (backends with wait_turn), not a back-off
+    watch_fallback: float = 60.0  # longest wait on the watch before re-reading the semaphore anyway
     clock: Callable[[], datetime] = lambda: datetime.now(UTC)
     sleep: Callable[[float], None] = time.sleep
     users: Callable[[], list[str]] = logged_in_users
@@ -93,6 +97,11 @@ class RebootCoordinator:
             self.sleep(step)  # counted, not measured, so an injected clock+sleep drive it in tests
             left -= step
 
+    def _stop_waiting(self, won: bool = False) -> None:
+        stop = getattr(self.lock, "stop_waiting", None)
+        if stop is not None:
+            stop(self.holder, won=won)
+
     def _release_quietly(self) -> None:
         if self.lock is None:
             return
@@ -108,10 +117,12 @@ class RebootCoordinator:
         delay = self.retry_min
         while True:
             if should_stop():
+                self._stop_waiting()
                 self.state = "stopped"
                 return False
             now = self.clock()
             if not self.windows.is_open(now):
+                self._stop_waiting()  # out of the queue while the window is shut: others go first
                 self.state = "waiting-for-window"
                 wait = (self.windows.next_open(now) - now).total_seconds()
                 if not self._nap(min(wait, 60.0), should_stop):
@@ -123,11 +134,23 @@ class RebootCoordinator:
                     self.lock.lock(self.holder)
                 except LockError as exc:
                     self.last_error = str(exc)
+                    if isinstance(exc, SlotsFull) and self.watch and hasattr(self.lock, "wait_turn"):
+                        # Sleep on a watch of the semaphore instead of a back-off: retry the moment a
+                        # slot frees for us. The fallback bounds the wait if an event is ever missed.
+                        woke = self.lock.wait_turn(self.holder, self.watch_fallback, should_stop, self.poll)
+                        if woke == "stopped":
+                            self._stop_waiting()
+                            self.state = "stopped"
+                            return False
+                        if woke != "lost":
+                            continue
                     log.info("reboot slot not taken, retrying in %.0fs: %s", delay, exc)
                     if not self._nap(random.uniform(delay / 2, delay), should_stop):
+                        self._stop_waiting()
                         return False
                     delay = min(delay * 2, self.retry_max)
                     continue
+                self._stop_waiting(won=True)
                 delay = self.retry_min
                 self.last_error = None
                 if not self.windows.is_open(self.clock()):

@@ -23,6 +23,7 @@ one revision, and a read fails (never goes stale) when the cluster has lost quor
 from __future__ import annotations
 
 import base64
+import copy
 import json
 import logging
 import os
@@ -257,13 +258,20 @@ class EtcdSemaphore:
         self.clock = clock
         self.key = sem_key(group)
         self.tkey = taken_key(group)
+        self._watchers: dict[str, Any] = {}  # holder -> TurnWatcher while that holder waits for a slot
+        self._watch_lock = threading.Lock()
+        self._cached: SemaphoreState | None = None  # the last state seen: the next CAS starts from it
 
     # -- reading -------------------------------------------------------------------------------
 
+    def _range_ops(self) -> list[dict[str, Any]]:
+        return [{"request_range": {"key": _b64(self.key)}}, {"request_range": {"key": _b64(self.tkey)}}]
+
     def read(self) -> SemaphoreState:
-        txn = {"compare": [], "success": [{"request_range": {"key": _b64(self.key)}},
-                                          {"request_range": {"key": _b64(self.tkey)}}], "failure": []}
-        resp = self.etcd.call(lambda c: c.transaction(txn))
+        resp = self.etcd.call(lambda c: c.transaction({"compare": [], "success": self._range_ops(), "failure": []}))
+        return self._parse_ranges(resp)
+
+    def _parse_ranges(self, resp: dict[str, Any]) -> SemaphoreState:
         responses = resp.get("responses") or []
         if len(responses) != 2:
             raise LockError(f"unexpected answer from etcd for {self.key}: {str(resp)[:200]}")
@@ -276,6 +284,7 @@ class EtcdSemaphore:
             state = parse_semaphore(self.group, base64.b64decode(kv.get("value", "")), int(kv["mod_revision"]))
         if taken_kvs:
             self._load_taken(state, base64.b64decode(taken_kvs[0].get("value", "")))
+        self._cached = state
         return state
 
     def _load_taken(self, state: SemaphoreState, raw: bytes) -> None:
@@ -296,28 +305,56 @@ class EtcdSemaphore:
 
     # -- writing -------------------------------------------------------------------------------
 
-    def _write(self, old: SemaphoreState, new: SemaphoreState) -> bool:
-        """CAS on the semaphore's mod_revision (0 = the key must not exist). True if it won."""
+    def _write(self, old: SemaphoreState, new: SemaphoreState, delete: str | None = None) -> SemaphoreState | None:
+        """CAS on the semaphore's mod_revision (0 = the key must not exist). None if it won, else
+        the current state, read by the same txn's failure branch (no second round trip).
+        `delete`: a key removed in the same txn (the winner's waiting key, see watch.py)."""
+        success: list[dict[str, Any]] = [
+            {"request_put": {"key": _b64(self.key), "value": _b64(new.value())}},
+            {"request_put": {"key": _b64(self.tkey), "value": _b64(new.taken_value())}}]
+        if delete:
+            success.append({"request_delete_range": {"key": _b64(delete)}})
         txn = {
             "compare": [{"key": _b64(self.key), "target": "MOD", "result": "EQUAL",
                          "mod_revision": str(old.mod_revision)}],
-            "success": [{"request_put": {"key": _b64(self.key), "value": _b64(new.value())}},
-                        {"request_put": {"key": _b64(self.tkey), "value": _b64(new.taken_value())}}],
-            "failure": [],
+            "success": success,
+            "failure": self._range_ops(),
         }
         resp = self.etcd.call(lambda c: c.transaction(txn))
-        return bool(resp.get("succeeded"))  # the gateway omits "succeeded" when it is false
+        if resp.get("succeeded"):  # the gateway omits "succeeded" when it is false
+            # The txn's revision is the new mod_revision of the key, so the next CAS can start from it.
+            new.mod_revision = int((resp.get("header") or {}).get("revision") or 0)
+            self._cached = copy.deepcopy(new) if new.mod_revision else None
+            return None
+        return self._parse_ranges(resp)
 
-    def _update(self, plan: Callable[[SemaphoreState], SemaphoreState | None], attempts: int = 12) -> SemaphoreState:
-        """Read, plan a change, CAS it; retry on conflict. plan returns None for 'nothing to write'."""
-        for attempt in range(attempts):
-            old = self.read()
+    def _update(self, plan: Callable[[SemaphoreState], SemaphoreState | None], attempts: int = 50,
+                delete: str | None = None) -> SemaphoreState:
+        """Plan a change from the last state seen, CAS it; on conflict plan again from the state the
+        failed txn read back. plan returns None for 'nothing to write'.
+
+        The first attempt starts from the state this object last saw (its own write or read), so
+        an uncontended lock or unlock is one round trip; a plan that would write nothing is only
+        trusted on a fresh read. A lost CAS means another write landed, and the failed txn already
+        returned it: plan again at once (a sub-millisecond jitter only de-synchronises two losers).
+        Backing off here is what made releases wait seconds behind a crowd of lock attempts."""
+        # Copies: plans stamp take times into the state they are given, and the cache is shared
+        # by the threads of a FleetLock server.
+        cached = self._cached
+        old = copy.deepcopy(cached if cached is not None else self.read())
+        fresh = cached is None
+        for _ in range(attempts):
             new = plan(old)
             if new is None:
-                return old
-            if self._write(old, new):
+                if fresh:
+                    return old
+                old, fresh = copy.deepcopy(self.read()), True
+                continue
+            current = self._write(old, new, delete)
+            if current is None:
                 return new
-            time.sleep(random.uniform(0, 0.005 * (attempt + 1)))  # others won the race: spread the retries
+            old, fresh = copy.deepcopy(current), True
+            time.sleep(random.uniform(0, 0.001))
         raise Conflict(f"semaphore {self.key} kept changing under us ({attempts} tries); retry later")
 
     def _stamp(self, state: SemaphoreState, now: datetime) -> None:
@@ -368,7 +405,9 @@ class EtcdSemaphore:
             new.taken[holder] = now
             return new
 
-        state = self._update(plan)
+        from .watch import waiting_key
+
+        state = self._update(plan, delete=waiting_key(self.group, holder))
         if full:
             raise SlotsFull(full[0])
         if holder not in state.holders:  # unreachable unless a plan bug: never report a lock we do not hold
@@ -416,3 +455,36 @@ class EtcdSemaphore:
 
         self._update(plan)
         return old_total, slots
+
+    # -- waiting for a slot (watch.py) ---------------------------------------------------------
+
+    def wait_turn(self, holder: str, timeout: float, should_stop: Callable[[], bool], step: float = 1.0) -> str:
+        """After SlotsFull: block until a slot is worth trying for `holder` ("turn"), up to timeout
+        ("timeout"), or until the watch is lost ("lost": the caller backs off and polls; the next
+        call opens a new watch) or should_stop ("stopped"). Joins the group's waiting queue."""
+        from .watch import TurnWatcher
+
+        with self._watch_lock:
+            w = self._watchers.get(holder)
+        if w is None or not w.alive:
+            if w is not None:
+                w.close(leave_queue=False)
+            try:
+                w = TurnWatcher(self.etcd, self.group, holder).start()
+            except LockError as exc:
+                log.info("cannot watch %s (%s): polling instead", self.key, exc)
+                return "lost"
+            with self._watch_lock:
+                self._watchers[holder] = w
+        result = w.wait(timeout, should_stop, step)
+        if result == "turn":
+            time.sleep(random.uniform(0, 0.002))  # two waiters woken by one event should not CAS in lockstep
+        return result
+
+    def stop_waiting(self, holder: str, *, won: bool = False) -> None:
+        """Close the watch and leave the waiting queue (after winning, giving up or stopping).
+        won: the lock's CAS already deleted the waiting key, so no round trip is spent on it."""
+        with self._watch_lock:
+            w = self._watchers.pop(holder, None)
+        if w is not None:
+            w.close(leave_queue=not won)

@@ -1,0 +1,88 @@
+"""The A/B scenarios in a real VM (OVMF + GRUB + Debian kernel under QEMU TCG) on images/tiny.toml.
+
+Releases come from the real builder (`obelisk image build`), updates are staged with the real
+`obelisk update apply`, and the boots are real. Each scenario's per-boot times are printed to
+the terminal (past pytest's capture) so CI logs show them.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import OBELISK, REPO, need_tools
+
+from builder.imagetest import scenarios
+
+TINY = REPO / "images" / "tiny.toml"
+
+
+def _say(line: str) -> None:
+    sys.__stdout__.write(f"\n[vm] {line}\n")
+    sys.__stdout__.flush()
+
+
+@pytest.fixture(scope="module")
+def ctx(tmp_path_factory: pytest.TempPathFactory) -> scenarios.Context:
+    need_tools("qemu-system-x86_64", "qemu-img", "mksquashfs", "veritysetup", "mcopy", "grub-mkimage", "unsquashfs")
+    out = tmp_path_factory.mktemp("vm-releases")
+    release = scenarios.build_release(TINY, out / "base", "0.1.0", None, _say)
+    work = release / "test"
+    work.mkdir()
+    built: dict[str, Path] = {}
+
+    def next_release() -> Path:
+        if "next" not in built:
+            built["next"] = scenarios.build_release(TINY, work / "releases/next", "0.1.1", None, _say)
+        return built["next"]
+
+    def broken_release() -> Path:
+        if "broken" not in built:
+            d = scenarios.broken_definition(TINY, work / "broken-def")
+            built["broken"] = scenarios.build_release(d, work / "releases/broken", "0.1.1", None, _say)
+        return built["broken"]
+
+    return scenarios.Context(release=release, work=work, boot_timeout=300.0, next_release=next_release,
+                             broken_release=broken_release, obelisk=[OBELISK], log=_say)
+
+
+@pytest.mark.vm
+@pytest.mark.parametrize("name", list(scenarios.SCENARIOS))
+def test_scenario(ctx: scenarios.Context, name: str) -> None:
+    out = scenarios.run_scenario(ctx, name)
+    _say(out.line())
+    assert out.ok, f"{out.line()}\nlogs under {ctx.work / name}"
+
+
+def test_image_test_bad_input(tmp_path: Path) -> None:
+    """`obelisk image test` refuses bad input with one line and exit 2 (no VM started)."""
+    cases = [
+        ([str(tmp_path / "missing")], "not a release folder"),
+        ([str(tmp_path), "--scenario", "nope"], "unknown scenario nope"),
+    ]
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "disk.raw").write_bytes(b"")
+    (bad / "release.json").write_text("{not json")
+    cases.append(([str(bad)], "release.json is unreadable"))
+    for args, msg in cases:
+        res = subprocess.run([OBELISK, "image", "test", *args], capture_output=True, text=True)
+        assert res.returncode == 2, (args, res.stdout, res.stderr)
+        assert res.stderr.startswith("error: ") and msg in res.stderr, res.stderr
+        assert "Traceback" not in res.stderr
+
+
+def test_broken_definition_keeps_the_rest(tmp_path: Path) -> None:
+    d = scenarios.broken_definition(TINY, tmp_path)
+    import tomllib
+
+    data = tomllib.loads(d.read_text())
+    orig = tomllib.loads(TINY.read_text())
+    assert data["name"] == orig["name"] and data["kernel"] == orig["kernel"]
+    hook = Path(data["files"][-1]) / "usr/lib/obelisk/health.d/50-broken"
+    assert hook.is_file() and hook.stat().st_mode & 0o111
+    assert scenarios.bump_version("0.1.9") == "0.1.10" and scenarios.bump_version("2.0.0-rc1") == "2.0.0-rc2"
+    json.dumps(data)
