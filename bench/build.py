@@ -1,7 +1,9 @@
 """Build time of images/tiny.toml from an empty cache (cold) against a rebuild with a warm cache,
 the warm/cold ratio, and the size of every artifact.
 
-Usage: python -m bench build [--definition images/tiny.toml] [--keep DIR]
+Usage: python -m bench build [--definition images/tiny.toml] [--keep DIR] [--repro]
+--repro adds a second cold build (another empty cache) and compares usr.img, update.payload and
+disk.raw byte for byte (e.g. `--definition images/base.toml --repro`).
 The downloaded .debs are kept in a shared folder so that "cold" measures building, not the network.
 """
 
@@ -31,10 +33,21 @@ def _build(defn: str, out: Path, cache: Path, key: Path) -> tuple[float, dict]:
     return took, json.loads(proc.stdout)
 
 
+def _same(a: Path, b: Path) -> bool:
+    with a.open("rb") as fa, b.open("rb") as fb:
+        while True:
+            x, y = fa.read(1 << 20), fb.read(1 << 20)
+            if x != y:
+                return False
+            if not x:
+                return True
+
+
 def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(prog="python -m bench build")
     ap.add_argument("--definition", default="images/tiny.toml")
     ap.add_argument("--keep", type=Path, help="work folder to keep (default: a temporary one)")
+    ap.add_argument("--repro", action="store_true", help="a second cold build, compared byte for byte")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="obelisk-bench-") as tmp:
         work = args.keep or Path(tmp)
@@ -56,6 +69,17 @@ def main(argv: list[str]) -> None:
         print(f"warm build       {warm:8.2f} s   ({cached}/{len(res2['stages'])} stages cached)")
         print(f"warm/cold ratio  {warm / cold:8.3f}   (speed-up x{cold / warm:.1f})")
         rel = Path(res["release_dir"])
+        if args.repro:
+            cache2 = work / "cache2"
+            cache2.mkdir(exist_ok=True)
+            if not (cache2 / "debs").exists():
+                (cache2 / "debs").symlink_to(debs)
+            cold2, res3 = _build(args.definition, work / "out-cold2", cache2, key)
+            rel2 = Path(res3["release_dir"])
+            for name in ("usr.img", "update.payload", "disk.raw"):
+                same = _same(rel / name, rel2 / name)
+                print(f"reproducible {name:<16} {'identical' if same else 'DIFFERENT'}")
+            print(f"second cold build {cold2:8.2f} s")
         for name, art in sorted(res["release"]["artifacts"].items()):
             alloc = (rel / name).stat().st_blocks * 512
             print(f"size {name:<16} {art['size'] / 2**20:9.1f} MiB apparent  {alloc / 2**20:9.1f} MiB on disk")

@@ -1,12 +1,18 @@
 """Fleet roll-out through the etcd semaphore: `python -m bench fleet [--hosts N] [--slots K] [--reboot S]`.
 
 Starts a throw-away single-member etcd on loopback, then:
-1. lock round trips: one client doing lock+unlock cycles back to back (CAS txns per second);
-2. the fleet: N host threads running the real RebootCoordinator (etcd-lock), each "reboot" a sleep;
-   reports the added latency per host (the successful lock call + the release), the wait for a
-   slot, and the total time to roll the fleet against the ideal (hosts / k x reboot time) and
-   against an in-process baseline (the same threads on a threading.BoundedSemaphore(k): no etcd,
-   no polling), as ratios.
+1. lock round trips: one client doing lock+unlock cycles back to back (each a CAS txn);
+2. the fleet: N host threads running the real RebootCoordinator (etcd-lock), each "reboot" a sleep,
+   waiting for a slot on an etcd watch of the group (obelisk's way); reports the added latency per
+   host (the successful lock call + the release), the wait for a slot, and the roll time;
+3. the baselines, in the same run and on the same etcd:
+   - poll baseline: the same fleet with the watch switched off, so waiting hosts poll with
+     exponential back-off (0.05 s doubling to --retry-max), as locksmith-style clients do and as
+     obelisk did before the watch;
+   - ideal: hosts / k x reboot time, what a perfect lock with zero hand-over time would take;
+   - in-process floor: the same threads on a threading.BoundedSemaphore(k), no etcd at all: what
+     zero-cost locking takes on this machine under its current load (threads waking late on a busy
+     machine show up here, not as lock overhead).
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from update_engine.reboot.etcd_local import LocalEtcd
 from update_engine.reboot.semaphore import EtcdEndpoints, EtcdSemaphore
-from update_engine.reboot.simulate import holders_history, median, percentile, run_fleet
+from update_engine.reboot.simulate import HostResult, holders_history, median, percentile, run_fleet
 
 
 def round_trips(endpoints: str, cycles: int) -> float:
@@ -34,7 +40,7 @@ def round_trips(endpoints: str, cycles: int) -> float:
     return 2 * cycles / (time.perf_counter() - t)
 
 
-def in_process_baseline(hosts: int, slots: int, reboot: float) -> float:
+def in_process_floor(hosts: int, slots: int, reboot: float) -> float:
     gate = threading.BoundedSemaphore(slots)
 
     def host() -> None:
@@ -50,47 +56,65 @@ def in_process_baseline(hosts: int, slots: int, reboot: float) -> float:
     return time.perf_counter() - t
 
 
+def roll(endpoints: str, group: str, args: argparse.Namespace, *, watch: bool, label: str) -> float:
+    """Roll the fleet once; print its figures; return the roll time."""
+    EtcdSemaphore(EtcdEndpoints(endpoints), group).set_max(args.slots)
+    columns = (TextColumn(f"rolling fleet ({label})"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, transient=True) as progress:
+        task = progress.add_task("fleet", total=args.hosts)
+        t = time.perf_counter()
+        results, tracker = run_fleet(endpoints, group, args.hosts, args.reboot, retry_min=0.05,
+                                     retry_max=args.retry_max, timeout=5.0, watch=watch,
+                                     watch_fallback=args.watch_fallback,
+                                     on_progress=lambda n: progress.update(task, completed=n))
+        total = time.perf_counter() - t
+    history = holders_history(endpoints, group)
+    report(label, results, total, args, tracker.peak, max((n for _, _, n in history), default=0), len(history))
+    return total
+
+
+def report(label: str, results: list[HostResult], total: float, args: argparse.Namespace,
+           peak: int, etcd_peak: int, versions: int) -> None:
+    ok = [r for r in results if r.rebooted]
+    added = [r.lock_call + r.release_call for r in ok]
+    locks = [r.lock_call for r in ok]
+    releases = [r.release_call for r in ok]
+    waits = [r.wait for r in ok]
+    attempts = sum(r.lock_attempts for r in results)
+    ideal = args.hosts / args.slots * args.reboot
+    ms = 1000
+    print(f"[{label}] {len(ok)}/{args.hosts} hosts rebooted, k={args.slots}, reboot={args.reboot}s; peak "
+          f"simultaneous reboots {peak}, max holders in etcd history {etcd_peak} over {versions} semaphore versions")
+    print(f"[{label}] lock attempts {attempts} ({attempts / total:.0f}/s, {attempts / max(len(ok), 1):.1f} per host)")
+    print(f"[{label}] added latency per host (lock + release calls): median {median(added) * ms:.1f} ms, "
+          f"p99 {percentile(added, 99) * ms:.1f} ms (lock median {median(locks) * ms:.1f} ms "
+          f"p99 {percentile(locks, 99) * ms:.1f} ms; release median {median(releases) * ms:.1f} ms "
+          f"p99 {percentile(releases, 99) * ms:.1f} ms)")
+    print(f"[{label}] wait for a slot: median {median(waits):.2f} s, p99 {percentile(waits, 99):.2f} s; "
+          f"roll time {total:.2f} s -> {total / ideal:.2f}x ideal")
+
+
 def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(prog="python -m bench fleet")
     ap.add_argument("--hosts", type=int, default=200)
     ap.add_argument("--slots", type=int, default=5)
     ap.add_argument("--reboot", type=float, default=0.2, help="seconds each simulated reboot takes")
-    ap.add_argument("--retry-max", type=float, default=2.0, help="longest back-off between lock attempts")
+    ap.add_argument("--retry-max", type=float, default=2.0, help="longest back-off between lock attempts (polling)")
+    ap.add_argument("--watch-fallback", type=float, default=5.0, help="longest wait on the watch before a re-read")
     ap.add_argument("--cycles", type=int, default=200, help="lock+unlock cycles for the round-trip figure")
+    ap.add_argument("--no-baseline", action="store_true", help="skip the polling fleet (halves the run time)")
     args = ap.parse_args(argv)
 
+    ideal = args.hosts / args.slots * args.reboot
     with tempfile.TemporaryDirectory(prefix="obelisk-bench-fleet-") as tmp, LocalEtcd(Path(tmp), 1) as etcd:
         rtt = round_trips(etcd.endpoints, args.cycles)
-        print(f"lock round trips: {rtt:.0f}/s (single client, lock+unlock CAS txns on one etcd member)")
-
-        EtcdSemaphore(EtcdEndpoints(etcd.endpoints), "fleet").set_max(args.slots)
-        columns = (TextColumn("rolling fleet"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-        with Progress(*columns) as progress:
-            task = progress.add_task("fleet", total=args.hosts)
-            t = time.perf_counter()
-            results, tracker = run_fleet(etcd.endpoints, "fleet", args.hosts, args.reboot, retry_min=0.05,
-                                         retry_max=args.retry_max, timeout=5.0,
-                                         on_progress=lambda n: progress.update(task, completed=n))
-            total = time.perf_counter() - t
-        history = holders_history(etcd.endpoints, "fleet")
-
-    baseline = in_process_baseline(args.hosts, args.slots, args.reboot)
-    ideal = args.hosts / args.slots * args.reboot
-    added = [r.lock_call + r.release_call for r in results if r.rebooted]
-    waits = [r.wait for r in results if r.rebooted]
-    attempts = sum(r.lock_attempts for r in results)
-    ok = sum(r.rebooted for r in results)
-    print(f"fleet: {ok}/{args.hosts} hosts rebooted, k={args.slots}, reboot={args.reboot}s, "
-          f"peak simultaneous reboots {tracker.peak}, max holders in etcd history "
-          f"{max((n for _, _, n in history), default=0)} over {len(history)} semaphore versions")
-    print(f"lock attempts during the roll: {attempts} ({attempts / total:.0f}/s), "
-          f"{attempts / max(ok, 1):.1f} per host")
-    locks = [r.lock_call for r in results if r.rebooted]
-    releases = [r.release_call for r in results if r.rebooted]
-    print(f"added latency per host (lock + release round trips): median {median(added) * 1000:.1f} ms, "
-          f"p99 {percentile(added, 99) * 1000:.1f} ms (lock median {median(locks) * 1000:.1f} ms "
-          f"p99 {percentile(locks, 99) * 1000:.1f} ms; release median {median(releases) * 1000:.1f} ms "
-          f"p99 {percentile(releases, 99) * 1000:.1f} ms)")
-    print(f"wait for a slot: median {median(waits):.2f} s, p99 {percentile(waits, 99):.2f} s")
-    print(f"roll time {total:.2f} s; ideal (hosts/k x reboot) {ideal:.2f} s -> ratio {total / ideal:.2f}; "
-          f"in-process semaphore baseline {baseline:.2f} s -> ratio {total / baseline:.2f}")
+        print(f"lock round trips: {rtt:.0f}/s (one client, lock+unlock back to back, one etcd member)")
+        ours = roll(etcd.endpoints, "fleet-watch", args, watch=True, label="watch")
+        polled = None if args.no_baseline else roll(etcd.endpoints, "fleet-poll", args, watch=False,
+                                                     label="poll baseline: watch off, back-off polling")
+    floor = in_process_floor(args.hosts, args.slots, args.reboot)
+    line = f"roll time {ours:.2f} s; ideal (hosts/k x reboot) {ideal:.2f} s -> ratio {ours / ideal:.2f}"
+    if polled is not None:
+        line += f"; poll baseline {polled:.2f} s -> {polled / ours:.2f}x faster with the watch"
+    line += f"; in-process floor (BoundedSemaphore, no etcd) {floor:.2f} s -> ratio {ours / floor:.2f}"
+    print(line)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import gzip
 import os
 import stat
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -170,10 +169,7 @@ def _find_program(tree: Path, name: str) -> tuple[Path, Path | None]:
 
 def _libs(binary: Path, root: Path | None) -> list[Path]:
     """Shared libraries of a binary (ldd on the host's copy; mapped into the tree when it has them)."""
-    try:
-        out = subprocess.run(["ldd", str(binary.resolve())], capture_output=True, text=True, check=False).stdout
-    except OSError as exc:
-        raise InitramfsError(f"ldd is missing ({exc}): install libc-bin") from exc
+    out = run(["ldd", binary.resolve()], check=False).stdout
     libs = []
     for line in out.splitlines():
         parts = line.split()

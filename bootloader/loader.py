@@ -30,6 +30,10 @@ USR_TYPE = uuid.UUID("5dfbf5f4-2848-4bac-aa5e-0d9a20b745a6")
 _NAMES = {3: "A", 4: "B"}
 
 
+class LoaderError(gpt.GptError):
+    """The disk's boot-loader state cannot be used (a GptError, so every slot CLI reports it in one line)."""
+
+
 def _decode(attributes: int) -> tuple[int, int, int]:
     return (attributes >> 48) & 0xF, (attributes >> 52) & 0xF, (attributes >> 56) & 1
 
@@ -50,11 +54,22 @@ def read_env(disk: Path) -> grub.LoaderEnv | None:
         raw = esp.read_file(disk, grub.ENV_PATH)
     except (esp.EspError, gpt.GptError):
         return None
-    return grub.LoaderEnv.from_vars(grub.parse_env(raw))
+    except OSError as exc:
+        raise LoaderError(f"{disk}: cannot read the ESP: {exc.strerror}") from None
+    try:
+        return grub.LoaderEnv.from_vars(grub.parse_env(raw))
+    except grub.GrubEnvError as exc:
+        raise LoaderError(f"{disk}: /{grub.ENV_PATH} on the ESP is damaged ({exc}): restore the ESP from the "
+                          "release's disk image, or re-stage the slots with 'obelisk update apply'") from None
 
 
 def _write_env(disk: Path, env: grub.LoaderEnv) -> None:
-    esp.rewrite_file(disk, grub.ENV_PATH, grub.render_env(env.to_vars()))
+    try:
+        esp.rewrite_file(disk, grub.ENV_PATH, grub.render_env(env.to_vars()))
+    except (esp.EspError, grub.GrubEnvError) as exc:
+        raise LoaderError(f"{disk}: cannot write /{grub.ENV_PATH}: {exc}") from None
+    except OSError as exc:
+        raise LoaderError(f"{disk}: cannot write /{grub.ENV_PATH}: {exc.strerror}") from None
 
 
 def _sync_from(table: gpt.GptTable, env: grub.LoaderEnv) -> None:
@@ -115,9 +130,9 @@ def stage(disk: Path, index: int, *, root_hash: str, hash_offset: int, version: 
     if env is None:
         return
     if index not in _NAMES:
-        raise ValueError(f"partition {index} is not a USR slot: use 3 (A) or 4 (B)")
+        raise LoaderError(f"partition {index} is not a USR slot: use 3 (A) or 4 (B)")
     if not root_hash or any(c not in "0123456789abcdef" for c in root_hash.lower()):
-        raise ValueError(f"root hash {root_hash!r} is not hex: pass the slot's verity root hash")
+        raise LoaderError(f"root hash {root_hash!r} is not hex: pass the slot's verity root hash")
     table = gpt.read_table(disk)
     # Take the loader's news first: a stale base must not let an old GRUB write win later.
     changes = news(table, env)

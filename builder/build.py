@@ -47,9 +47,9 @@ def dev_key(console: Console) -> Path:
     if not priv.exists():
         signing.generate_keypair(where)
         console.print(f"[yellow]warning:[/] no --key given: made a development signing key at {priv}; "
-                      "use 'obelisk key generate DIR' and --key for releases hosts should trust")
+                      "use 'obelisk key generate DIR' and --key for releases hosts should trust", soft_wrap=True)
     else:
-        console.print(f"[yellow]warning:[/] no --key given: signing with the development key {priv}")
+        console.print(f"[yellow]warning:[/] no --key given: signing with the development key {priv}", soft_wrap=True)
     return priv
 
 

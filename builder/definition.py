@@ -31,8 +31,19 @@ class DebianSource(_Strict):
     suite: str = "bookworm"
     mirror: str = "http://deb.debian.org/debian"
     components: list[str] = ["main"]
+    # More apt sources, as one-line "deb URL SUITE COMPONENTS" entries (security and updates, say).
+    extra_sources: list[str] = []
     packages: list[str] = []
     install_obelisk: bool = True  # obelisk's host side under /usr/lib/obelisk/python
+
+
+    @field_validator("extra_sources")
+    @classmethod
+    def _deb_lines(cls, v: list[str]) -> list[str]:
+        for line in v:
+            if not line.startswith("deb ") or len(line.split()) < 4:
+                raise ValueError(f"{line!r} is not a 'deb URL SUITE COMPONENT...' line")
+        return v
 
 
 class TinySource(_Strict):

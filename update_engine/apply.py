@@ -487,8 +487,11 @@ class Applier:
             stream = first if first is not None else self._open_retrying(src, m.data_offset + done)
             first = None
             q: queue.Queue = queue.Queue(maxsize=QUEUE_DEPTH)
+            free: queue.Queue = queue.Queue()
+            for _ in range(QUEUE_DEPTH + 1):  # a fixed pool: memory stays flat whatever the payload size
+                free.put(bytearray(m.chunk_size))
             halt = threading.Event()
-            reader = threading.Thread(target=_reader, args=(stream, m, done, whole, q, halt), daemon=True,
+            reader = threading.Thread(target=_reader, args=(stream, m, done, whole, q, free, halt), daemon=True,
                                       name="payload-reader")
             reader.start()
             try:
@@ -500,7 +503,8 @@ class Applier:
                         break
                     if isinstance(item, BaseException):
                         raise item
-                    n = len(item)
+                    buf, n = item
+                    item = memoryview(buf)[:n]
                     if hashlib.sha256(item).hexdigest() != op.chunk_sha256[done // m.chunk_size]:
                         raise ApplyError(f"payload data chunk {done // m.chunk_size} does not match its signed "
                                          "hash: the payload is corrupt", omaha.ERR_PAYLOAD_HASH)
@@ -508,6 +512,8 @@ class Applier:
                     if dst + n > slot_len:  # the manifest was checked; this is the last line of defence
                         raise ApplyError("write would leave the passive slot", omaha.ERR_POSTINSTALL)
                     _pwrite_all(fd, item, slot_off + dst)
+                    item.release()
+                    free.put(buf)
                     done += n
                     attempt = 0
                     if self.state_dir is not None and (done - last_checkpoint >= self.transfer.checkpoint_bytes
@@ -533,14 +539,15 @@ class Applier:
 
     def _verify_slot(self, fd: int, slot_off: int, m: Manifest) -> None:
         h = hashlib.sha256()
+        buf = bytearray(4 << 20)
         pos = 0
         while pos < m.target_size:
-            n = min(8 << 20, m.target_size - pos)
-            data = os.pread(fd, n, slot_off + pos)
-            if not data:
+            view = memoryview(buf)[: min(len(buf), m.target_size - pos)]
+            got = os.preadv(fd, [view], slot_off + pos)
+            if not got:
                 break
-            h.update(data)
-            pos += len(data)
+            h.update(view[:got])
+            pos += got
             if self.on_progress:
                 self.on_progress("verifying", pos, m.target_size)
         if h.hexdigest() != m.target_sha256:
@@ -549,10 +556,10 @@ class Applier:
 
 
 _END = object()
-QUEUE_DEPTH = 3
+QUEUE_DEPTH = 2
 
 
-def _reader(stream: Stream, m: Manifest, done: int, whole: hashlib._Hash, q: queue.Queue,
+def _reader(stream: Stream, m: Manifest, done: int, whole: hashlib._Hash, q: queue.Queue, free: queue.Queue,
             halt: threading.Event) -> None:
     """Fetch chunks from ``done`` to the end of the data; hand each (or the error) to the writer."""
 
@@ -569,8 +576,13 @@ def _reader(stream: Stream, m: Manifest, done: int, whole: hashlib._Hash, q: que
     try:
         while done < total and not halt.is_set():
             n = min(m.chunk_size - done % m.chunk_size, total - done)
-            buf = bytearray(n)
-            view = memoryview(buf)
+            buf = None
+            while buf is None and not halt.is_set():
+                with contextlib.suppress(queue.Empty):
+                    buf = free.get(timeout=0.2)
+            if buf is None:
+                return
+            view = memoryview(buf)[:n]
             got = 0
             while got < n:
                 k = stream.readinto(view[got:])
@@ -579,8 +591,9 @@ def _reader(stream: Stream, m: Manifest, done: int, whole: hashlib._Hash, q: que
                 got += k
             if got < n:
                 raise TransferFailed(f"payload ended early: {m.data_offset + done + got} of {m.payload_size} bytes")
-            whole.update(buf)  # in order, whole chunks only: a retry restarts at a chunk boundary
-            if not put(buf):
+            whole.update(view)  # in order, whole chunks only: a retry restarts at a chunk boundary
+            view.release()
+            if not put((buf, n)):
                 return
             done += n
         if halt.is_set():
@@ -611,7 +624,7 @@ class _clean_slot_errors:
         return None
 
     def __exit__(self, kind, exc, tb) -> bool:  # noqa: ANN001
-        if exc is not None and isinstance(exc, (slots.SlotError, OSError)) and not isinstance(exc, ApplyError):
+        if exc is not None and isinstance(exc, (ValueError, OSError)) and not isinstance(exc, ApplyError):
             raise ApplyError(f"cannot change slot attributes: {exc}", omaha.ERR_POSTINSTALL) from None
         return False
 

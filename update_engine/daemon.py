@@ -305,7 +305,7 @@ class Daemon:
             disk = self._disk()
             keys = self._keys()
             self.after_boot(conf, rel, disk)
-        except (DaemonError, slots.SlotError, OSError) as exc:
+        except (DaemonError, ValueError, OSError) as exc:  # ValueError: SlotError, GptError, ConfigError
             with self.lock:
                 self.st.last_error = str(exc)
                 save_state(self.opts.state_dir, self.st)
@@ -456,7 +456,16 @@ class Daemon:
                     break
                 interactive = self.check_now.is_set()
                 self.check_now.clear()
-                rc = self.run_once(interactive=interactive)
+                try:
+                    rc = self.run_once(interactive=interactive)
+                except Exception as exc:  # a bug must not stop updates for good: log, back off, try again
+                    log.exception("update run failed unexpectedly")
+                    with self.lock:
+                        self.st.last_error = f"internal error: {exc}"
+                        self.st.consecutive_failures += 1
+                        self.st.state = Status.IDLE
+                        save_state(self.opts.state_dir, self.st)
+                    rc = 1
                 wait = next_interval(self.st.consecutive_failures if rc else 0, self.poll_interval)
                 log.info("next check in %.0f s", wait)
         finally:

@@ -11,15 +11,12 @@ import json
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
 from builder.imagetest import scenarios
 
-err = Console(stderr=True)
-
 
 def _fail(msg: str, code: int = 2) -> None:
-    err.print(f"error: {msg}", markup=False, highlight=False)
+    typer.echo(f"error: {msg}", err=True)
     raise typer.Exit(code)
 
 
@@ -30,6 +27,7 @@ def test(
     definition: Path | None = typer.Option(None, help="image definition for the releases the scenarios build "
                                            "(default: images/<name>.toml)"),
     key: Path | None = typer.Option(None, help="private key for those builds (default: the development key)"),
+    cache: Path | None = typer.Option(None, help="stage cache for those builds (default: the builder's)"),
     boot_timeout: float = typer.Option(240.0, help="seconds one boot may take before the scenario fails"),
     json_out: bool = typer.Option(False, "--json", help="print the results as JSON"),
 ) -> None:
@@ -56,7 +54,7 @@ def test(
                 raise scenarios.ScenarioFailed(f"no image definition {definition} to build the next release: "
                                                "pass --definition")
             built["next"] = scenarios.build_release(definition, work / "releases/next",
-                                                    scenarios.bump_version(meta["version"]), key, log)
+                                                    scenarios.bump_version(meta["version"]), key, log, cache)
         return built["next"]
 
     def broken_release() -> Path:
@@ -66,12 +64,12 @@ def test(
                                                "pass --definition")
             d = scenarios.broken_definition(definition, work / "broken-def")
             built["broken"] = scenarios.build_release(d, work / "releases/broken",
-                                                      scenarios.bump_version(meta["version"]), key, log)
+                                                      scenarios.bump_version(meta["version"]), key, log, cache)
         return built["broken"]
 
     def log(msg: str) -> None:
         if not json_out:
-            err.print(msg, markup=False, highlight=False)
+            typer.echo(msg, err=True)
 
     ctx = scenarios.Context(release=release, work=work, boot_timeout=boot_timeout, next_release=next_release,
                             broken_release=broken_release, obelisk=scenarios.obelisk_cmd(), log=log)

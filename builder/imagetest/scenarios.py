@@ -2,7 +2,11 @@
 
 Each works on its own copy of the release's disk under ``RELEASE/test/<scenario>/`` and checks
 both what the console showed and what the GPT says afterwards (through ``bootloader.slots``,
-which first takes in what the boot loader recorded).
+which first takes in what the boot loader recorded). ``update``, ``badverity`` and ``power-loss``
+stage with ``obelisk update apply --disk``; ``rollback`` lets ``obelisk update daemon --once --disk``
+stage over Omaha from ``obelisk update serve`` on loopback, so that its next run can report the
+rollback (event 3/0, error code 44). The second release (version + 1) and the broken one (a
+health hook that fails) are built with ``obelisk image build``.
 """
 
 from __future__ import annotations
@@ -58,12 +62,17 @@ class Context:
     def release_meta(self, rel: Path | None = None) -> dict:
         return json.loads(((rel or self.release) / "release.json").read_text())
 
-    def fresh_disk(self, name: str, *, grow: int = 0) -> Path:
+    booted: Path | None = None  # a disk that did its first boot (set by the boot scenario)
+
+    def fresh_disk(self, name: str, *, grow: int = 0, first_boot: bool = False) -> Path:
+        """A copy of the release's disk; by default of one that has already done its first boot, as a
+        host being updated has (saves the first-boot work in every scenario; the boot scenario checks it)."""
         d = self.work / name
         shutil.rmtree(d, ignore_errors=True)
         d.mkdir(parents=True)
         disk = d / "disk.raw"
-        run(["cp", "--sparse=always", self.release / "disk.raw", disk])
+        src = self.release / "disk.raw" if first_boot or self.booted is None else self.booted
+        run(["cp", "--sparse=always", src, disk])
         if grow:
             run(["qemu-img", "resize", "-q", "-f", "raw", disk, f"+{grow}"])
         return disk
@@ -127,7 +136,7 @@ def describe(disk: Path) -> str:
 
 
 def scenario_boot(ctx: Context) -> str:
-    disk = ctx.fresh_disk("boot", grow=GROW_BYTES)
+    disk = ctx.fresh_disk("boot", grow=GROW_BYTES, first_boot=True)
     version = ctx.release_meta()["version"]
     r = ctx.power_on(disk, "boot1")
     expect(len(r.boots) == 1 and r.boots[0].good, f"first boot did not come up healthy: {r.summary()}")
@@ -145,6 +154,8 @@ def scenario_boot(ctx: Context) -> str:
            f"ROOT ends at LBA {root.last_lba if root else '?'}, the disk's last usable LBA is {table.last_usable_lba}")
     a = slot_state(disk)["A"]
     expect(a.successful and a.priority > 0, f"slot A after boot: {describe(disk)}")
+    ctx.booted = disk.parent / "booted.raw"
+    run(["cp", "--sparse=always", disk, ctx.booted])
     return f"version {version} on A, /usr {dev} ro, ROOT grown to LBA {root.last_lba}; {describe(disk)}"
 
 
@@ -170,23 +181,119 @@ def scenario_update(ctx: Context) -> str:
     return f"{version} on B, marked good, prioritized; {describe(disk)}"
 
 
+class UpdateService:
+    """`obelisk update serve` on loopback plus the host side of `obelisk update daemon --once --disk`.
+
+    The daemon runs on the test host against the VM's disk image (the guest has no network): it
+    stages over Omaha like a host would and, after the VM ran, reports what the boot did.
+    """
+
+    def __init__(self, ctx: Context, releases: Path, disk: Path) -> None:
+        self.ctx, self.disk = ctx, disk
+        self.dir = disk.parent / "daemon"
+        self.dir.mkdir(exist_ok=True)
+        self.events = self.dir / "events.jsonl"
+        port = _free_port()
+        self.proc = subprocess.Popen(
+            [*ctx.obelisk, "update", "serve", str(releases), "--listen", f"127.0.0.1:{port}", "--events",
+             str(self.events)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self._wait_ready(port)
+        rel = run(["unsquashfs", "-cat", ctx.release / "usr.img", "share/obelisk/release"]).stdout
+        (self.dir / "release").write_text(rel)
+        (self.dir / "update.conf").write_text(
+            f"SERVER=http://127.0.0.1:{port}/v1/update/\nGROUP=stable\nREBOOT_STRATEGY=off\n")
+        keys = self.dir / "keys"
+        keys.mkdir(exist_ok=True)
+        shutil.copy(trusted_key(ctx.release, self.dir), keys / "trusted.pub")
+        (self.dir / "health.d").mkdir(exist_ok=True)
+        (self.dir / "machine-id").write_text(uuid.uuid4().hex + "\n")
+
+    def _wait_ready(self, port: int) -> None:
+        import socket
+        import time
+
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ScenarioFailed(f"obelisk update serve exited: {self.proc.stdout.read()[-300:]}")
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    return
+            time.sleep(0.2)
+        raise ScenarioFailed("obelisk update serve did not listen within 30s")
+
+    def once(self) -> str:
+        """One daemon run; every run is a new boot (new boot id)."""
+        (self.dir / "boot_id").write_text(str(uuid.uuid4()) + "\n")
+        res = run([*self.ctx.obelisk, "update", "daemon", "--once", "--disk", self.disk,
+                   "--state-dir", self.dir / "state", "--conf", self.dir / "update.conf",
+                   "--usr-conf", self.dir / "none.conf", "--release", self.dir / "release",
+                   "--keys-dir", self.dir / "keys", "--lock-conf", self.dir / "none.conf",
+                   "--health-dir", self.dir / "health.d", "--socket", self.dir / "status.sock",
+                   "--boot-id-file", self.dir / "boot_id", "--machine-id-file", self.dir / "machine-id"],
+                  check=False, timeout=600)
+        if res.returncode != 0:
+            raise ScenarioFailed(f"obelisk update daemon --once failed: {(res.stderr or res.stdout).strip()[-300:]}")
+        self.ctx.log(f"  {self.disk.parent.name}: daemon --once: {res.stdout.strip()}")
+        return res.stdout.strip()
+
+    def reported(self) -> list[dict]:
+        if not self.events.exists():
+            return []
+        return [json.loads(line) for line in self.events.read_text().splitlines() if line.strip()]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc.stdout:
+            self.proc.stdout.close()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def scenario_rollback(ctx: Context) -> str:
     disk = ctx.fresh_disk("rollback")
     broken = ctx.broken_release()
-    ctx.stage(disk, broken)
-    r = ctx.power_on(disk, "trial", max_boots=3)
-    expect(len(r.boots) >= 2, f"the broken trial boot did not reset the VM: {r.summary()}")
-    first, last = r.boots[0], r.boots[-1]
-    expect(first.slot == "B" and first.trial and not first.good, f"trial boot: {r.summary()}")
-    expect(last.slot == "A" and last.good, f"after the failed trial: {r.summary()}")
-    st = slot_state(disk)
-    expect(st["B"].tries == 0 and not st["B"].successful, f"broken slot after rollback: {describe(disk)}")
-    expect(slots.next_index(list(st.values())) == slots.USR_A, f"next boot would not pick A: {describe(disk)}")
-    r2 = ctx.power_on(disk, "again")
-    expect(len(r2.boots) == 1 and r2.boots[0].slot == "A" and r2.boots[0].good,
-           f"the broken slot was chosen again: {r2.summary()}")
-    ctx.status(disk)
-    return f"trial of B failed its health check, VM reset, A came back; {describe(disk)}"
+    svc = UpdateService(ctx, broken.parent.parent, disk)
+    try:
+        # Staged by the update daemon itself (Omaha over loopback), so it can report the rollback later.
+        svc.once()
+        st = slot_state(disk)
+        expect(st["B"].tries > 0 and not st["B"].successful, f"daemon did not stage the broken release: "
+                                                             f"{describe(disk)}")
+        r = ctx.power_on(disk, "trial", max_boots=3)
+        expect(len(r.boots) >= 2, f"the broken trial boot did not reset the VM: {r.summary()}")
+        first, last = r.boots[0], r.boots[-1]
+        expect(first.slot == "B" and first.trial and not first.good, f"trial boot: {r.summary()}")
+        expect(last.slot == "A" and last.good, f"after the failed trial: {r.summary()}")
+        st = slot_state(disk)
+        expect(st["B"].tries == 0 and not st["B"].successful, f"broken slot after rollback: {describe(disk)}")
+        expect(slots.next_index(list(st.values())) == slots.USR_A, f"next boot would not pick A: {describe(disk)}")
+        r2 = ctx.power_on(disk, "again")
+        expect(len(r2.boots) == 1 and r2.boots[0].slot == "A" and r2.boots[0].good,
+               f"the broken slot was chosen again: {r2.summary()}")
+        ctx.status(disk)
+        svc.once()
+        events = svc.reported()
+        rollback = [e for e in events if (int(e.get("eventtype", -1)), int(e.get("eventresult", -1)),
+                                          int(e.get("errorcode") or 0)) == (3, 0, 44)]
+        expect(bool(rollback), f"the daemon did not report the rollback (3/0 code 44); events: {events[-4:]}")
+        expect(slot_state(disk)["B"].tries == 0, f"the daemon staged the broken release again: {describe(disk)}")
+    finally:
+        svc.close()
+    return f"trial of B failed its health check, VM reset, A came back; daemon reported 3/0 code 44; " \
+           f"{describe(disk)}"
 
 
 def squashfs_id_table(disk: Path, index: int) -> int:
@@ -282,10 +389,13 @@ def bump_version(version: str, by: int = 1) -> str:
     return f"{m.group(1)}{int(m.group(2)) + by}"
 
 
-def build_release(definition: Path, out: Path, version: str, key: Path | None, log: Callable[[str], None]) -> Path:
+def build_release(definition: Path, out: Path, version: str, key: Path | None, log: Callable[[str], None],
+                  cache: Path | None = None) -> Path:
     argv = [*obelisk_cmd(), "image", "build", definition, "--out", out, "--version", version, "--format", "raw"]
     if key is not None:
         argv += ["--key", key]
+    if cache is not None:
+        argv += ["--cache", cache]
     log(f"  building {definition.name} {version} into {out}")
     res = subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=3600)
     if res.returncode != 0:

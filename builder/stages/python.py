@@ -54,5 +54,8 @@ def run(ctx, out: Path) -> dict:
     fsutil.remove_tree(target / "bin")
     for cache in target.rglob("__pycache__"):
         fsutil.remove_tree(cache)
+    # pip records where it installed from (a temporary path): drop it so builds are reproducible.
+    for record in target.glob("*.dist-info/direct_url.json"):
+        record.unlink()
     fsutil.remove_tree(src)
     return {"installed": True}

@@ -95,7 +95,7 @@ def _mmdebstrap(ctx, src: DebianSource, root: Path) -> None:
     for pattern in DPKG_EXCLUDES:
         argv.append(f"--dpkgopt=path-exclude={pattern}")
     argv.append("--dpkgopt=path-include=/usr/share/doc/*/copyright")
-    argv += [src.suite, root, src.mirror]
+    argv += [src.suite, root, src.mirror, *src.extra_sources]
     ctx.log(f"rootfs: mmdebstrap {src.suite} ({len(src.packages)} packages)")
     tools.run(argv, env={"SOURCE_DATE_EPOCH": str(ctx.epoch)}, timeout=3600)
     # The boot chain makes its own initramfs; Debian's (initramfs-tools) is dead weight.

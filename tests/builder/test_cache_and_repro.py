@@ -24,6 +24,10 @@ def test_warm_rebuild_is_all_cached(tiny: Built, tmp_path: Path) -> None:
     res = _rebuild(tiny, tmp_path / "b")
     assert res["all_cached"], res["stages"]
     assert (tmp_path / "b/tiny/0.1.0/disk.raw").read_bytes() == (tmp_path / "a/tiny/0.1.0/disk.raw").read_bytes()
+    # Publishing the same version again swaps the whole folder in one step and leaves nothing behind.
+    _rebuild(tiny, tmp_path / "b")
+    assert sorted(p.name for p in (tmp_path / "b/tiny").iterdir()) == ["0.1.0"]
+    assert obelisk("image", "verify", tmp_path / "b/tiny/0.1.0", "--key", tiny.pub).returncode == 0
 
 
 def test_one_changed_input_reruns_only_dependent_stages(tiny: Built, tmp_path: Path) -> None:

@@ -121,3 +121,37 @@ def test_fuzz_manifest_json_never_crashes(obj) -> None:
     for blob in (json.dumps(obj).encode(), json.dumps({"format": 1, "x": obj}).encode()):
         with contextlib.suppress(PayloadError):
             payload.parse_manifest_json(blob)
+
+
+_leaf = (st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.text(max_size=70)
+         | st.lists(st.integers(), max_size=3))
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(path_pick=st.integers(0, 10_000), value=_leaf, drop=st.booleans())
+def test_fuzz_manifest_fields_never_crash(made, path_pick: int, value, drop: bool) -> None:
+    """Mutate one field of a valid manifest (deep inside too): a PayloadError or a valid manifest, nothing else."""
+    import json
+    obj = json.loads(payload.canonical_json(made[2].to_json()))
+    paths = []
+
+    def walk(node, trail):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                paths.append((*trail, k))
+                walk(v, (*trail, k))
+        elif isinstance(node, list):
+            for i, v in enumerate(node[:3]):
+                paths.append((*trail, i))
+                walk(v, (*trail, i))
+    walk(obj, ())
+    path = paths[path_pick % len(paths)]
+    parent = obj
+    for p in path[:-1]:
+        parent = parent[p]
+    if drop and isinstance(parent, dict):
+        del parent[path[-1]]
+    else:
+        parent[path[-1]] = value
+    with contextlib.suppress(PayloadError):
+        payload.parse_manifest_json(json.dumps(obj).encode())

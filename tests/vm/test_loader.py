@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import need_tools
+from conftest import OBELISK, need_tools
 from vmdisk import make_disk
 
 from bootloader import esp, gpt, grub, loader, slots
@@ -105,6 +105,12 @@ def test_esp_read_and_rewrite_in_place(tmp_path: Path, fat: int) -> None:
     run(["fsck.fat", "-n", espimg])
 
 
+def test_copy_in_creates_files(disk: Path) -> None:
+    esp.copy_in(disk, "EFI/obelisk/extra/note.txt", b"hello")
+    assert esp.read_file(disk, "EFI/obelisk/extra/note.txt") == b"hello"
+    assert loader.read_env(disk) is not None  # the grubenv is untouched
+
+
 def test_disk_without_loader_is_a_noop(tmp_path: Path) -> None:
     disk = make_disk(tmp_path / "plain.raw", populate=False)
     before = disk.read_bytes()
@@ -155,16 +161,19 @@ def test_stage_records_boot_data(disk: Path) -> None:
     env = env_of(disk)
     assert (env.slots["B"].hash, env.slots["B"].hashoff, env.slots["B"].version) == ("cd" * 32, 65536, "1.0.1")
     assert env.slots["A"].hash == "ab" * 32
-    with pytest.raises(ValueError, match="not hex"):
+    with pytest.raises(loader.LoaderError, match="not hex"):
         loader.stage(disk, 4, root_hash="zz", hash_offset=1, version="x")
-    with pytest.raises(ValueError, match="not a USR slot"):
+    with pytest.raises(loader.LoaderError, match="not a USR slot"):
         loader.stage(disk, 9, root_hash="ab", hash_offset=1, version="x")
 
 
 def test_corrupt_env_is_a_clear_error(disk: Path) -> None:
     grub_writes(disk, A_tries="x")
-    with pytest.raises(grub.GrubEnvError, match="A_tries"):
+    with pytest.raises(gpt.GptError, match="A_tries.*restore the ESP"):
         slots.read_slots(disk)
+    res = subprocess.run([OBELISK, "boot", "status", "--disk", str(disk)],
+                         capture_output=True, text=True)
+    assert res.returncode != 0 and res.stderr.startswith("error: ") and "Traceback" not in res.stderr
 
 
 WORKER = """

@@ -137,7 +137,11 @@ class RebootCoordinator:
                     if isinstance(exc, SlotsFull) and self.watch and hasattr(self.lock, "wait_turn"):
                         # Sleep on a watch of the semaphore instead of a back-off: retry the moment a
                         # slot frees for us. The fallback bounds the wait if an event is ever missed.
-                        woke = self.lock.wait_turn(self.holder, self.watch_fallback, should_stop, self.poll)
+                        # Jittered so the fallback re-reads of many waiters do not land together; the
+                        # step (how often should_stop is checked) is at least 0.5 s: waking only
+                        # to look costs CPU that the process's other waiters may need.
+                        woke = self.lock.wait_turn(self.holder, random.uniform(0.5, 1) * self.watch_fallback,
+                                                   should_stop, max(self.poll, 0.5))
                         if woke == "stopped":
                             self._stop_waiting()
                             self.state = "stopped"

@@ -478,6 +478,10 @@ class EtcdSemaphore:
                 self._watchers[holder] = w
         result = w.wait(timeout, should_stop, step)
         if result == "turn":
+            hub = w.hub
+            seen = hub.state(self._load_taken) if hub is not None else None
+            if seen is not None:
+                self._cached = seen
             time.sleep(random.uniform(0, 0.002))  # two waiters woken by one event should not CAS in lockstep
         return result
 

@@ -74,7 +74,7 @@ class _TimedSemaphore(EtcdSemaphore):
 
 def run_fleet(endpoints: str, group: str, hosts: int, reboot_time: float, *,
               should_stop: Callable[[], bool] = lambda: False, retry_min: float = 0.02, retry_max: float = 0.3,
-              timeout: float = 1.0, tracker: Tracker | None = None,
+              timeout: float = 1.0, tracker: Tracker | None = None, watch: bool = True, watch_fallback: float = 5.0,
               on_progress: Callable[[int], None] | None = None) -> tuple[list[HostResult], Tracker]:
     tracker = tracker or Tracker()
     results: list[HostResult] = [HostResult(f"host-{i:03d}", False) for i in range(hosts)]
@@ -85,7 +85,8 @@ def run_fleet(endpoints: str, group: str, hosts: int, reboot_time: float, *,
         res = results[i]
         sem = _TimedSemaphore(EtcdEndpoints(endpoints, timeout=timeout), group)
         coord = RebootCoordinator("etcd-lock", res.host, lock=sem, courtesy_delay=0, retry_min=retry_min,
-                                  retry_max=retry_max, poll=0.05, release_attempts=50)
+                                  retry_max=retry_max, poll=0.05, release_attempts=50, watch=watch,
+                                  watch_fallback=watch_fallback)
         start = time.monotonic()
         won = [0.0]
 

@@ -9,6 +9,12 @@ one semaphore key would make releases lose their CAS races and stall the fleet).
 advisory: the semaphore's CAS alone keeps the safety, and Airlock/Zincati hosts, which know
 nothing of it, still compete as before. The winner's CAS deletes its waiting key in the same txn.
 
+One process follows a group through one stream (GroupWatch), however many waiters it has: a real
+host has one, a FleetLock server or the fleet simulation many, and 200 threads each parsing every
+event of their own stream spent more CPU than the locking itself. The stream only tells; every
+waiter still has its own waiting key, lease and CAS, so what etcd sees of each host is unchanged.
+On each event the GroupWatch works out whose turn it is once and wakes exactly those waiters.
+
 The stream is read here, not through etcd3gw's Watcher: that one gives no sign when its stream
 dies (a member killed, a compaction), and a dead watch must be told apart from a quiet one so the
 caller falls back to polling (see RebootCoordinator.watch_fallback) and the next wait opens a new
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import copy
 import json
 import logging
 import socket
@@ -27,7 +34,7 @@ import time
 from collections.abc import Callable
 from urllib.parse import quote_plus
 
-from .semaphore import EtcdEndpoints, LockError, SemaphoreState, parse_semaphore, sem_key
+from .semaphore import EtcdEndpoints, LockError, SemaphoreState, parse_semaphore, sem_key, taken_key
 
 log = logging.getLogger("obelisk.reboot.watch")
 
@@ -51,60 +58,54 @@ def _prefix_end(prefix: str) -> str:
     return base64.b64encode(raw[:-1] + bytes([raw[-1] + 1])).decode()
 
 
-class TurnWatcher:
-    """One waiting host's view of its group: semaphore, waiting queue, and whether it is its turn."""
+_hubs: dict[tuple, GroupWatch] = {}
+_hubs_lock = threading.Lock()
 
-    def __init__(self, endpoints: EtcdEndpoints, group: str, holder: str, *, lease_ttl: int = 30) -> None:
+
+class GroupWatch:
+    """One watch stream over a group's keys: a mirror of the semaphore and the waiting queue, and
+    the local waiters to wake when their turn comes."""
+
+    def __init__(self, endpoints: EtcdEndpoints, group: str) -> None:
         self.etcd = endpoints
         self.group = group
-        self.holder = holder
-        self.lease_ttl = lease_ttl
         self.prefix = group_prefix(group)
         self.skey = sem_key(group)
-        self.wkey = waiting_key(group, holder)
         self.waiting_prefix = self.prefix + "obelisk-waiting/"
-        self._cond = threading.Condition()
-        self._sem: SemaphoreState | None = None
-        self._waiting: dict[str, int] = {}  # waiting key -> create_revision (queue order)
-        self._lease_id: int | None = None
-        self._refreshed = 0.0
-        self._response = None
-        self._closed = False
+        self.lock = threading.Lock()
+        self.sem: SemaphoreState | None = None
+        self.tkey = taken_key(group)
+        self.taken_raw: bytes | None = None  # the obelisk-taken value, for state()
+        self.waiting: dict[str, int] = {}  # waiting key -> create_revision (queue order)
+        self.local: dict[str, threading.Event] = {}  # waiting key of a waiter in this process -> its bell
         self.alive = False
         self.events = 0  # watch events seen (tests, bench)
+        self._response = None
+        self._closed = False
 
-    # -- setup ---------------------------------------------------------------------------------
+    @classmethod
+    def get(cls, endpoints: EtcdEndpoints, group: str) -> GroupWatch:
+        key = (tuple(endpoints.urls), endpoints.cafile, endpoints.certfile, endpoints.keyfile, group)
+        with _hubs_lock:
+            hub = _hubs.get(key)
+            if hub is None or (not hub.alive and not hub.local) or hub._closed:
+                hub = _hubs[key] = cls(endpoints, group)
+            return hub
 
-    def start(self) -> TurnWatcher:
-        """Join the queue, read the group's keys, open the watch. Raises LockError if etcd fails."""
-        self._register()
-        revision = self._snapshot()
-        ready = threading.Event()
-        t = threading.Thread(target=self._stream, args=(revision + 1, ready), daemon=True,
-                             name=f"obelisk-watch-{self.holder}")
-        t.start()
-        ready.wait(self.etcd.timeout)
-        return self
-
-    def _register(self) -> None:
-        def grant_and_put(c) -> int:
-            lease = c.lease(self.lease_ttl)
-            c.put(self.wkey, str(time.time()), lease=lease)
-            return lease.id
-
-        self._lease_id = self.etcd.call(grant_and_put)
-        self._refreshed = time.monotonic()
-
-    def _snapshot(self) -> int:
+    def start(self) -> None:
+        """Read the group's keys and open the stream after them. Raises LockError if etcd fails."""
         body = {"key": _b64(self.prefix), "range_end": _prefix_end(self.prefix)}
         resp = self.etcd.call(lambda c: c.post(c.get_url("/kv/range"), json=body))
-        with self._cond:
-            self._waiting.clear()
+        with self.lock:
+            self.waiting.clear()
             for kv in resp.get("kvs") or []:
-                self._apply_put(kv)
-        return int(resp["header"]["revision"])
-
-    # -- the stream ----------------------------------------------------------------------------
+                self._apply(kv, delete=False)
+        ready = threading.Event()
+        threading.Thread(target=self._stream, args=(int(resp["header"]["revision"]) + 1, ready), daemon=True,
+                         name=f"obelisk-watch-{self.group}").start()
+        ready.wait(self.etcd.timeout)
+        if not self.alive:
+            raise LockError(f"could not open a watch on {self.prefix}")
 
     def _stream(self, start_revision: int, ready: threading.Event) -> None:
         body = {"create_request": {"key": _b64(self.prefix), "range_end": _prefix_end(self.prefix),
@@ -112,7 +113,7 @@ class TurnWatcher:
         try:
             def open_stream(c):
                 # No read timeout: a quiet group sends nothing for as long as the slots stay taken;
-                # a stream that dies raises, and the waiter's own timeout bounds every wait anyway.
+                # a stream that dies raises, and every waiter's own timeout bounds its wait anyway.
                 return c.session.post(c.get_url("/watch"), json=body, stream=True, timeout=(self.etcd.timeout, None))
 
             self._response = resp = self.etcd.call(open_stream)
@@ -127,55 +128,151 @@ class TurnWatcher:
                     ready.set()
                 if result.get("canceled") or result.get("compact_revision"):
                     raise LockError(f"watch canceled by etcd: {result.get('cancel_reason') or 'compacted'}")
-                with self._cond:
-                    for ev in result.get("events") or []:
-                        self.events += 1
-                        if ev.get("type") == "DELETE":
-                            self._apply_delete(ev["kv"])
-                        else:
-                            self._apply_put(ev["kv"])
-                    self._cond.notify_all()
+                events = result.get("events") or []
+                if events:
+                    with self.lock:
+                        for ev in events:
+                            self.events += 1
+                            self._apply(ev["kv"], delete=ev.get("type") == "DELETE")
+                        self._ring()
         except Exception as exc:  # noqa: BLE001 - any end of the stream means "fall back to polling"
             if not self._closed:
                 log.info("semaphore watch for %s ended (%s): falling back to polling", self.group, exc)
         finally:
-            with self._cond:
+            with self.lock:
                 self.alive = False
-                self._cond.notify_all()
+                for bell in self.local.values():
+                    bell.set()
             ready.set()
 
-    def _apply_put(self, kv: dict) -> None:
+    def _apply(self, kv: dict, delete: bool) -> None:
         key = base64.b64decode(kv["key"]).decode(errors="replace")
         if key == self.skey:
+            if delete:
+                self.sem = None
+                return
             try:
-                self._sem = parse_semaphore(self.group, base64.b64decode(kv.get("value", "")), int(kv["mod_revision"]))
+                self.sem = parse_semaphore(self.group, base64.b64decode(kv.get("value", "")), int(kv["mod_revision"]))
             except LockError:
-                self._sem = None  # corrupt: never our turn; the fallback lock() call reports it
+                self.sem = None  # corrupt: nobody's turn; the fallback lock() call reports it
+        elif key == self.tkey:
+            self.taken_raw = None if delete else base64.b64decode(kv.get("value", ""))
         elif key.startswith(self.waiting_prefix):
-            self._waiting[key] = int(kv["create_revision"])
+            if delete:
+                self.waiting.pop(key, None)
+            else:
+                self.waiting[key] = int(kv["create_revision"])
 
-    def _apply_delete(self, kv: dict) -> None:
-        key = base64.b64decode(kv["key"]).decode(errors="replace")
-        if key == self.skey:
-            self._sem = None
-        self._waiting.pop(key, None)
+    def state(self, load_taken: Callable[[SemaphoreState, bytes], None]) -> SemaphoreState | None:
+        """The group's state as of the last event (a copy), so a woken waiter's CAS can start from
+        it instead of from a read: one round trip for the hand-over, not two or three."""
+        with self.lock:
+            if self.sem is None:
+                return None
+            state = copy.deepcopy(self.sem)
+            taken = self.taken_raw
+        if taken is not None:
+            load_taken(state, taken)
+        return state
 
-    # -- waiting -------------------------------------------------------------------------------
+    def turn(self, wkey: str) -> bool:
+        """Free slots outnumber the waiters queued ahead of `wkey` (call with self.lock held)."""
+        if self.sem is None:
+            return False
+        mine = self.waiting.get(wkey)
+        if mine is None:
+            return False  # not queued (yet): its own put event will bring it in
+        return self.sem.free > sum(1 for rev in self.waiting.values() if rev < mine)
+
+    def _ring(self) -> None:
+        """Wake the local waiters whose turn it is: the first `free` of the queue, once per event."""
+        if self.sem is None or not self.local:
+            return
+        free = self.sem.free
+        if free <= 0:
+            return
+        for wkey, _ in sorted(self.waiting.items(), key=lambda kv: kv[1])[:free]:
+            bell = self.local.get(wkey)
+            if bell is not None:
+                bell.set()
+
+    def join(self, wkey: str, bell: threading.Event) -> None:
+        with self.lock:
+            self.local[wkey] = bell
+
+    def leave(self, wkey: str) -> None:
+        with self.lock:
+            self.local.pop(wkey, None)
+            last = not self.local
+        if last:
+            self.close()
+
+    def close(self) -> None:
+        self._closed = True
+        resp = self._response
+        if resp is None:
+            return
+        try:
+            # Same trick as etcd3gw's Watcher.stop: shutting the socket down is the one way to wake
+            # a thread blocked reading a chunked response.
+            sock = socket.fromfd(resp.raw._fp.fileno(), socket.AF_INET, socket.SOCK_STREAM)
+            sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        except Exception:  # noqa: BLE001, S110 - already closed
+            pass
+        with contextlib.suppress(Exception):
+            resp.close()
+
+
+class TurnWatcher:
+    """One waiting host: its place in the queue (a leased waiting key) and its bell on the group's
+    GroupWatch."""
+
+    def __init__(self, endpoints: EtcdEndpoints, group: str, holder: str, *, lease_ttl: int = 30) -> None:
+        self.etcd = endpoints
+        self.group = group
+        self.holder = holder
+        self.lease_ttl = lease_ttl
+        self.wkey = waiting_key(group, holder)
+        self.bell = threading.Event()
+        self.hub: GroupWatch | None = None
+        self._lease_id: int | None = None
+        self._refreshed = 0.0
+
+    @property
+    def alive(self) -> bool:
+        return self.hub is not None and self.hub.alive and not self.hub._closed
+
+    def start(self) -> TurnWatcher:
+        """Join the queue and the group's watch. Raises LockError if etcd fails."""
+        hub = GroupWatch.get(self.etcd, self.group)
+        hub.join(self.wkey, self.bell)
+        self.hub = hub
+        try:
+            self._register()
+            with _hubs_lock:  # one thread opens the stream; the others find it open
+                if not hub.alive:
+                    hub.start()
+        except LockError:
+            self.close(leave_queue=True)
+            raise
+        return self
+
+    def _register(self) -> None:
+        def grant_and_put(c) -> int:
+            lease = c.lease(self.lease_ttl)
+            c.put(self.wkey, str(time.time()), lease=lease)
+            return lease.id
+
+        self._lease_id = self.etcd.call(grant_and_put)
+        self._refreshed = time.monotonic()
 
     def my_turn(self) -> bool:
-        """Free slots outnumber the waiters queued ahead of this one (caller holds no lock)."""
-        with self._cond:
-            return self._my_turn()
-
-    def _my_turn(self) -> bool:
-        sem = self._sem
-        if sem is None:
+        hub = self.hub
+        if hub is None:
             return False
-        if self.holder in sem.holders:
-            return True  # re-entrant: lock() returns at once
-        mine = self._waiting.get(self.wkey)
-        ahead = sum(1 for rev in self._waiting.values() if mine is None or rev < mine)
-        return sem.free > ahead
+        with hub.lock:
+            return hub.turn(self.wkey)
 
     def wait(self, timeout: float, should_stop: Callable[[], bool], step: float = 1.0) -> str:
         """Block until it is this host's turn ("turn"), the watch dies ("lost"), should_stop
@@ -185,15 +282,15 @@ class TurnWatcher:
             if should_stop():
                 return "stopped"
             self._keepalive()
-            with self._cond:
-                if self._my_turn():
-                    return "turn"
-                if not self.alive:
-                    return "lost"
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return "timeout"
-                self._cond.wait(min(left, step))
+            self.bell.clear()
+            if self.my_turn():
+                return "turn"
+            if not self.alive:
+                return "lost"
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return "timeout"
+            self.bell.wait(min(left, step))
 
     def _keepalive(self) -> None:
         if self._lease_id is None or time.monotonic() - self._refreshed < self.lease_ttl / 3:
@@ -208,20 +305,10 @@ class TurnWatcher:
             self._register()  # the lease lapsed (a long pause): rejoin at the back of the queue
 
     def close(self, *, leave_queue: bool = True) -> None:
-        """Stop the stream and (by default) drop out of the queue. Never raises."""
-        self._closed = True
-        resp = self._response
-        if resp is not None:
-            try:
-                # Same trick as etcd3gw's Watcher.stop: shutting the socket down is the one way to wake
-                # a thread blocked reading a chunked response.
-                sock = socket.fromfd(resp.raw._fp.fileno(), socket.AF_INET, socket.SOCK_STREAM)
-                sock.shutdown(socket.SHUT_RDWR)
-                sock.close()
-            except Exception:  # noqa: BLE001, S110 - already closed
-                pass
-            with contextlib.suppress(Exception):
-                resp.close()
+        """Leave the group's watch and (by default) the queue. Never raises."""
+        if self.hub is not None:
+            self.hub.leave(self.wkey)
+            self.hub = None
         if leave_queue and self._lease_id is not None:
             lease_id, self._lease_id = self._lease_id, None
             try:
