@@ -1,7 +1,7 @@
 """Waiting for a reboot slot without polling: a watch on the group's keys and a queue of waiters.
 
 A host that finds every slot taken registers a waiting key, `.../v1/obelisk-waiting/<id>`, bound to
-a lease (so a waiter that dies drops out of the queue after `lease_ttl`), reads the group's keys
+a lease (so a waiter that dies drops out of the queue after LEASE_TTL), reads the group's keys
 once, then follows them through one etcd watch stream. Waiters are ordered by their key's
 create_revision; a waiter tries the CAS only when the free slots outnumber the waiters ahead of it,
 so a release wakes the next host in line instead of every host at once (a herd of CAS txns on the
@@ -39,6 +39,7 @@ from .semaphore import EtcdEndpoints, LockError, SemaphoreState, parse_semaphore
 log = logging.getLogger("obelisk.reboot.watch")
 
 WAIT_PREFIX = "com.coreos.airlock/groups/{group}/v1/"
+LEASE_TTL = 30  # seconds a dead process's waiting keys stay in the queue
 
 
 def group_prefix(group: str) -> str:
@@ -82,6 +83,37 @@ class GroupWatch:
         self.events = 0  # watch events seen (tests, bench)
         self._response = None
         self._closed = False
+        # One lease per process and group for all its waiting keys: it stands for "this process
+        # is alive", which is what the queue needs to know; one keepalive serves every waiter.
+        self.lease_ttl = LEASE_TTL
+        self.lease_id: int | None = None
+        self.lease_generation = 0  # bumped when the lease is granted anew: waiters put their keys again
+        self._lease_lock = threading.Lock()
+        self._refreshed = 0.0
+
+    def lease(self) -> tuple[int, int]:
+        """The process's lease for waiting keys, granted on first use: (id, generation)."""
+        with self._lease_lock:
+            if self.lease_id is None:
+                self.lease_id = self.etcd.call(lambda c: c.lease(self.lease_ttl).id)
+                self.lease_generation += 1
+                self._refreshed = time.monotonic()
+            return self.lease_id, self.lease_generation
+
+    def keepalive(self) -> None:
+        """Refresh the lease every third of its TTL (whoever asks first); a lapsed one is dropped so
+        the next lease() grants a new one and the waiters re-put their keys."""
+        with self._lease_lock:
+            if self.lease_id is None or time.monotonic() - self._refreshed < self.lease_ttl / 3:
+                return
+            body = {"ID": self.lease_id}
+            try:
+                resp = self.etcd.call(lambda c: c.post(c.get_url("/lease/keepalive"), json=body))
+            except LockError:
+                return  # etcd trouble: the stream notices too; a lapsed lease costs only queue order
+            self._refreshed = time.monotonic()
+            if int((resp.get("result") or {}).get("TTL", 0) or 0) <= 0:
+                self.lease_id = None
 
     @classmethod
     def get(cls, endpoints: EtcdEndpoints, group: str) -> GroupWatch:
@@ -208,6 +240,9 @@ class GroupWatch:
             self.close()
 
     def close(self) -> None:
+        # The lease is not revoked: a waiter re-joining after a lost watch re-puts its key on the
+        # next hub's lease while the old one still holds it, so it keeps its place in the queue.
+        # Winners' keys went with their CAS and leavers delete theirs; the lease expires on its own.
         self._closed = True
         resp = self._response
         if resp is None:
@@ -225,19 +260,18 @@ class GroupWatch:
 
 
 class TurnWatcher:
-    """One waiting host: its place in the queue (a leased waiting key) and its bell on the group's
-    GroupWatch."""
+    """One waiting host: its place in the queue (a waiting key on its process's lease) and its bell
+    on the group's GroupWatch."""
 
-    def __init__(self, endpoints: EtcdEndpoints, group: str, holder: str, *, lease_ttl: int = 30) -> None:
+    def __init__(self, endpoints: EtcdEndpoints, group: str, holder: str) -> None:
         self.etcd = endpoints
         self.group = group
         self.holder = holder
-        self.lease_ttl = lease_ttl
         self.wkey = waiting_key(group, holder)
         self.bell = threading.Event()
         self.hub: GroupWatch | None = None
-        self._lease_id: int | None = None
-        self._refreshed = 0.0
+        self._generation = 0
+        self._queued = False
 
     @property
     def alive(self) -> bool:
@@ -254,18 +288,17 @@ class TurnWatcher:
                 if not hub.alive:
                     hub.start()
         except LockError:
-            self.close(leave_queue=True)
+            self.close()
             raise
         return self
 
     def _register(self) -> None:
-        def grant_and_put(c) -> int:
-            lease = c.lease(self.lease_ttl)
-            c.put(self.wkey, str(time.time()), lease=lease)
-            return lease.id
-
-        self._lease_id = self.etcd.call(grant_and_put)
-        self._refreshed = time.monotonic()
+        assert self.hub is not None
+        lease_id, self._generation = self.hub.lease()
+        # A put on an existing key keeps its create_revision: a waiter that re-registers keeps its place.
+        body = {"key": _b64(self.wkey), "value": _b64(str(time.time())), "lease": lease_id}
+        self.etcd.call(lambda c: c.post(c.get_url("/kv/put"), json=body))
+        self._queued = True
 
     def my_turn(self) -> bool:
         hub = self.hub
@@ -293,26 +326,22 @@ class TurnWatcher:
             self.bell.wait(min(left, step))
 
     def _keepalive(self) -> None:
-        if self._lease_id is None or time.monotonic() - self._refreshed < self.lease_ttl / 3:
+        hub = self.hub
+        if hub is None:
             return
-        body = {"ID": self._lease_id}
-        try:
-            resp = self.etcd.call(lambda c: c.post(c.get_url("/lease/keepalive"), json=body))
-        except LockError:
-            return  # etcd trouble: the stream notices too; the lease may lapse, which costs only queue order
-        self._refreshed = time.monotonic()
-        if int((resp.get("result") or {}).get("TTL", 0) or 0) <= 0:
-            self._register()  # the lease lapsed (a long pause): rejoin at the back of the queue
+        hub.keepalive()
+        if hub.lease_id is None or hub.lease_generation != self._generation:
+            with contextlib.suppress(LockError):  # etcd trouble: the stream reports it
+                self._register()  # the lease lapsed (a long pause): back into the queue
 
     def close(self, *, leave_queue: bool = True) -> None:
         """Leave the group's watch and (by default) the queue. Never raises."""
+        if leave_queue and self._queued:
+            self._queued = False
+            try:
+                self.etcd.call(lambda c: c.delete(self.wkey))
+            except LockError as exc:
+                log.info("could not leave the reboot queue (the key expires with its lease): %s", exc)
         if self.hub is not None:
             self.hub.leave(self.wkey)
             self.hub = None
-        if leave_queue and self._lease_id is not None:
-            lease_id, self._lease_id = self._lease_id, None
-            try:
-                # Revoking the lease deletes the waiting key with it.
-                self.etcd.call(lambda c: c.post(c.get_url("/kv/lease/revoke"), json={"ID": lease_id}))
-            except LockError as exc:
-                log.info("could not leave the reboot queue (the key expires with its lease): %s", exc)
