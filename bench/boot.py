@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench boot                              # builds images/base.toml, all scenarios
     .venv/bin/python -m bench boot --release out/base/0.1.0 --scenario boot --scenario update
-    .venv/bin/python -m bench boot --definition images/tiny.toml
+    .venv/bin/python -m bench boot --definition images/tiny.toml --cache ~/.cache/obelisk
 
 The baseline boots the same slot's kernel and initramfs straight from QEMU (``-kernel/-initrd``,
 no OVMF, no GRUB) on a copy of the same disk, to the same "marked good" marker; the ratio is the
@@ -62,12 +62,14 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--release", type=Path, help="an existing release folder (default: build --definition)")
     ap.add_argument("--scenario", action="append", choices=list(scenarios.SCENARIOS))
     ap.add_argument("--boot-timeout", type=float, default=600.0)
+    ap.add_argument("--cache", type=Path, help="stage cache for the builds (default: the builder's)")
     args = ap.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="obelisk-bench-boot-"))
     release = args.release
     if release is None:
         t0 = time.monotonic()
-        release = scenarios.build_release(args.definition, tmp / "out", _version(args.definition), None, print)
+        release = scenarios.build_release(args.definition, tmp / "out", _version(args.definition), None, print,
+                                          args.cache)
         print(f"built {release} in {time.monotonic() - t0:.1f}s")
     work = release / "test"
     work.mkdir(exist_ok=True)
@@ -79,14 +81,14 @@ def main(argv: list[str]) -> None:
     def next_release() -> Path:
         if "next" not in built:
             built["next"] = scenarios.build_release(args.definition, work / "releases/next",
-                                                    scenarios.bump_version(meta["version"]), None, print)
+                                                    scenarios.bump_version(meta["version"]), None, print, args.cache)
         return built["next"]
 
     def broken_release() -> Path:
         if "broken" not in built:
             d = scenarios.broken_definition(args.definition, work / "broken-def")
             built["broken"] = scenarios.build_release(d, work / "releases/broken",
-                                                      scenarios.bump_version(meta["version"]), None, print)
+                                                      scenarios.bump_version(meta["version"]), None, print, args.cache)
         return built["broken"]
 
     ctx = scenarios.Context(release=release, work=work, boot_timeout=args.boot_timeout, next_release=next_release,

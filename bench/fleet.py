@@ -100,7 +100,7 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--slots", type=int, default=5)
     ap.add_argument("--reboot", type=float, default=0.2, help="seconds each simulated reboot takes")
     ap.add_argument("--retry-max", type=float, default=2.0, help="longest back-off between lock attempts (polling)")
-    ap.add_argument("--watch-fallback", type=float, default=5.0, help="longest wait on the watch before a re-read")
+    ap.add_argument("--watch-fallback", type=float, default=10.0, help="longest wait on the watch before a re-read")
     ap.add_argument("--cycles", type=int, default=200, help="lock+unlock cycles for the round-trip figure")
     ap.add_argument("--no-baseline", action="store_true", help="skip the polling fleet (halves the run time)")
     args = ap.parse_args(argv)

@@ -149,8 +149,11 @@ class HttpStream:
         self.rate_bytes = 0
 
     def read(self, n: int) -> bytes:
+        # Through the same http.client response as readinto: mixing urllib3's read() with reads behind its back
+        # made urllib3 count those bytes as missing and raise IncompleteRead at the end (a spurious retry).
+        fp = getattr(self.resp.raw, "_fp", None)
         try:
-            data = self.resp.raw.read(n, decode_content=False)
+            data = fp.read(n) if fp is not None else self.resp.raw.read(n, decode_content=False)
         except Exception as exc:  # urllib3 raises several kinds (timeouts, protocol errors)
             raise TransferFailed(f"download failed: {_reason(exc)}") from None
         self._account(len(data))
@@ -421,17 +424,18 @@ class Applier:
                 first.close()
             raise
         try:
-            whole = hashlib.sha256(m.raw)
+            # The whole-payload SHA-256 is only worth its pass over the data when the server announced one.
+            want = self.policy.expected_sha256
+            whole = hashlib.sha256(m.raw) if want else None
             # Resuming: the payload's prefix is the manifest plus what is on the slot already, and each of
-            # those chunks is re-checked against the signed manifest before it is trusted.
+            # those chunks is re-read and re-checked against the signed manifest before it is trusted.
             if not self._rehash_written(fd, slot_off, m, done, whole):
-                done, whole = 0, hashlib.sha256(m.raw)  # the partial slot changed: start the data over
+                done, whole = 0, (hashlib.sha256(m.raw) if want else None)  # the slot changed: start over
             self._stream(src, first, fd, slot_off, slot_len, m, identity, index, done, whole)
-            if self.policy.expected_sha256 and whole.hexdigest() != self.policy.expected_sha256.lower():
+            self._phase("verifying")
+            if want and (whole is None or whole.hexdigest() != want.lower()):
                 raise ApplyError("payload SHA-256 differs from the one the update server announced",
                                  omaha.ERR_PAYLOAD_HASH)
-            self._phase("verifying")
-            self._verify_slot(fd, slot_off, m)
         finally:
             os.close(fd)
         self._phase("finalizing")
@@ -458,7 +462,7 @@ class Applier:
         # Only whole chunks count, so every resumed byte has a signed hash to check against.
         return min(p.data_done - p.data_done % m.chunk_size, m.data_size)
 
-    def _rehash_written(self, fd: int, slot_off: int, m: Manifest, done: int, whole: hashlib._Hash) -> bool:
+    def _rehash_written(self, fd: int, slot_off: int, m: Manifest, done: int, whole: hashlib._Hash | None) -> bool:
         """Feed what a previous run wrote into the payload hash; False if it no longer matches the manifest."""
         op = m.operations[0]
         pos = 0
@@ -468,99 +472,143 @@ class Applier:
             if len(data) != n or hashlib.sha256(data).hexdigest() != op.chunk_sha256[pos // m.chunk_size]:
                 log.warning("the partly written slot changed since the last run: downloading it all again")
                 return False
-            whole.update(data)
+            if whole is not None:
+                whole.update(data)
             pos += n
         if self.on_progress:
             self.on_progress("downloading", done, m.data_size)
         return True
 
     def _stream(self, src: Source, first: Stream | None, fd: int, slot_off: int, slot_len: int, m: Manifest,
-                identity: str, index: int, done: int, whole: hashlib._Hash) -> None:
-        """Two stages: a reader thread fetches whole chunks (and feeds the payload hash); this thread checks
-        each chunk's signed hash, writes it and checkpoints. hashlib, recv and pwrite drop the GIL, so the
-        stages overlap; at most QUEUE_DEPTH + 2 chunks are in memory."""
+                identity: str, index: int, done: int, whole: hashlib._Hash | None) -> None:
+        """A pipeline of three threads over a fixed pool of chunk buffers (memory stays flat whatever the size):
+
+        reader:  socket → buffer (``readinto``, no copies), stops at the announced size;
+        this:    chunk SHA-256 against the signed manifest → ``pwrite`` into the slot → read the chunk back from
+                 the slot into a reused buffer and compare it byte for byte with the verified one → checkpoint;
+        digest:  the whole-payload SHA-256 for the Omaha check, in order, over the chunks already written.
+
+        hashlib (for buffers over 2 KiB), recv, pwrite and pread release the GIL, so the two SHA-256 passes and
+        the I/O overlap instead of adding up. The read-back replaces a third SHA-256 pass over the written slot:
+        comparing with the verified bytes still in memory is as strong (every byte the slot returns equals a
+        signed byte at its offset) and costs a memcmp. A retry restarts at a chunk boundary."""
         op = m.operations[0]
         total = m.data_size
         attempt = 0
         last_checkpoint = done
-        while done < total or first is not None:
-            stream = first if first is not None else self._open_retrying(src, m.data_offset + done)
-            first = None
-            q: queue.Queue = queue.Queue(maxsize=QUEUE_DEPTH)
-            free: queue.Queue = queue.Queue()
-            for _ in range(QUEUE_DEPTH + 1):  # a fixed pool: memory stays flat whatever the payload size
-                free.put(bytearray(m.chunk_size))
-            halt = threading.Event()
-            reader = threading.Thread(target=_reader, args=(stream, m, done, whole, q, free, halt), daemon=True,
-                                      name="payload-reader")
-            reader.start()
-            try:
-                while True:
-                    if self.should_stop():
-                        raise Stopped()
-                    item = q.get()
-                    if item is _END:
-                        break
-                    if isinstance(item, BaseException):
-                        raise item
-                    buf, n = item
-                    item = memoryview(buf)[:n]
-                    if hashlib.sha256(item).hexdigest() != op.chunk_sha256[done // m.chunk_size]:
-                        raise ApplyError(f"payload data chunk {done // m.chunk_size} does not match its signed "
-                                         "hash: the payload is corrupt", omaha.ERR_PAYLOAD_HASH)
-                    dst = op.dst.offset + done
-                    if dst + n > slot_len:  # the manifest was checked; this is the last line of defence
-                        raise ApplyError("write would leave the passive slot", omaha.ERR_POSTINSTALL)
-                    _pwrite_all(fd, item, slot_off + dst)
-                    item.release()
-                    free.put(buf)
-                    done += n
-                    attempt = 0
-                    if self.state_dir is not None and (done - last_checkpoint >= self.transfer.checkpoint_bytes
-                                                       or done == total):
-                        os.fdatasync(fd)  # progress must never claim bytes that are not on the disk
-                        Progress(identity, str(self.disk), index, done).save(self.state_dir)
-                        last_checkpoint = done
-                    if self.on_progress:
-                        self.on_progress("downloading", done, total)
-            except TransferFailed:
-                if not src.is_url or attempt >= self.transfer.retries:
-                    raise
-                attempt += 1
-                self._sleep(self.transfer.retry_delay)
-            finally:
-                halt.set()
-                stream.close()
-                with contextlib.suppress(queue.Empty):
-                    while True:  # unblock a reader waiting to put
-                        q.get_nowait()
-                reader.join(timeout=10)
-        os.fdatasync(fd)
-
-    def _verify_slot(self, fd: int, slot_off: int, m: Manifest) -> None:
-        h = hashlib.sha256()
-        buf = bytearray(4 << 20)
-        pos = 0
-        while pos < m.target_size:
-            view = memoryview(buf)[: min(len(buf), m.target_size - pos)]
-            got = os.preadv(fd, [view], slot_off + pos)
-            if not got:
-                break
-            h.update(view[:got])
-            pos += got
-            if self.on_progress:
-                self.on_progress("verifying", pos, m.target_size)
-        if h.hexdigest() != m.target_sha256:
-            raise ApplyError("the written slot does not read back as the manifest's target SHA-256: "
-                             "check the disk", omaha.ERR_NEW_ROOTFS_VERIFICATION)
+        back = bytearray(m.chunk_size)
+        digest = _Digest(whole) if whole is not None else None
+        try:
+            while done < total or first is not None:
+                stream = first if first is not None else self._open_retrying(src, m.data_offset + done)
+                first = None
+                q: queue.Queue = queue.Queue(maxsize=QUEUE_DEPTH)
+                pool: queue.Queue = queue.Queue()
+                for _ in range(POOL_SIZE):
+                    pool.put(bytearray(m.chunk_size))
+                halt = threading.Event()
+                reader = threading.Thread(target=_reader, args=(stream, m, done, q, pool, halt), daemon=True,
+                                          name="payload-reader")
+                reader.start()
+                try:
+                    while True:
+                        if self.should_stop():
+                            raise Stopped()
+                        item = q.get()
+                        if item is _END:
+                            break
+                        if isinstance(item, BaseException):
+                            raise item
+                        buf, n = item
+                        k = done // m.chunk_size
+                        with memoryview(buf) as mv, mv[:n] as view:
+                            if hashlib.sha256(view).hexdigest() != op.chunk_sha256[k]:
+                                raise ApplyError(f"payload data chunk {k} does not match its signed hash: the "
+                                                 "payload is corrupt", omaha.ERR_PAYLOAD_HASH)
+                            dst = op.dst.offset + done
+                            if dst + n > slot_len:  # the manifest was checked; this is the last line of defence
+                                raise ApplyError("write would leave the passive slot", omaha.ERR_POSTINSTALL)
+                            _pwrite_all(fd, view, slot_off + dst)
+                            _read_back(fd, buf, n, back, slot_off + dst, k)
+                        if digest is not None:
+                            digest.feed(buf, n, pool)
+                        else:
+                            pool.put(buf)
+                        done += n
+                        attempt = 0
+                        if self.state_dir is not None and (done - last_checkpoint >= self.transfer.checkpoint_bytes
+                                                           or done == total):
+                            os.fdatasync(fd)  # progress must never claim bytes that are not on the disk
+                            Progress(identity, str(self.disk), index, done).save(self.state_dir)
+                            last_checkpoint = done
+                        if self.on_progress:
+                            self.on_progress("downloading", done, total)
+                except TransferFailed:
+                    if not src.is_url or attempt >= self.transfer.retries:
+                        raise
+                    attempt += 1
+                    self._sleep(self.transfer.retry_delay)
+                finally:
+                    halt.set()
+                    stream.close()
+                    with contextlib.suppress(queue.Empty):
+                        while True:  # unblock a reader waiting to put
+                            q.get_nowait()
+                    reader.join(timeout=10)
+            os.fdatasync(fd)
+        finally:
+            if digest is not None:
+                digest.close()  # waits for the chunks already fed: ``whole`` then covers exactly the written data
+        if done != total:  # every data byte went through the check, the write and the read-back
+            raise ApplyError(f"only {done} of {total} data bytes were written", omaha.ERR_DOWNLOAD_TRANSFER)
 
 
 _END = object()
-QUEUE_DEPTH = 2
+QUEUE_DEPTH = 2  # chunks fetched ahead of the writer
+POOL_SIZE = QUEUE_DEPTH + 4  # + one being read, one being written, two waiting for the digest: 24 MiB at 4 MiB
 
 
-def _reader(stream: Stream, m: Manifest, done: int, whole: hashlib._Hash, q: queue.Queue, free: queue.Queue,
-            halt: threading.Event) -> None:
+class _Digest:
+    """The whole-payload SHA-256 in its own thread, fed written chunks in order; each buffer goes back to its pool."""
+
+    def __init__(self, h: hashlib._Hash) -> None:
+        self.h = h
+        self.q: queue.Queue = queue.Queue()  # bounded by the pools: a buffer is fed only after the reader filled it
+        self.thread = threading.Thread(target=self._run, daemon=True, name="payload-digest")
+        self.thread.start()
+
+    def feed(self, buf: bytearray, n: int, pool: queue.Queue) -> None:
+        self.q.put((buf, n, pool))
+
+    def _run(self) -> None:
+        while (item := self.q.get()) is not None:
+            buf, n, pool = item
+            with memoryview(buf) as mv, mv[:n] as view:
+                self.h.update(view)
+            pool.put(buf)
+
+    def close(self) -> None:
+        self.q.put(None)
+        self.thread.join()
+
+
+def _read_back(fd: int, buf: bytearray, n: int, back: bytearray, offset: int, k: int) -> None:
+    """Read the chunk just written back from the slot and compare it with the verified bytes."""
+    with memoryview(back) as mv, mv[:n] as view:
+        got = 0
+        while got < n:
+            r = os.preadv(fd, [view[got:]], offset + got)
+            if not r:
+                break
+            got += r
+        # bytearray == memoryview is a memcmp; memoryview == memoryview would compare item by item.
+        same = got == n and (buf if n == len(buf) else bytearray(buf[:n])) == view
+    if not same:
+        raise ApplyError(f"chunk {k} does not read back from the slot as written: check the disk",
+                         omaha.ERR_NEW_ROOTFS_VERIFICATION)
+
+
+def _reader(stream: Stream, m: Manifest, done: int, q: queue.Queue, pool: queue.Queue, halt: threading.Event) -> None:
     """Fetch chunks from ``done`` to the end of the data; hand each (or the error) to the writer."""
 
     def put(item: object) -> bool:
@@ -579,20 +627,18 @@ def _reader(stream: Stream, m: Manifest, done: int, whole: hashlib._Hash, q: que
             buf = None
             while buf is None and not halt.is_set():
                 with contextlib.suppress(queue.Empty):
-                    buf = free.get(timeout=0.2)
+                    buf = pool.get(timeout=0.2)
             if buf is None:
                 return
-            view = memoryview(buf)[:n]
             got = 0
-            while got < n:
-                k = stream.readinto(view[got:])
-                if not k:
-                    break
-                got += k
+            with memoryview(buf) as mv, mv[:n] as view:
+                while got < n:
+                    k = stream.readinto(view[got:])
+                    if not k:
+                        break
+                    got += k
             if got < n:
                 raise TransferFailed(f"payload ended early: {m.data_offset + done + got} of {m.payload_size} bytes")
-            whole.update(view)  # in order, whole chunks only: a retry restarts at a chunk boundary
-            view.release()
             if not put((buf, n)):
                 return
             done += n

@@ -145,3 +145,21 @@ def test_deaf_watch_is_bounded_by_the_fallback_poll(etcd1, group, monkeypatch) -
     a.unlock("host-a")
     t.join(LONG)
     assert out == [True] and rebooted.is_set()
+
+
+def test_a_newcomer_queues_behind_waiting_hosts_instead_of_racing_them(etcd1, group) -> None:
+    a = sem_for(etcd1, group)
+    a.lock("host-a")
+    b = EtcdSemaphore(EtcdEndpoints(etcd1.endpoints), group, queue=True)
+    tb, out_b = in_background(lambda: b.wait_turn("host-b", LONG, lambda: False))
+    until(lambda: queued(b, "host-b"), "host-b joins the queue")
+    a.unlock("host-a")
+    tb.join(LONG)
+    assert out_b == ["turn"]
+    newcomer = EtcdSemaphore(EtcdEndpoints(etcd1.endpoints), group, queue=True)
+    with pytest.raises(SlotsFull, match="1 free slot.* 1 host.* queued"):
+        newcomer.lock("host-new")  # the free slot is host-b's turn
+    assert newcomer.read().to_json(a.clock(), None)["queued"] == 1
+    # The FleetLock server and the CLI (queue=False) are not in the queue and do not defer to it.
+    assert EtcdSemaphore(EtcdEndpoints(etcd1.endpoints), group).lock("zincati-host").holders == ["zincati-host"]
+    b.stop_waiting("host-b")

@@ -8,6 +8,7 @@ the terminal (past pytest's capture) so CI logs show them.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -29,20 +30,26 @@ def _say(line: str) -> None:
 def ctx(tmp_path_factory: pytest.TempPathFactory) -> scenarios.Context:
     need_tools("qemu-system-x86_64", "qemu-img", "mksquashfs", "veritysetup", "mcopy", "grub-mkimage", "unsquashfs")
     out = tmp_path_factory.mktemp("vm-releases")
-    release = scenarios.build_release(TINY, out / "base", "0.1.0", None, _say)
+    # One signing key and one stage cache for all three builds (module scope runs outside the
+    # per-test XDG isolation, so nothing may depend on the environment's defaults).
+    keydir = out / "key"
+    subprocess.run([OBELISK, "key", "generate", str(keydir)], check=True, capture_output=True)
+    key = keydir / "obelisk.key"
+    cache = Path(os.environ.get("OBELISK_TEST_CACHE") or out / "cache")
+    release = scenarios.build_release(TINY, out / "base", "0.1.0", key, _say, cache)
     work = release / "test"
     work.mkdir()
     built: dict[str, Path] = {}
 
     def next_release() -> Path:
         if "next" not in built:
-            built["next"] = scenarios.build_release(TINY, work / "releases/next", "0.1.1", None, _say)
+            built["next"] = scenarios.build_release(TINY, work / "releases/next", "0.1.1", key, _say, cache)
         return built["next"]
 
     def broken_release() -> Path:
         if "broken" not in built:
             d = scenarios.broken_definition(TINY, work / "broken-def")
-            built["broken"] = scenarios.build_release(d, work / "releases/broken", "0.1.1", None, _say)
+            built["broken"] = scenarios.build_release(d, work / "releases/broken", "0.1.1", key, _say, cache)
         return built["broken"]
 
     return scenarios.Context(release=release, work=work, boot_timeout=300.0, next_release=next_release,

@@ -256,7 +256,7 @@ def coordinator_from_config(update_conf: Any, lock_conf: LockConfig | None, *,
         if not conf.endpoint:
             raise StrategyError("REBOOT_STRATEGY=etcd-lock needs ENDPOINT (etcd URLs) in lock.conf")
         endpoints = EtcdEndpoints(conf.endpoint, cafile=conf.cafile, certfile=conf.certfile, keyfile=conf.keyfile)
-        backend = EtcdSemaphore(endpoints, conf.group, stale_after=conf.stale_after)
+        backend = EtcdSemaphore(endpoints, conf.group, stale_after=conf.stale_after, queue=True)
     else:
         if not conf.fleetlock_url:
             raise StrategyError("REBOOT_STRATEGY=fleetlock needs FLEETLOCK_URL in lock.conf")

@@ -104,6 +104,7 @@ class SemaphoreState:
     reclaims: list[dict[str, Any]] = field(default_factory=list)
     mod_revision: int = 0
     extra: dict[str, Any] = field(default_factory=dict)  # fields we do not know: kept as they are
+    queued: int = 0  # obelisk hosts waiting in the group's queue (watch.py); never written back
 
     @property
     def free(self) -> int:
@@ -130,7 +131,7 @@ class SemaphoreState:
             })
         return {"group": self.group, "key": sem_key(self.group), "initialized": self.exists,
                 "total_slots": self.total_slots, "available": self.free, "holders": holders,
-                "reclaims": self.reclaims, "mod_revision": self.mod_revision}
+                "reclaims": self.reclaims, "mod_revision": self.mod_revision, "queued": self.queued}
 
 
 def parse_semaphore(group: str, raw: bytes, mod_revision: int) -> SemaphoreState:
@@ -250,9 +251,14 @@ class EtcdSemaphore:
 
     def __init__(self, endpoints: EtcdEndpoints, group: str = "default", *,
                  stale_after: timedelta | None = None, default_slots: int = 1,
-                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC), queue: bool = False) -> None:
         self.etcd = endpoints
         self.group = group
+        # queue: a host's first lock attempt defers to hosts already queued (watch.py) when they
+        # could take every free slot: it joins the queue instead of racing them for the slot, so a
+        # fleet starting at once does not pile CAS txns on the one key. Off for the FleetLock
+        # server and the CLI, whose callers (Zincati, an operator) are not in the queue.
+        self.queue = queue
         self.stale_after = stale_after
         self.default_slots = default_slots
         self.clock = clock
@@ -265,7 +271,11 @@ class EtcdSemaphore:
     # -- reading -------------------------------------------------------------------------------
 
     def _range_ops(self) -> list[dict[str, Any]]:
-        return [{"request_range": {"key": _b64(self.key)}}, {"request_range": {"key": _b64(self.tkey)}}]
+        from .watch import waiting_prefix_range
+
+        wkey, wend = waiting_prefix_range(self.group)
+        return [{"request_range": {"key": _b64(self.key)}}, {"request_range": {"key": _b64(self.tkey)}},
+                {"request_range": {"key": wkey, "range_end": wend, "count_only": True}}]
 
     def read(self) -> SemaphoreState:
         resp = self.etcd.call(lambda c: c.transaction({"compare": [], "success": self._range_ops(), "failure": []}))
@@ -273,7 +283,7 @@ class EtcdSemaphore:
 
     def _parse_ranges(self, resp: dict[str, Any]) -> SemaphoreState:
         responses = resp.get("responses") or []
-        if len(responses) != 2:
+        if len(responses) != 3:
             raise LockError(f"unexpected answer from etcd for {self.key}: {str(resp)[:200]}")
         sem_kvs = responses[0].get("response_range", {}).get("kvs") or []
         taken_kvs = responses[1].get("response_range", {}).get("kvs") or []
@@ -284,6 +294,7 @@ class EtcdSemaphore:
             state = parse_semaphore(self.group, base64.b64decode(kv.get("value", "")), int(kv["mod_revision"]))
         if taken_kvs:
             self._load_taken(state, base64.b64decode(taken_kvs[0].get("value", "")))
+        state.queued = int(responses[2].get("response_range", {}).get("count") or 0)
         self._cached = state
         return state
 
@@ -388,6 +399,11 @@ class EtcdSemaphore:
             self._stamp(s, now)
             new = SemaphoreState(s.group, True, s.total_slots, list(s.holders), dict(s.taken), list(s.reclaims),
                                  s.mod_revision, dict(s.extra))
+            if self.queue and s.queued and new.free <= s.queued and not self._in_queue(holder):
+                # Hosts queued before us could take every free slot: join the queue behind them.
+                full.append(f"{new.free} free slot(s) of group '{self.group}' and {s.queued} host(s) "
+                            "queued for them")
+                return None
             if len(new.holders) >= new.total_slots:
                 victim = self._stale_victim(new, now)
                 if victim is None:
@@ -468,7 +484,9 @@ class EtcdSemaphore:
             w = self._watchers.get(holder)
         if w is None or not w.alive:
             if w is not None:
-                w.close(leave_queue=False)
+                w.close(leave_queue=False)  # keep the key: the new watcher re-puts it and keeps its place
+                with self._watch_lock:
+                    self._watchers.pop(holder, None)
             try:
                 w = TurnWatcher(self.etcd, self.group, holder).start()
             except LockError as exc:
@@ -484,6 +502,10 @@ class EtcdSemaphore:
                 self._cached = seen
             time.sleep(random.uniform(0, 0.002))  # two waiters woken by one event should not CAS in lockstep
         return result
+
+    def _in_queue(self, holder: str) -> bool:
+        with self._watch_lock:
+            return holder in self._watchers
 
     def stop_waiting(self, holder: str, *, won: bool = False) -> None:
         """Close the watch and leave the waiting queue (after winning, giving up or stopping).

@@ -83,7 +83,7 @@ def run_fleet(endpoints: str, group: str, hosts: int, reboot_time: float, *,
 
     def host(i: int) -> None:
         res = results[i]
-        sem = _TimedSemaphore(EtcdEndpoints(endpoints, timeout=timeout), group)
+        sem = _TimedSemaphore(EtcdEndpoints(endpoints, timeout=timeout), group, queue=watch)
         coord = RebootCoordinator("etcd-lock", res.host, lock=sem, courtesy_delay=0, retry_min=retry_min,
                                   retry_max=retry_max, poll=0.05, release_attempts=50, watch=watch,
                                   watch_fallback=watch_fallback)

@@ -1,7 +1,7 @@
 """Waiting for a reboot slot without polling: a watch on the group's keys and a queue of waiters.
 
 A host that finds every slot taken registers a waiting key, `.../v1/obelisk-waiting/<id>`, bound to
-a lease (so a waiter that dies drops out of the queue after LEASE_TTL), reads the group's keys
+its process's lease (so a waiter that dies drops out of the queue after LEASE_TTL), reads the group's keys
 once, then follows them through one etcd watch stream. Waiters are ordered by their key's
 create_revision; a waiter tries the CAS only when the free slots outnumber the waiters ahead of it,
 so a release wakes the next host in line instead of every host at once (a herd of CAS txns on the
@@ -12,7 +12,8 @@ nothing of it, still compete as before. The winner's CAS deletes its waiting key
 One process follows a group through one stream (GroupWatch), however many waiters it has: a real
 host has one, a FleetLock server or the fleet simulation many, and 200 threads each parsing every
 event of their own stream spent more CPU than the locking itself. The stream only tells; every
-waiter still has its own waiting key, lease and CAS, so what etcd sees of each host is unchanged.
+waiter still has its own waiting key and CAS, so what etcd sees of each host is unchanged (the
+lease, "this process is alive", is one per process: one keepalive serves all its waiters).
 On each event the GroupWatch works out whose turn it is once and wakes exactly those waiters.
 
 The stream is read here, not through etcd3gw's Watcher: that one gives no sign when its stream
@@ -48,6 +49,12 @@ def group_prefix(group: str) -> str:
 
 def waiting_key(group: str, holder: str) -> str:
     return group_prefix(group) + "obelisk-waiting/" + quote_plus(holder, safe="")
+
+
+def waiting_prefix_range(group: str) -> tuple[str, str]:
+    """(key, range_end) of the group's waiting keys, base64 as the gateway wants them."""
+    prefix = group_prefix(group) + "obelisk-waiting/"
+    return _b64(prefix), _prefix_end(prefix)
 
 
 def _b64(s: str) -> str:
