@@ -43,17 +43,23 @@ def direct_boot(release: Path, work: Path, timeout: float) -> float:
             "-append", cmdline, "-drive", f"file={disk},format=raw,if=virtio"]
     t0 = time.monotonic()
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    tail: list[bytes] = []
     try:
         assert proc.stdout is not None
-        for raw in proc.stdout:
-            if qemu.GOOD.encode() in raw:
-                return time.monotonic() - t0
-            if time.monotonic() - t0 > timeout:
-                break
+        with open(boot / "console.log", "wb") as log:
+            for raw in proc.stdout:
+                log.write(raw)
+                tail = (tail + [raw])[-5:]
+                if qemu.GOOD.encode() in raw:
+                    return time.monotonic() - t0
+                if time.monotonic() - t0 > timeout:
+                    break
     finally:
         proc.kill()
         proc.wait()
-    raise RuntimeError(f"direct-kernel boot of {release} did not reach {qemu.GOOD} within {timeout:.0f}s")
+    last = b" | ".join(t.strip() for t in tail).decode(errors="replace")[-300:]
+    raise RuntimeError(f"direct-kernel boot of {release} did not reach {qemu.GOOD} within {timeout:.0f}s "
+                       f"(qemu exit {proc.returncode}; last output: {last})")
 
 
 def main(argv: list[str]) -> None:

@@ -5,10 +5,11 @@ Order (Flatcar's, with the manifest checked before any write, as Android's paylo
    arch, newer version, sizes agree with the Omaha response, target fits the slot);
 2. mark the passive slot unbootable (P=0 T=0 S=0) so a half-written slot can never boot;
 3. stream each chunk, check its SHA-256 *before* writing it, write it inside the passive slot's
-   extent only, hash the whole payload as it goes; read no byte past the announced size;
+   extent only, read it back from the slot and compare it with the verified bytes, hash the whole
+   payload as it goes (three threads, see ``_stream``); read no byte past the announced size;
 4. checkpoint (fdatasync, then an atomic progress file) so a kill resumes with HTTP Range;
-5. whole payload: size and SHA-256 against the Omaha response; then re-read the slot and compare
-   with the manifest's target SHA-256;
+5. whole payload: size and SHA-256 against the Omaha response; every data byte was read back and
+   matched (the chunk digests cover exactly the manifest's target, docs/payload.md);
 6. postinstall: boot data via ``bootloader.loader.stage``, then ``slots.stage_trial`` (S=0 T=1,
    prioritized). The previous version is recorded by the caller (the daemon's state).
 Nothing is ever written outside the passive slot's extent, and never to the running slot.
@@ -17,6 +18,8 @@ Nothing is ever written outside the passive slot's extent, and never to the runn
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import hashlib
 import json
 import logging
@@ -484,20 +487,21 @@ class Applier:
         """A pipeline of three threads over a fixed pool of chunk buffers (memory stays flat whatever the size):
 
         reader:  socket → buffer (``readinto``, no copies), stops at the announced size;
-        this:    chunk SHA-256 against the signed manifest → ``pwrite`` into the slot → read the chunk back from
-                 the slot into a reused buffer and compare it byte for byte with the verified one → checkpoint;
-        digest:  the whole-payload SHA-256 for the Omaha check, in order, over the chunks already written.
+        this:    chunk SHA-256 against the signed manifest → ``pwrite`` into the slot → checkpoint;
+        check:   read each written chunk back from the slot into a reused buffer and compare it byte for byte with
+                 the verified one still in memory; then feed it to the whole-payload SHA-256 (Omaha check).
 
         hashlib (for buffers over 2 KiB), recv, pwrite and pread release the GIL, so the two SHA-256 passes and
-        the I/O overlap instead of adding up. The read-back replaces a third SHA-256 pass over the written slot:
-        comparing with the verified bytes still in memory is as strong (every byte the slot returns equals a
-        signed byte at its offset) and costs a memcmp. A retry restarts at a chunk boundary."""
+        the I/O overlap on both cores instead of adding up. The read-back replaces a third SHA-256 pass over the
+        written slot: comparing with the verified bytes is as strong (every byte the slot returns equals a signed
+        byte at its offset; every chunk is read back, checked before the apply can succeed) and costs a memcmp.
+        A retry restarts at a chunk boundary."""
         op = m.operations[0]
         total = m.data_size
         attempt = 0
         last_checkpoint = done
-        back = bytearray(m.chunk_size)
-        digest = _Digest(whole) if whole is not None else None
+        start = done  # what a previous run wrote was re-read and checked by _rehash_written
+        check = _Check(fd, slot_off + op.dst.offset, m.chunk_size, whole)
         try:
             while done < total or first is not None:
                 stream = first if first is not None else self._open_retrying(src, m.data_offset + done)
@@ -514,6 +518,7 @@ class Applier:
                     while True:
                         if self.should_stop():
                             raise Stopped()
+                        check.raise_failure()
                         item = q.get()
                         if item is _END:
                             break
@@ -529,11 +534,7 @@ class Applier:
                             if dst + n > slot_len:  # the manifest was checked; this is the last line of defence
                                 raise ApplyError("write would leave the passive slot", omaha.ERR_POSTINSTALL)
                             _pwrite_all(fd, view, slot_off + dst)
-                            _read_back(fd, buf, n, back, slot_off + dst, k)
-                        if digest is not None:
-                            digest.feed(buf, n, pool)
-                        else:
-                            pool.put(buf)
+                        check.feed(buf, done, n, pool)
                         done += n
                         attempt = 0
                         if self.state_dir is not None and (done - last_checkpoint >= self.transfer.checkpoint_bytes
@@ -557,10 +558,11 @@ class Applier:
                     reader.join(timeout=10)
             os.fdatasync(fd)
         finally:
-            if digest is not None:
-                digest.close()  # waits for the chunks already fed: ``whole`` then covers exactly the written data
-        if done != total:  # every data byte went through the check, the write and the read-back
-            raise ApplyError(f"only {done} of {total} data bytes were written", omaha.ERR_DOWNLOAD_TRANSFER)
+            check.close()  # waits for the chunks already fed: ``whole`` then covers exactly the written data
+        check.raise_failure()
+        if done != total or check.checked != total - start:  # every byte written was read back and matched
+            raise ApplyError(f"only {check.checked} of {total} data bytes were read back from the slot",
+                             omaha.ERR_NEW_ROOTFS_VERIFICATION)
 
 
 _END = object()
@@ -568,28 +570,72 @@ QUEUE_DEPTH = 2  # chunks fetched ahead of the writer
 POOL_SIZE = QUEUE_DEPTH + 4  # + one being read, one being written, two waiting for the digest: 24 MiB at 4 MiB
 
 
-class _Digest:
-    """The whole-payload SHA-256 in its own thread, fed written chunks in order; each buffer goes back to its pool."""
+class _Check:
+    """The read-back and the whole-payload SHA-256, in their own thread, over written chunks in order.
 
-    def __init__(self, h: hashlib._Hash) -> None:
-        self.h = h
-        self.q: queue.Queue = queue.Queue()  # bounded by the pools: a buffer is fed only after the reader filled it
-        self.thread = threading.Thread(target=self._run, daemon=True, name="payload-digest")
+    Each buffer goes back to its pool afterwards, so the pools bound the queue. The first failure is kept and
+    raised by the writer (``raise_failure``); chunks after it are only returned to their pool."""
+
+    def __init__(self, fd: int, data_start: int, chunk_size: int, whole: hashlib._Hash | None) -> None:
+        self.fd, self.data_start, self.whole = fd, data_start, whole
+        self.back = bytearray(chunk_size)
+        self.checked = 0
+        self.failure: ApplyError | None = None
+        self.q: queue.Queue = queue.Queue()
+        self.thread = threading.Thread(target=self._run, daemon=True, name="payload-check")
         self.thread.start()
 
-    def feed(self, buf: bytearray, n: int, pool: queue.Queue) -> None:
-        self.q.put((buf, n, pool))
+    def feed(self, buf: bytearray, pos: int, n: int, pool: queue.Queue) -> None:
+        self.q.put((buf, pos, n, pool))
+
+    def raise_failure(self) -> None:
+        if self.failure is not None:
+            raise self.failure
 
     def _run(self) -> None:
         while (item := self.q.get()) is not None:
-            buf, n, pool = item
-            with memoryview(buf) as mv, mv[:n] as view:
-                self.h.update(view)
-            pool.put(buf)
+            buf, pos, n, pool = item
+            try:
+                if self.failure is None:
+                    _read_back(self.fd, buf, n, self.back, self.data_start + pos, pos // len(self.back))
+                    # Start the chunk's writeback now, so the final fdatasync has little left to wait for.
+                    _start_writeback(self.fd, self.data_start + pos, n)
+                    if self.whole is not None:
+                        with memoryview(buf) as mv, mv[:n] as view:
+                            self.whole.update(view)
+                    self.checked += n
+            except ApplyError as exc:
+                self.failure = exc
+            except OSError as exc:
+                self.failure = ApplyError(f"cannot read the slot back: {exc.strerror}",
+                                          omaha.ERR_NEW_ROOTFS_VERIFICATION)
+            finally:
+                pool.put(buf)
 
     def close(self) -> None:
         self.q.put(None)
         self.thread.join()
+
+
+def _libc_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None  # not Linux: the final fdatasync does all the flushing
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_SYNC_FILE_RANGE = _libc_sync_file_range()
+SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writeback of the range's dirty pages, do not wait
+
+
+def _start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to begin writing a range out (no durability promise: fdatasync still gives that)."""
+    if _SYNC_FILE_RANGE is not None:
+        _SYNC_FILE_RANGE(fd, offset, length, SYNC_FILE_RANGE_WRITE)  # a failure only leaves it to fdatasync
 
 
 def _read_back(fd: int, buf: bytearray, n: int, back: bytearray, offset: int, k: int) -> None:
