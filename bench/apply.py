@@ -200,13 +200,13 @@ def main(argv: list[str]) -> None:
 
         def line(label: str, key: str, note: str) -> None:
             v = sorted(runs[key])
-            print(f"{label:34s}: {nbytes / MiB / v[0]:7.1f} MiB/s best ({v[0]:.2f} s; "
+            print(f"{label:36s}: {nbytes / MiB / v[0]:7.1f} MiB/s best ({v[0]:.2f} s; "
                   f"median {statistics.median(v):.2f} s, worst {v[-1]:.2f} s) {note}")
 
         def ratio(label: str, ours: str, base: str) -> None:
             # Paired per round (same load), then the spread; ratio = baseline time / our time (throughput ratio).
             per = sorted(b / o for b, o in zip(runs[base], runs[ours], strict=True))
-            print(f"ratio {label:28s}: median {statistics.median(per):.2f} (rounds {per[0]:.2f}..{per[-1]:.2f})")
+            print(f"ratio {label:30s}: median {statistics.median(per):.2f} (rounds {per[0]:.2f}..{per[-1]:.2f})")
 
         line("baseline curl | dd conv=fsync", "base", "[no hashing, no re-read]")
         tool = " ".join(Path(_hasher()[0]).name.split() + _hasher()[1:])

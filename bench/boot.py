@@ -35,7 +35,8 @@ def direct_boot(release: Path, work: Path, timeout: float) -> float:
     run(["cp", "--sparse=always", release / "disk.raw", disk])
     root_hash = meta.get("verity_root_hash") or meta.get("usr", {}).get("verity_root_hash")
     hash_offset = meta.get("hash_offset") or meta.get("usr", {}).get("hash_offset")
-    cmdline = (grub.cmdline("A").replace("$A_hash", str(root_hash)).replace("$A_hashoff", str(hash_offset))
+    # $A_hashoff first: $A_hash is its prefix.
+    cmdline = (grub.cmdline("A").replace("$A_hashoff", str(hash_offset)).replace("$A_hash", str(root_hash))
                .replace("$obelisk_trial", "0"))
     argv = [require("qemu-system-x86_64"), "-accel", "tcg", "-machine", "q35", "-m", "768", "-nographic",
             "-nic", "none", "-no-user-config", "-nodefaults", "-serial", "stdio", "-no-reboot",

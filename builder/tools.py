@@ -57,6 +57,8 @@ TOOL_PACKAGES: dict[str, str] = {
     "dpkg-deb": "dpkg",
     "ldd": "libc-bin",
     "apt-get": "apt",
+    "apt-cache": "apt",
+    "cp": "coreutils",
     "wall": "bsdutils",
 }
 

@@ -70,6 +70,7 @@ def run(ctx, out: Path) -> dict:
         fsutil.remove_tree(f)
     for d in overlay_dirs(ctx):
         copy_overlay(d, tree)
+        enable_units(d, tree)
     keys = tree / IMAGE_KEYS_DIR
     keys.mkdir(parents=True, exist_ok=True)
     for name, pem in ctx.trusted_keys:
@@ -114,6 +115,28 @@ def copy_overlay(src: Path, tree: Path) -> None:
                 d.symlink_to(os.readlink(s))
             else:
                 shutil.copy2(s, d)
+
+
+def enable_units(overlay: Path, tree: Path) -> None:
+    """Enable the systemd units an overlay ships: a ``WantedBy=`` in ``[Install]`` becomes a link in
+    /usr/lib/systemd/system/<target>.wants/ (in /usr, so a new /usr brings its units enabled)."""
+    units = overlay / "usr/lib/systemd/system"
+    if not units.is_dir() or not (tree / "usr/lib/systemd/systemd").exists():
+        return
+    for unit in sorted(units.iterdir()):
+        if unit.suffix not in (".service", ".timer", ".socket", ".path") or not unit.is_file():
+            continue
+        section = ""
+        for line in unit.read_text(errors="replace").splitlines():
+            line = line.strip()
+            if line.startswith("["):
+                section = line
+            elif section == "[Install]" and line.startswith("WantedBy="):
+                for target in line.split("=", 1)[1].split():
+                    link = tree / "usr/lib/systemd/system" / f"{target}.wants" / unit.name
+                    link.parent.mkdir(parents=True, exist_ok=True)
+                    if not link.exists() and not link.is_symlink():
+                        link.symlink_to(f"../{unit.name}")
 
 
 def _in_usr(rel: Path) -> Path:

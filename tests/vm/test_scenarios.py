@@ -21,13 +21,23 @@ from builder.imagetest import scenarios
 TINY = REPO / "images" / "tiny.toml"
 
 
+_CONFIG: list[pytest.Config] = []
+
+
 def _say(line: str) -> None:
-    sys.__stdout__.write(f"\n[vm] {line}\n")
-    sys.__stdout__.flush()
+    """Print past pytest's capture, so the boot times show in CI's output."""
+    capman = _CONFIG[0].pluginmanager.getplugin("capturemanager") if _CONFIG else None
+    if capman is None:
+        print(f"[vm] {line}")
+        return
+    with capman.global_and_fixture_disabled():
+        sys.stdout.write(f"\n[vm] {line}\n")
+        sys.stdout.flush()
 
 
 @pytest.fixture(scope="module")
-def ctx(tmp_path_factory: pytest.TempPathFactory) -> scenarios.Context:
+def ctx(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config) -> scenarios.Context:
+    _CONFIG[:] = [pytestconfig]
     need_tools("qemu-system-x86_64", "qemu-img", "mksquashfs", "veritysetup", "mcopy", "grub-mkimage", "unsquashfs")
     out = tmp_path_factory.mktemp("vm-releases")
     # One signing key and one stage cache for all three builds (module scope runs outside the

@@ -1,0 +1,49 @@
+"""Tree helpers on small directories: overlays, unit enabling, /usr/share/factory/etc."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from builder.stages import tree as tree_stage
+
+
+def test_overlay_replaces_links_instead_of_writing_through(tmp_path: Path) -> None:
+    tree, overlay = tmp_path / "tree", tmp_path / "overlay"
+    (tree / "usr/lib").mkdir(parents=True)
+    (tree / "usr/lib/os-release").write_text("ID=debian\n")
+    (tree / "etc").mkdir()
+    (tree / "etc/os-release").symlink_to("../usr/lib/os-release")
+    (tree / "lib").symlink_to("usr/lib")
+    (overlay / "etc").mkdir(parents=True)
+    (overlay / "etc/os-release").write_text("ID=mine\n")
+    (overlay / "lib/extra").mkdir(parents=True)
+    (overlay / "lib/extra/f").write_text("x")
+    tree_stage.copy_overlay(overlay, tree)
+    assert (tree / "usr/lib/os-release").read_text() == "ID=debian\n"  # not written through the link
+    assert not (tree / "etc/os-release").is_symlink()
+    assert (tree / "usr/lib/extra/f").read_text() == "x" and (tree / "lib").is_symlink()
+
+
+def test_units_with_wantedby_are_enabled_in_usr(tmp_path: Path) -> None:
+    tree, overlay = tmp_path / "tree", tmp_path / "overlay"
+    (tree / "usr/lib/systemd").mkdir(parents=True)
+    (tree / "usr/lib/systemd/systemd").write_text("")
+    units = overlay / "usr/lib/systemd/system"
+    units.mkdir(parents=True)
+    (units / "a.service").write_text("[Unit]\nDescription=a\n[Install]\nWantedBy=multi-user.target\n")
+    (units / "b.service").write_text("[Service]\nExecStart=/bin/true\n")
+    tree_stage.enable_units(overlay, tree)
+    link = tree / "usr/lib/systemd/system/multi-user.target.wants/a.service"
+    assert link.is_symlink() and str(link.readlink()) == "../a.service"
+    assert not (tree / "usr/lib/systemd/system/multi-user.target.wants/b.service").exists()
+
+
+def test_factory_etc_and_tmpfiles(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    (tree / "etc/ssh").mkdir(parents=True)
+    (tree / "etc/ssh/sshd_config").write_text("x")
+    (tree / "etc/hostname").write_text("h")
+    tree_stage.factory_etc(tree)
+    assert (tree / "usr/share/factory/etc/ssh/sshd_config").read_text() == "x"
+    conf = (tree / "usr/lib/tmpfiles.d/obelisk-factory-etc.conf").read_text()
+    assert "C /etc/ssh - - - - -" in conf and "/etc/hostname" not in conf
