@@ -487,7 +487,8 @@ class Applier:
         """A pipeline of three threads over a fixed pool of chunk buffers (memory stays flat whatever the size):
 
         reader:  socket → buffer (``readinto``, no copies), stops at the announced size;
-        this:    chunk SHA-256 against the signed manifest → ``pwrite`` into the slot → checkpoint;
+        this:    chunk SHA-256 against the signed manifest → ``pwrite`` into the slot → checkpoint request
+                 (the fdatasync and the progress file are written by a ``_Checkpointer`` thread);
         check:   read each written chunk back from the slot into a reused buffer and compare it byte for byte with
                  the verified one still in memory; then feed it to the whole-payload SHA-256 (Omaha check).
 
@@ -502,6 +503,7 @@ class Applier:
         last_checkpoint = done
         start = done  # what a previous run wrote was re-read and checked by _rehash_written
         check = _Check(fd, slot_off + op.dst.offset, m.chunk_size, whole)
+        saver = _Checkpointer(fd, self.state_dir, identity, str(self.disk), index) if self.state_dir else None
         try:
             while done < total or first is not None:
                 stream = first if first is not None else self._open_retrying(src, m.data_offset + done)
@@ -537,10 +539,9 @@ class Applier:
                         check.feed(buf, done, n, pool)
                         done += n
                         attempt = 0
-                        if self.state_dir is not None and (done - last_checkpoint >= self.transfer.checkpoint_bytes
-                                                           or done == total):
-                            os.fdatasync(fd)  # progress must never claim bytes that are not on the disk
-                            Progress(identity, str(self.disk), index, done).save(self.state_dir)
+                        if saver is not None and (done - last_checkpoint >= self.transfer.checkpoint_bytes
+                                                  or done == total):
+                            saver.request(done)
                             last_checkpoint = done
                         if self.on_progress:
                             self.on_progress("downloading", done, total)
@@ -556,9 +557,13 @@ class Applier:
                         while True:  # unblock a reader waiting to put
                             q.get_nowait()
                     reader.join(timeout=10)
+            if saver is not None:
+                saver.wait()  # the last checkpoint (at the end) is on the disk before the apply goes on
             os.fdatasync(fd)
         finally:
             check.close()  # waits for the chunks already fed: ``whole`` then covers exactly the written data
+            if saver is not None:
+                saver.close()
         check.raise_failure()
         if done != total or check.checked != total - start:  # every byte written was read back and matched
             raise ApplyError(f"only {check.checked} of {total} data bytes were read back from the slot",
@@ -568,6 +573,44 @@ class Applier:
 _END = object()
 QUEUE_DEPTH = 2  # chunks fetched ahead of the writer
 POOL_SIZE = QUEUE_DEPTH + 4  # + one being read, one being written, two waiting for the digest: 24 MiB at 4 MiB
+
+
+class _Checkpointer:
+    """Checkpoints in their own thread, so the writer goes on fetching and writing during the fdatasync.
+
+    A checkpoint for ``done`` bytes is requested only after those bytes were written (pwrite returned), and its
+    fdatasync runs before its progress file is saved: progress never claims bytes that are not on the disk.
+    At most one checkpoint is in flight; the next request waits for it, so progress lags the writer by at
+    most one checkpoint interval (a kill loses at most two intervals of download)."""
+
+    def __init__(self, fd: int, state_dir: Path, identity: str, disk: str, index: int) -> None:
+        self.fd, self.state_dir, self.identity, self.disk, self.index = fd, state_dir, identity, disk, index
+        self.failure: BaseException | None = None
+        self.thread: threading.Thread | None = None
+
+    def _save(self, done: int) -> None:
+        try:
+            os.fdatasync(self.fd)
+            Progress(self.identity, self.disk, self.index, done).save(self.state_dir)
+        except BaseException as exc:  # noqa: BLE001 - raised in the writer by wait()
+            self.failure = exc
+
+    def request(self, done: int) -> None:
+        self.wait()
+        self.thread = threading.Thread(target=self._save, args=(done,), daemon=True, name="payload-checkpoint")
+        self.thread.start()
+
+    def wait(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.failure is not None:
+            exc, self.failure = self.failure, None
+            raise exc
+
+    def close(self) -> None:
+        with contextlib.suppress(BaseException):
+            self.wait()
 
 
 class _Check:
