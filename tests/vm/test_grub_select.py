@@ -15,7 +15,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import need_tools
+from testlib import need_tools
 
 from bootloader import grub, slots
 

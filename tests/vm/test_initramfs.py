@@ -12,7 +12,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import need_tools
+from testlib import need_tools
 
 from bootloader import initramfs
 

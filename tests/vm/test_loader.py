@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import OBELISK, need_tools
+from testlib import OBELISK, need_tools
 from vmdisk import make_disk
 
 from bootloader import esp, gpt, grub, loader, slots

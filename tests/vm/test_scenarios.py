@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import OBELISK, REPO, need_tools
+from testlib import OBELISK, REPO, need_tools
 
 from builder.imagetest import scenarios
 
