@@ -24,15 +24,19 @@ from builder.imagetest import qemu, scenarios
 from builder.tools import require, run
 
 
-def direct_boot(release: Path, work: Path, timeout: float) -> float:
-    """Seconds from QEMU start to the boot check's GOOD marker, kernel loaded by QEMU itself."""
-    meta = json.loads((release / "release.json").read_text())
+def direct_boots(release: Path, work: Path, timeout: float) -> tuple[float, float]:
+    """(first boot, a later boot): seconds to the GOOD marker with the kernel loaded by QEMU itself."""
     boot = work / "direct"
     shutil.rmtree(boot, ignore_errors=True)
     boot.mkdir(parents=True)
     run(["unsquashfs", "-q", "-n", "-d", boot / "x", release / "usr.img", "lib/obelisk/boot"])
     disk = boot / "disk.raw"
     run(["cp", "--sparse=always", release / "disk.raw", disk])
+    return direct_boot(release, boot, disk, timeout), direct_boot(release, boot, disk, timeout)
+
+
+def direct_boot(release: Path, boot: Path, disk: Path, timeout: float) -> float:
+    meta = json.loads((release / "release.json").read_text())
     root_hash = meta.get("verity_root_hash") or meta.get("usr", {}).get("verity_root_hash")
     hash_offset = meta.get("hash_offset") or meta.get("usr", {}).get("hash_offset")
     # $A_hashoff first: $A_hash is its prefix.
@@ -80,8 +84,9 @@ def main(argv: list[str]) -> None:
         print(f"built {release} in {time.monotonic() - t0:.1f}s")
     work = release / "test"
     work.mkdir(exist_ok=True)
-    baseline = direct_boot(release, work, args.boot_timeout)
-    print(f"baseline direct-kernel boot (no OVMF/GRUB) to marked good: {baseline:.1f}s")
+    first_base, baseline = direct_boots(release, work, args.boot_timeout)
+    print(f"baseline direct-kernel boot (no OVMF/GRUB) to marked good: first boot {first_base:.1f}s, "
+          f"later boot {baseline:.1f}s")
     built: dict[str, Path] = {}
     meta = json.loads((release / "release.json").read_text())
 
@@ -103,10 +108,12 @@ def main(argv: list[str]) -> None:
     for name in args.scenario or list(scenarios.SCENARIOS):
         out = scenarios.run_scenario(ctx, name)
         print(out.line())
-        for b in out.boots:
+        for i, b in enumerate(out.boots):
             if b.good:
+                # Only the boot scenario's first boot does the first-boot work (grow ROOT, new GUID).
+                base = first_base if name == "boot" and i == 0 else baseline
                 print(f"  {name}: slot {b.slot}{' trial' if b.trial else ''} boot to marked good {b.seconds:.1f}s "
-                      f"= {b.seconds / baseline:.2f}x the direct-kernel baseline")
+                      f"= {b.seconds / base:.2f}x the direct-kernel baseline ({base:.1f}s)")
     shutil.rmtree(tmp, ignore_errors=True)
 
 
