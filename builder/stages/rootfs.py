@@ -8,6 +8,7 @@ import os
 import tarfile
 from pathlib import Path
 
+from bootloader import initramfs
 from builder import debs, fsutil, kernel, tools
 from builder.definition import DebianSource, DirectorySource, OciSource, TarballSource, TinySource
 
@@ -32,13 +33,7 @@ def kept_modules(ctx) -> list[str]:
     wanted = list(ctx.definition.kernel.modules)
     if not wanted:
         return []
-    try:
-        from bootloader import initramfs
-
-        wanted += [m for m in getattr(initramfs, "MODULES", []) if m not in wanted]
-    except ImportError:
-        pass
-    return wanted
+    return wanted + [m for m in initramfs.MODULES if m not in wanted]
 
 
 def inputs(ctx) -> dict:
