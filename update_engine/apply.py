@@ -35,6 +35,7 @@ from typing import Protocol
 import requests
 
 from bootloader import loader, slots
+from obelisk.atomicfile import write_atomic
 from update_engine import omaha, payload
 from update_engine.omaha import compare_versions
 from update_engine.payload import Manifest, PayloadError
@@ -250,7 +251,7 @@ class Progress:
     data_done: int  # bytes of the data area durably written to the slot
 
     def save(self, state_dir: Path) -> None:
-        _atomic_write(state_dir / PROGRESS_FILE, json.dumps(asdict(self)).encode())
+        write_atomic(state_dir / PROGRESS_FILE, json.dumps(asdict(self)).encode())
 
     @staticmethod
     def load(state_dir: Path) -> Progress | None:
@@ -265,21 +266,6 @@ def clear_progress(state_dir: Path | None) -> None:
     if state_dir is not None:
         (state_dir / PROGRESS_FILE).unlink(missing_ok=True)
         (state_dir / MANIFEST_FILE).unlink(missing_ok=True)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 # ---------------------------------------------------------------- checks
@@ -419,7 +405,7 @@ class Applier:
             with _clean_slot_errors():
                 slots.mark_unbootable(self.disk, index)
             if self.state_dir is not None:
-                _atomic_write(self.state_dir / MANIFEST_FILE, m.raw)
+                write_atomic(self.state_dir / MANIFEST_FILE, m.raw)
                 Progress(identity, str(self.disk), index, done).save(self.state_dir)
             fd = os.open(self.disk, os.O_RDWR)
         except BaseException:

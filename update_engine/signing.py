@@ -8,13 +8,14 @@ every ``*.pub`` in its keys directory, so keys can be rotated by shipping old an
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from obelisk.atomicfile import write_atomic
 
 PRIVATE_NAME = "obelisk.key"
 PUBLIC_NAME = "obelisk.pub"
@@ -45,18 +46,6 @@ class PublicKey:
         )
 
 
-def _atomic_write(path: Path, data: bytes, mode: int) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
-
-
 def generate_keypair(directory: Path, *, overwrite: bool = False) -> tuple[Path, Path]:
     """Write ``obelisk.key`` (0600) and ``obelisk.pub`` into ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -67,8 +56,8 @@ def generate_keypair(directory: Path, *, overwrite: bool = False) -> tuple[Path,
     priv_pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-    _atomic_write(priv_path, priv_pem, 0o600)
-    _atomic_write(pub_path, PublicKey(key.public_key(), str(pub_path)).pem(), 0o644)
+    write_atomic(priv_path, priv_pem, mode=0o600)
+    write_atomic(pub_path, PublicKey(key.public_key(), str(pub_path)).pem())
     return priv_path, pub_path
 
 

@@ -9,10 +9,11 @@ again), the aleph version, and the error backoff. Written atomically (tmp + fsyn
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
 from pathlib import Path
+
+from obelisk.atomicfile import write_atomic
 
 STATE_FILE = "state.json"
 
@@ -71,10 +72,4 @@ def load_state(state_dir: Path) -> DaemonState:
 
 def save_state(state_dir: Path, st: DaemonState) -> None:
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    path = state_dir / STATE_FILE
-    tmp = path.with_name(f".{STATE_FILE}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(asdict(st), f, sort_keys=True, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(state_dir / STATE_FILE, json.dumps(asdict(st), sort_keys=True, indent=1).encode())

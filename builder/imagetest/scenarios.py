@@ -80,7 +80,8 @@ class Context:
     def power_on(self, disk: Path, tag: str, **kw) -> qemu.Run:
         log = disk.parent / f"{tag}.log"
         kw.setdefault("stop_when", lambda b, line: qemu.GOOD in line)
-        r = qemu.power_on(disk, log, boot_timeout=self.boot_timeout, **kw)
+        kw.setdefault("boot_timeout", self.boot_timeout)
+        r = qemu.power_on(disk, log, **kw)
         self.boots.extend(r.boots)
         self.log(f"  {disk.parent.name}/{tag}: {r.summary()} (log {log})")
         return r
@@ -132,6 +133,72 @@ def describe(disk: Path) -> str:
     return " ".join(f"{s.name}:P{s.priority}T{s.tries}S{int(s.successful)}" for s in slots.read_slots(disk))
 
 
+# --- in-guest commands (images that ship obelisk-test-run, i.e. base) -------------------------------
+
+TEST_LABEL = "OBELISK-TEST"
+APPLY_TIMEOUT = 900.0  # extra seconds for a boot that also stages 100+ MB under TCG
+GUEST_RUNNER = "lib/obelisk/obelisk-test-run"  # inside usr.img; pulled in by 90-obelisk-test.rules
+APPLY_RUNNING = re.compile(r"OBELISK-TEST: apply running wchar=(\d+)")
+APPLY_EXIT = re.compile(r"OBELISK-TEST: apply exit (\d+)")
+# The guest's own staging: `obelisk update apply` from the test disk, its bytes written reported every
+# second (from /proc/PID/io) so the power-loss scenario can pull the plug in the middle of the write.
+GUEST_APPLY = """#!/bin/sh
+echo "OBELISK-TEST: applying $(cat version) from $PWD/update.payload"
+obelisk update apply ./update.payload --key ./trusted.pub > /run/obelisk/apply.out 2>&1 &
+pid=$!
+while kill -0 "$pid" 2>/dev/null; do
+    echo "OBELISK-TEST: apply running wchar=$(sed -n 's/^wchar: //p' /proc/$pid/io 2>/dev/null || echo 0)"
+    sleep 1
+done
+wait "$pid"
+rc=$?
+tail -n 2 /run/obelisk/apply.out | sed 's/^/OBELISK-TEST: apply says: /'
+sync
+echo "OBELISK-TEST: apply exit $rc"
+"""
+
+
+def guest_can_run(release: Path) -> bool:
+    """Whether the release's image runs a script from a disk labelled OBELISK-TEST (base does, tiny not)."""
+    res = run(["unsquashfs", "-l", release / "usr.img", GUEST_RUNNER], check=False)
+    return res.returncode == 0 and GUEST_RUNNER in res.stdout
+
+
+def make_test_disk(dest: Path, script: str, files: dict[str, Path], texts: dict[str, str] | None = None) -> Path:
+    """A small ext4 image labelled OBELISK-TEST holding ``run.sh`` and ``files`` (attached read-only)."""
+    tree = dest.with_suffix(".d")
+    shutil.rmtree(tree, ignore_errors=True)
+    tree.mkdir(parents=True)
+    (tree / "run.sh").write_text(script)
+    for name, text in (texts or {}).items():
+        (tree / name).write_text(text)
+    for name, src in files.items():
+        try:
+            (tree / name).hardlink_to(src)  # no copy of a 150 MB payload just to pack it
+        except OSError:
+            shutil.copyfile(src, tree / name)
+    need = sum(f.stat().st_size for f in tree.iterdir())
+    size_mib = need * 11 // 10 // (1 << 20) + 16
+    dest.unlink(missing_ok=True)
+    run(["mkfs.ext4", "-q", "-F", "-L", TEST_LABEL, "-E", "root_owner=0:0", "-d", tree, dest, f"{size_mib}M"])
+    shutil.rmtree(tree, ignore_errors=True)
+    return dest
+
+
+def apply_disk(ctx: Context, scratch: Path, release: Path) -> Path:
+    """The test disk for the guest's own `obelisk update apply`: payload, the trusted key, run.sh."""
+    return make_test_disk(scratch / "apply-test.img", GUEST_APPLY,
+                     {"update.payload": release / "update.payload", "trusted.pub": trusted_key(ctx.release, scratch)},
+                     {"version": ctx.release_meta(release)["version"] + "\n"})
+
+
+def slot_magic(disk: Path, index: int) -> bytes:
+    off, _length = slots.slot_extent(disk, index)
+    with open(disk, "rb") as f:
+        f.seek(off)
+        return f.read(4)
+
+
 # --- scenarios --------------------------------------------------------------------------------------
 
 
@@ -178,6 +245,34 @@ def scenario_update(ctx: Context) -> str:
     st = slot_state(disk)
     expect(st["B"].successful and st["B"].priority > st["A"].priority,
            f"status after update: {describe(disk)} ({json.dumps(status)[:200]})")
+    host = f"{version} on B, marked good, prioritized; {describe(disk)}"
+    if not guest_can_run(ctx.release):
+        return host
+    return f"host-staged: {host}; guest-staged: {update_in_guest(ctx, new, version)}"
+
+
+def update_in_guest(ctx: Context, new: Path, version: str) -> str:
+    """The same update, staged by the guest itself from the payload on a second (read-only) virtio disk."""
+    disk = ctx.fresh_disk("update-guest")
+    extra = apply_disk(ctx, disk.parent, new)
+    r = ctx.power_on(disk, "apply", extra_disks=[extra], boot_timeout=ctx.boot_timeout + APPLY_TIMEOUT,
+                     stop_when=lambda b, line: bool(APPLY_EXIT.search(line)))
+    expect(r.end == "stopped" and r.boots[0].slot == "A" and not r.boots[0].trial,
+           f"in-guest apply run: {r.summary()} (see {r.log})")
+    rc = APPLY_EXIT.search(r.log.read_text())
+    expect(rc is not None and rc.group(1) == "0", f"the guest's obelisk update apply failed (see {r.log})")
+    st = slot_state(disk)
+    expect(st["B"].tries > 0 and not st["B"].successful, f"after the in-guest apply: {describe(disk)}")
+    r = ctx.power_on(disk, "trial")
+    b = r.boots[0]
+    expect(len(r.boots) == 1 and b.slot == "B" and b.trial and b.good, f"trial boot: {r.summary()}")
+    expect(b.os_version == version, f"trial boot showed version {b.os_version!r}, the guest staged {version}")
+    r2 = ctx.power_on(disk, "after")
+    expect(len(r2.boots) == 1 and r2.boots[0].slot == "B" and not r2.boots[0].trial and r2.boots[0].good,
+           f"boot after the trial: {r2.summary()}")
+    ctx.status(disk)
+    st = slot_state(disk)
+    expect(st["B"].successful and st["B"].priority > st["A"].priority, f"status after update: {describe(disk)}")
     return f"{version} on B, marked good, prioritized; {describe(disk)}"
 
 
@@ -350,7 +445,49 @@ def scenario_power_loss(ctx: Context) -> str:
         st = slot_state(disk)
         expect(last.good and st[last.slot].successful, f"boot {i} after the power loss: {ri.summary()}; "
                                                        f"{describe(disk)}")
-    return f"killed during B's trial; the following boots came up on good slots; {describe(disk)}"
+    trial = f"killed during B's trial; the following boots came up on good slots; {describe(disk)}"
+    if not guest_can_run(ctx.release):
+        return trial
+    return f"{trial}; {power_loss_in_guest(ctx)}"
+
+
+KILL_AFTER_BYTES = 24 << 20  # into the slot: well inside a payload of 100+ MB, so the slot is half-written
+
+
+def power_loss_in_guest(ctx: Context) -> str:
+    """SIGKILL QEMU while the guest's own `obelisk update apply` writes the passive slot."""
+    disk = ctx.fresh_disk("power-loss-guest")
+    new = ctx.next_release()
+    extra = apply_disk(ctx, disk.parent, new)
+    before = slot_magic(disk, slots.USR_B)
+    written = [0]
+
+    def kill_mid_write(b: qemu.Boot, line: str) -> bool:
+        m = APPLY_RUNNING.search(line)
+        if m:
+            written[0] = int(m.group(1))
+        return written[0] >= KILL_AFTER_BYTES
+
+    r = ctx.power_on(disk, "killed-apply", extra_disks=[extra], kill_on=kill_mid_write,
+                     boot_timeout=ctx.boot_timeout + APPLY_TIMEOUT,
+                     stop_when=lambda b, line: bool(APPLY_EXIT.search(line)))
+    expect(r.end == "killed", f"the in-guest apply was not killed mid-write (it ended first?): {r.summary()} "
+                              f"(see {r.log})")
+    st = slot_state(disk)
+    expect(not st["B"].successful and (st["B"].priority == 0 or st["B"].tries == 0),
+           f"the half-written slot B is bootable: {describe(disk)}")
+    expect(slots.next_index(list(st.values())) == slots.USR_A, f"next boot would not pick A: {describe(disk)}")
+    after = slot_magic(disk, slots.USR_B)
+    for i in (1, 2):
+        ri = ctx.power_on(disk, f"after-apply{i}", max_boots=3)
+        st = slot_state(disk)
+        expect(all(b.slot == "A" for b in ri.boots), f"boot {i} after the killed apply chose the half-written "
+                                                      f"slot: {ri.summary()}")
+        expect(ri.boots[-1].good and st["A"].successful, f"boot {i} after the killed apply: {ri.summary()}; "
+                                                          f"{describe(disk)}")
+    changed = "changed" if after != before else "unchanged at its first block"
+    return (f"in-guest apply killed after {written[0] >> 20} MiB written (slot B {changed}); "
+            f"both following boots ran A; {describe(disk)}")
 
 
 SCENARIOS: dict[str, Callable[[Context], str]] = {

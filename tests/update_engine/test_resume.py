@@ -69,14 +69,14 @@ def _apply_in_child(world: World, disk: Path, state: Path, die_at: tuple[str, in
             if die_at is not None:
                 what, n = die_at
                 counter = [0]
-                target = {"write": "_pwrite_all", "checkpoint": "_atomic_write"}[what]
+                target = {"write": "_pwrite_all", "checkpoint": "write_atomic"}[what]
                 orig = getattr(applymod, target)
 
                 def dying(*a, **kw):
                     counter[0] += 1
                     if counter[0] == n:
                         if what == "checkpoint":  # die with the temp file half written, before the rename
-                            Path(a[0]).with_name(f".{Path(a[0]).name}.tmp").write_bytes(b'{"ident')
+                            Path(a[0]).with_name(f".{Path(a[0]).name}.tmp{os.getpid()}").write_bytes(b'{"ident')
                         os.kill(os.getpid(), signal.SIGKILL)
                     return orig(*a, **kw)
                 setattr(applymod, target, dying)

@@ -103,3 +103,22 @@ def test_broken_definition_keeps_the_rest(tmp_path: Path) -> None:
     assert hook.is_file() and hook.stat().st_mode & 0o111
     assert scenarios.bump_version("0.1.9") == "0.1.10" and scenarios.bump_version("2.0.0-rc1") == "2.0.0-rc2"
     json.dumps(data)
+
+
+def test_guest_test_disk(tmp_path: Path) -> None:
+    """The disk that carries a command into base's guest: ext4 labelled OBELISK-TEST with run.sh and the files.
+
+    The udev rule that reacts to it must match the same label and only virtio disks (inert otherwise).
+    """
+    payload = tmp_path / "update.payload"
+    payload.write_bytes(b"x" * 5000)
+    img = scenarios.make_test_disk(tmp_path / "t.img", scenarios.GUEST_APPLY, {"update.payload": payload},
+                                   {"version": "1.2.3\n"})
+    label = subprocess.run(["e2label", str(img)], capture_output=True, text=True)
+    assert label.stdout.strip() == scenarios.TEST_LABEL
+    listing = subprocess.run(["debugfs", "-R", "ls -l /", str(img)], capture_output=True, text=True).stdout
+    assert "run.sh" in listing and "update.payload" in listing and "version" in listing
+    cat = subprocess.run(["debugfs", "-R", "cat /run.sh", str(img)], capture_output=True, text=True).stdout
+    assert "obelisk update apply ./update.payload" in cat
+    rule = (Path(__file__).parents[2] / "images/files/base/usr/lib/udev/rules.d/90-obelisk-test.rules").read_text()
+    assert f'ENV{{ID_FS_LABEL}}=="{scenarios.TEST_LABEL}"' in rule and 'KERNEL=="vd*"' in rule
