@@ -3,7 +3,8 @@
 The image is a deterministic newc cpio (entries sorted, mtimes 0, owner root, inode numbers in
 order) compressed with gzip without a name or timestamp, so the same tree gives the same bytes.
 Its ``/init`` (``bootloader/initramfs/init``) opens the chosen USR slot with dm-verity, mounts
-ROOT and ``/usr``, does the first-boot work and switches root.
+ROOT and ``/usr``, does the first-boot work and switches root. On a PXE boot it takes ``/usr`` from
+``/usr.img`` in the initrd instead (loop + dm-verity) and a tmpfs as ROOT (docs/pxe.md).
 """
 
 from __future__ import annotations
@@ -22,8 +23,11 @@ MODULES = [
     "virtio_pci", "virtio_blk", "virtio_scsi", "sd_mod", "squashfs", "dm_mod", "dm_bufio", "dm_verity",
     # ext4 asks the crypto API for crc32c at mount time (a softdep, not in modules.dep).
     "crc32c_generic", "crc32c_intel", "ext4", "vfat", "nls_cp437", "nls_ascii", "nls_utf8", "nls_iso8859_1",
+    # A PXE boot attaches /usr.img (inside the initrd) to a loop device.
+    "loop",
 ]
-OPTIONAL = {"virtio_scsi", "sd_mod", "nls_iso8859_1", "nls_ascii", "crc32c_intel"}
+# Optional: other disk types, and loop (only PXE boots need it; a disk boot must not fail for want of it).
+OPTIONAL = {"virtio_scsi", "sd_mod", "nls_iso8859_1", "nls_ascii", "crc32c_intel", "loop"}
 # Programs copied with their shared libraries: from the tree when it has them, else the host.
 PROGRAMS = ["veritysetup", "sgdisk", "resize2fs"]
 PROGRAM_DIRS = ["usr/sbin", "usr/bin", "sbin", "bin"]

@@ -7,6 +7,12 @@ stage with ``obelisk update apply --disk``; ``rollback`` lets ``obelisk update d
 stage over Omaha from ``obelisk update serve`` on loopback, so that its next run can report the
 rollback (event 3/0, error code 44). The second release (version + 1) and the broken one (a
 health hook that fails) are built with ``obelisk image build``.
+
+On an image that ships ``obelisk-test-run`` (base), ``update`` also lets the guest stage the same
+payload itself and ``power-loss`` also kills QEMU in the middle of that in-guest apply. The guest
+has no network: the payload, the trusted key and a ``run.sh`` reach it on a second, read-only
+virtio disk (ext4 labelled OBELISK-TEST), whose appearance starts ``obelisk-test.service`` through
+a udev rule; markers (``OBELISK-TEST: ...``) on the serial console say how far it got.
 """
 
 from __future__ import annotations
