@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import importlib
 import json
 from pathlib import Path
 
@@ -11,12 +9,16 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from bootloader.esp import EspError
 from bootloader.gpt import GptError
+from bootloader.initramfs import InitramfsError
 from builder import definition, inspect, verify
 from builder.build import DEFAULT_DEFINITION, build
 from builder.errors import BuildError
+from builder.imagetest.cli import test as image_test
 from builder.kernel import KernelError
 from builder.tools import ToolError
+from obelisk.atomicfile import write_atomic
 from obelisk.errors import clean_errors
 from update_engine import signing
 from update_engine.payload import PayloadError
@@ -24,19 +26,11 @@ from update_engine.payload import PayloadError
 console = Console(stderr=True)
 
 image_app = typer.Typer(help="Build, verify, inspect and test OS images.", no_args_is_help=True)
+TRUSTED_KEYS_DIR = Path("/") / signing.IMAGE_KEYS_DIR
 key_app = typer.Typer(help="Manage Ed25519 signing keys.", no_args_is_help=True)
 
 BUILD_ERRORS = (definition.DefinitionError, BuildError, ToolError, signing.SigningError, KernelError, GptError,
-                PayloadError)
-
-
-def _boot_errors() -> tuple[type[BaseException], ...]:
-    # The boot chain's own error types (initramfs, ESP): reported as one line like ours.
-    kinds: list[type[BaseException]] = []
-    for mod, name in (("bootloader.initramfs", "InitramfsError"), ("bootloader.esp", "EspError")):
-        with contextlib.suppress(ImportError, AttributeError):
-            kinds.append(getattr(importlib.import_module(mod), name))
-    return tuple(kinds)
+                PayloadError, InitramfsError, EspError)
 
 
 @image_app.command("build")
@@ -50,7 +44,7 @@ def image_build(
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout"),
 ) -> None:
     """Build a release: disk image(s), usr.img, update.payload, release.json, signed SHA256SUMS."""
-    with clean_errors(*BUILD_ERRORS, *_boot_errors(), OSError):
+    with clean_errors(*BUILD_ERRORS, OSError):
         summary = build(definition_file, out=out, version=version, key=key, formats=formats, cache=cache,
                         console=console)
     stages = {s.name: {"cached": s.cached, "seconds": round(s.seconds, 3), "key": s.key} for s in summary.stages}
@@ -114,18 +108,7 @@ def image_inspect(
             print(f"slot {s['name']}: version {s.get('version') or '-'} root hash {s.get('root_hash') or '-'}")
 
 
-def _register_test() -> None:
-    """`obelisk image test` belongs to the boot chain (builder/imagetest/cli.py)."""
-    try:
-        mod = importlib.import_module("builder.imagetest.cli")
-    except ImportError:
-        return
-    test = getattr(mod, "test", None)
-    if callable(test):
-        image_app.command("test")(test)
-
-
-_register_test()
+image_app.command("test")(image_test)  # the boot chain's VM scenarios (builder/imagetest)
 
 
 @key_app.command("generate")
@@ -138,3 +121,32 @@ def key_generate(
         priv, pub = signing.generate_keypair(directory, overwrite=force)
     kid = signing.load_public_key(pub).key_id
     print(f"private key: {priv}\npublic key:  {pub}\nkey id:      {kid}")
+
+
+@key_app.command("sign")
+def key_sign(
+    file: Path = typer.Argument(..., help="File to sign"),
+    key: Path = typer.Option(..., "--key", help="Ed25519 private key (obelisk.key)"),
+    out: Path = typer.Option(None, "--out", help="Signature file (default: FILE.sig)"),
+) -> None:
+    """Write a detached Ed25519 signature of FILE (64 raw bytes, like SHA256SUMS.sig)."""
+    with clean_errors(signing.SigningError, OSError):
+        sig = signing.sign(signing.load_private_key(key), file.read_bytes())
+        dest = out or file.with_name(file.name + ".sig")
+        write_atomic(dest, sig)
+    print(f"signed {file} -> {dest}")
+
+
+@key_app.command("verify")
+def key_verify(
+    file: Path = typer.Argument(..., help="Signed file"),
+    sig: Path = typer.Argument(None, help="Signature file (default: FILE.sig)"),
+    key: list[Path] = typer.Option(None, "--key", help="Trusted public key (repeatable; default: the image's keys)"),
+) -> None:
+    """Check a detached signature against the given keys or the image's trusted keys; exit 1 if it does not verify."""
+    with clean_errors(signing.SigningError, OSError):
+        keys = [signing.load_public_key(k) for k in key] if key else signing.load_trusted_keys(TRUSTED_KEYS_DIR)
+        data, signature = file.read_bytes(), (sig or file.with_name(file.name + ".sig")).read_bytes()
+    with clean_errors(signing.SigningError, code=1):
+        signer = signing.verify_any(keys, data, signature)
+    print(f"{file}: signed by {signer.key_id}")

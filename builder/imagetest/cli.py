@@ -72,7 +72,8 @@ def test(
             typer.echo(msg, err=True)
 
     ctx = scenarios.Context(release=release, work=work, boot_timeout=boot_timeout, next_release=next_release,
-                            broken_release=broken_release, obelisk=scenarios.obelisk_cmd(), log=log)
+                            broken_release=broken_release, obelisk=scenarios.obelisk_cmd(), log=log,
+                            signing_key=key)
     outcomes = []
     for name in names:
         log(f"scenario {name}:")

@@ -29,8 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bootloader import gpt, slots
+from builder.build import data_dir
 from builder.imagetest import qemu
 from builder.tools import run
+from update_engine import signing
 
 PLACEHOLDER_GUID = uuid.UUID("00000000-0000-0000-0000-000000000001")
 GROW_BYTES = 256 << 20  # the boot scenario enlarges the disk by this much before the first boot
@@ -64,6 +66,7 @@ class Context:
     obelisk: list[str]
     log: Callable[[str], None] = print
     boots: list[qemu.Boot] = field(default_factory=list)
+    signing_key: Path | None = None  # private key the image trusts (signs the guest's run.sh); default: dev key
 
     def release_meta(self, rel: Path | None = None) -> dict:
         return json.loads(((rel or self.release) / "release.json").read_text())
@@ -118,8 +121,6 @@ def trusted_key(release: Path, scratch: Path) -> Path:
         if res.returncode == 0 and "PUBLIC KEY" in res.stdout:
             out.write_text(res.stdout)
             return out
-    from builder.build import data_dir
-
     dev = data_dir() / "dev-key" / "obelisk.pub"
     if dev.exists():
         return dev
@@ -170,12 +171,16 @@ def guest_can_run(release: Path) -> bool:
     return res.returncode == 0 and GUEST_RUNNER in res.stdout
 
 
-def make_test_disk(dest: Path, script: str, files: dict[str, Path], texts: dict[str, str] | None = None) -> Path:
-    """A small ext4 image labelled OBELISK-TEST holding ``run.sh`` and ``files`` (attached read-only)."""
+def make_test_disk(dest: Path, script: str, files: dict[str, Path], texts: dict[str, str] | None = None, *,
+                   signing_key: Path | None = None) -> Path:
+    """A small ext4 image labelled OBELISK-TEST holding ``run.sh`` (signed: the guest runs it only when a key it
+    trusts signed it) and ``files`` (attached read-only)."""
     tree = dest.with_suffix(".d")
     shutil.rmtree(tree, ignore_errors=True)
     tree.mkdir(parents=True)
     (tree / "run.sh").write_text(script)
+    key = signing.load_private_key(signing_key or data_dir() / "dev-key" / signing.PRIVATE_NAME)
+    (tree / "run.sh.sig").write_bytes(signing.sign(key, script.encode()))
     for name, text in (texts or {}).items():
         (tree / name).write_text(text)
     for name, src in files.items():
@@ -193,9 +198,9 @@ def make_test_disk(dest: Path, script: str, files: dict[str, Path], texts: dict[
 
 def apply_disk(ctx: Context, scratch: Path, release: Path) -> Path:
     """The test disk for the guest's own `obelisk update apply`: payload, the trusted key, run.sh."""
-    return make_test_disk(scratch / "apply-test.img", GUEST_APPLY,
-                     {"update.payload": release / "update.payload", "trusted.pub": trusted_key(ctx.release, scratch)},
-                     {"version": ctx.release_meta(release)["version"] + "\n"})
+    files = {"update.payload": release / "update.payload", "trusted.pub": trusted_key(ctx.release, scratch)}
+    return make_test_disk(scratch / "apply-test.img", GUEST_APPLY, files,
+                          {"version": ctx.release_meta(release)["version"] + "\n"}, signing_key=ctx.signing_key)
 
 
 def slot_magic(disk: Path, index: int) -> bytes:

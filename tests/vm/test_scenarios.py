@@ -17,6 +17,7 @@ import pytest
 from testlib import OBELISK, REPO, need_tools
 
 from builder.imagetest import scenarios
+from update_engine import signing
 
 TINY = REPO / "images" / "tiny.toml"
 
@@ -63,7 +64,8 @@ def ctx(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config) -
         return built["broken"]
 
     return scenarios.Context(release=release, work=work, boot_timeout=300.0, next_release=next_release,
-                             broken_release=broken_release, obelisk=[OBELISK], log=_say)
+                             broken_release=broken_release, obelisk=[OBELISK], log=_say,
+                             signing_key=key)
 
 
 @pytest.mark.vm
@@ -112,13 +114,17 @@ def test_guest_test_disk(tmp_path: Path) -> None:
     """
     payload = tmp_path / "update.payload"
     payload.write_bytes(b"x" * 5000)
+    priv, pub = signing.generate_keypair(tmp_path / "key")
     img = scenarios.make_test_disk(tmp_path / "t.img", scenarios.GUEST_APPLY, {"update.payload": payload},
-                                   {"version": "1.2.3\n"})
+                                   {"version": "1.2.3\n"}, signing_key=priv)
     label = subprocess.run(["e2label", str(img)], capture_output=True, text=True)
     assert label.stdout.strip() == scenarios.TEST_LABEL
     listing = subprocess.run(["debugfs", "-R", "ls -l /", str(img)], capture_output=True, text=True).stdout
     assert "run.sh" in listing and "update.payload" in listing and "version" in listing
     cat = subprocess.run(["debugfs", "-R", "cat /run.sh", str(img)], capture_output=True, text=True).stdout
     assert "obelisk update apply ./update.payload" in cat
+    # The guest runs run.sh only if a key it trusts signed it (obelisk-test-run checks run.sh.sig).
+    sig = subprocess.run(["debugfs", "-R", "cat /run.sh.sig", str(img)], capture_output=True).stdout
+    signing.verify_any([signing.load_public_key(pub)], cat.encode(), sig)
     rule = (Path(__file__).parents[2] / "images/files/base/usr/lib/udev/rules.d/90-obelisk-test.rules").read_text()
     assert f'ENV{{ID_FS_LABEL}}=="{scenarios.TEST_LABEL}"' in rule and 'KERNEL=="vd*"' in rule
