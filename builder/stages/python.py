@@ -57,5 +57,15 @@ def run(ctx, out: Path) -> dict:
     # pip records where it installed from (a temporary path): drop it so builds are reproducible.
     for record in target.glob("*.dist-info/direct_url.json"):
         record.unlink()
+    prune_records(target)
     fsutil.remove_tree(src)
     return {"installed": True}
+
+
+def prune_records(target: Path) -> None:
+    """Drop the RECORD lines of files removed after pip ran (their hashes name the temporary source path)."""
+    for record in target.glob("*.dist-info/RECORD"):
+        lines = record.read_text().splitlines(keepends=True)
+        kept = [ln for ln in lines if (target / ln.split(",", 1)[0]).exists()]
+        if kept != lines:
+            record.write_text("".join(kept))

@@ -47,3 +47,18 @@ def test_factory_etc_and_tmpfiles(tmp_path: Path) -> None:
     assert (tree / "usr/share/factory/etc/ssh/sshd_config").read_text() == "x"
     conf = (tree / "usr/lib/tmpfiles.d/obelisk-factory-etc.conf").read_text()
     assert "C /etc/ssh - - - - -" in conf and "/etc/hostname" not in conf
+
+
+def test_pip_record_keeps_only_installed_files(tmp_path: Path) -> None:
+    """pip's RECORD names direct_url.json, whose hash depends on the temporary source path: it must go."""
+    from builder.stages.python import prune_records
+
+    info = tmp_path / "obelisk-0.1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Name: obelisk\n")
+    (info / "RECORD").write_text("obelisk-0.1.0.dist-info/METADATA,sha256=abc,14\n"
+                                 "obelisk-0.1.0.dist-info/direct_url.json,sha256=xyz,117\n"
+                                 "obelisk-0.1.0.dist-info/RECORD,,\n")
+    prune_records(tmp_path)
+    assert (info / "RECORD").read_text() == ("obelisk-0.1.0.dist-info/METADATA,sha256=abc,14\n"
+                                             "obelisk-0.1.0.dist-info/RECORD,,\n")
