@@ -209,16 +209,22 @@ def read_configdrive(d: Path) -> Fetched | None:
     return Fetched(f"configdrive ({d})", data, md)
 
 
-def from_configdrive(s: Settings) -> Fetched | None:
-    for d in s.configdrive_dirs:
-        got = read_configdrive(Path(d))
+def _probe_volumes(s: Settings, dirs: tuple[str, ...], labels: tuple[str, ...], read: Callable[[Path], Fetched | None]
+                   ) -> Fetched | None:
+    """The first of the given directories, then of the volumes with the given labels, that ``read`` accepts."""
+    for d in dirs:
+        got = read(Path(d))
         if got:
             return got
-    for _label, dev in _label_dirs(s, s.configdrive_labels):
-        got = _mounted(dev, read_configdrive)
+    for _label, dev in _label_dirs(s, labels):
+        got = _mounted(dev, read)
         if got:
             return got
     return None
+
+
+def from_configdrive(s: Settings) -> Fetched | None:
+    return _probe_volumes(s, s.configdrive_dirs, s.configdrive_labels, read_configdrive)
 
 
 def read_nocloud(d: Path) -> Fetched | None:
@@ -248,15 +254,7 @@ def read_nocloud(d: Path) -> Fetched | None:
 
 
 def from_nocloud(s: Settings) -> Fetched | None:
-    for d in s.nocloud_dirs:
-        got = read_nocloud(Path(d))
-        if got:
-            return got
-    for _label, dev in _label_dirs(s, s.nocloud_labels):
-        got = _mounted(dev, read_nocloud)
-        if got:
-            return got
-    return None
+    return _probe_volumes(s, s.nocloud_dirs, s.nocloud_labels, read_nocloud)
 
 
 def _imds_token(s: Settings, base: str) -> str | None:
