@@ -11,7 +11,7 @@ import shutil
 import uuid
 from pathlib import Path
 
-from builder import fsutil, tools
+from builder import ext4, fsutil, tools
 from builder.definition import MIB
 from builder.errors import BuildError
 
@@ -82,6 +82,7 @@ def make_ext4(ctx, src: Path, img: Path, label: str, size_mib: int, key: str) ->
                              f"{need_mib * 2} in {ctx.definition_path}") from None
         raise
     pin_inode_times(src, img, ctx.epoch)
+    ext4.pin_write_time(img, ctx.epoch)  # debugfs and mke2fs stamp the superblock with the clock on close
 
 
 def pin_inode_times(src: Path, img: Path, epoch: int) -> None:

@@ -62,3 +62,26 @@ def test_pip_record_keeps_only_installed_files(tmp_path: Path) -> None:
     prune_records(tmp_path)
     assert (info / "RECORD").read_text() == ("obelisk-0.1.0.dist-info/METADATA,sha256=abc,14\n"
                                              "obelisk-0.1.0.dist-info/RECORD,,\n")
+
+
+def test_ext4_write_time_is_pinned(tmp_path: Path) -> None:
+    """debugfs -w stamps s_wtime with the clock; pin_write_time makes two images identical and fsck-clean."""
+    import subprocess
+    import time
+
+    from builder.ext4 import pin_write_time
+
+    imgs = []
+    for i in range(2):
+        img = tmp_path / f"{i}.img"
+        subprocess.run(["mkfs.ext4", "-q", "-F", "-U", "0b5e1c0d-0b5e-4c0d-8b5e-1c0d0b5e1c0d", "-E",
+                        "hash_seed=0b5e1c0d-0b5e-4c0d-8b5e-1c0d0b5e1c0d", str(img), "8M"], check=True,
+                       env={"E2FSPROGS_FAKE_TIME": "1764115200", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+        # as pin_inode_times can: a debugfs -w that dirties the superblock stamps s_wtime with the real clock
+        subprocess.run(["debugfs", "-w", "-R", "ssv mnt_count 0", str(img)], check=True, capture_output=True)
+        pin_write_time(img, 1764115200)
+        imgs.append(img.read_bytes())
+        time.sleep(1.1)
+    assert imgs[0] == imgs[1]
+    fsck = subprocess.run(["e2fsck", "-fn", str(tmp_path / "0.img")], capture_output=True, text=True)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
