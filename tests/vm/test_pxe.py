@@ -12,13 +12,12 @@ import contextlib
 import json
 import os
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from testlib import OBELISK, REPO, need_tools
+from testlib import OBELISK, REPO, need_tools, say
 
 from bootloader import initramfs
 
@@ -96,21 +95,11 @@ def pxe_boot(rel: Release, cmdline: str, log: Path, timeout: float = 300.0) -> B
     return Boot(log.read_text(errors="replace"), seconds, end)
 
 
-def _say(pytestconfig: pytest.Config, line: str) -> None:
-    capman = pytestconfig.pluginmanager.getplugin("capturemanager")
-    if capman is None:
-        print(f"[vm] {line}")
-        return
-    with capman.global_and_fixture_disabled():
-        sys.stdout.write(f"\n[vm] {line}\n")
-        sys.stdout.flush()
-
-
 @pytest.mark.vm
 def test_pxe_boots_verified_usr_on_tmpfs_root(release: Release, tmp_path: Path, pytestconfig: pytest.Config) -> None:
     log = tmp_path / "pxe.log"
     boot = pxe_boot(release, f"obelisk.usrhash={release.root_hash} obelisk.usrhashoffset={release.hash_offset}", log)
-    _say(pytestconfig, f"PXE boot of tiny {release.version}: {boot.exit} in {boot.seconds:.1f}s (log {log})")
+    say(pytestconfig, f"PXE boot of tiny {release.version}: {boot.exit} in {boot.seconds:.1f}s (log {log})")
     assert boot.exit == "booted", f"{boot.exit}; see {log}"
     lines = boot.log.splitlines()
     # The init attached /usr.img to a loop device and verity checked it against the root hash.
@@ -130,7 +119,7 @@ def test_pxe_wrong_root_hash_refuses(release: Release, tmp_path: Path, pytestcon
     log = tmp_path / "pxe-bad.log"
     wrong = ("0" if release.root_hash[0] != "0" else "1") + release.root_hash[1:]
     boot = pxe_boot(release, f"obelisk.usrhash={wrong} obelisk.usrhashoffset={release.hash_offset}", log)
-    _say(pytestconfig, f"PXE boot with a wrong root hash: {boot.exit} in {boot.seconds:.1f}s")
+    say(pytestconfig, f"PXE boot with a wrong root hash: {boot.exit} in {boot.seconds:.1f}s")
     assert boot.exit == "failed", f"{boot.exit}; see {log}"
     assert f"OBELISK-VERITY-FAIL: PXE /usr.img does not match root hash {wrong}" in boot.log
     assert "is corrupted" in boot.log  # the kernel's dm-verity said so, not only our script

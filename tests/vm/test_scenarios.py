@@ -10,11 +10,10 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from testlib import OBELISK, REPO, need_tools
+from testlib import OBELISK, REPO, need_tools, say
 
 from builder.imagetest import scenarios
 from update_engine import signing
@@ -26,14 +25,7 @@ _CONFIG: list[pytest.Config] = []
 
 
 def _say(line: str) -> None:
-    """Print past pytest's capture, so the boot times show in CI's output."""
-    capman = _CONFIG[0].pluginmanager.getplugin("capturemanager") if _CONFIG else None
-    if capman is None:
-        print(f"[vm] {line}")
-        return
-    with capman.global_and_fixture_disabled():
-        sys.stdout.write(f"\n[vm] {line}\n")
-        sys.stdout.flush()
+    say(_CONFIG[0] if _CONFIG else None, line)
 
 
 @pytest.fixture(scope="module")
