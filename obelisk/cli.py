@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "update": ("update_engine.cli", "app"),
     "lock": ("update_engine.reboot.cli", "app"),
     "cloudconfig": ("cloudconfig.cli", "app"),
+    "provision": ("provision.cli", "app"),
 }
 
 

@@ -1,0 +1,181 @@
+"""The provisioning server's HTTP side (an ASGI app; `obelisk provision serve` runs it under uvicorn).
+
+Read side (no login; may be limited to networks): `/boot.ipxe`, `/ipxe`, `/grub`, `/cloud`,
+`/generic`, `/metadata`, `/assets/...`. Write side (`/api/v1/...`): off unless the server was given
+a bearer token file or a mutual-TLS listener; see provision/write_api.py.
+
+Every failure answers one line naming the cause (and logs it): 404 when something is missing (no
+group, profile, template or release), 500 when something is broken (an invalid file in the data
+folder, a template that fails strictly, a cloud-config that does not validate). A host is never
+handed a half-rendered or unvalidated config.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import FileResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from provision import render
+from provision.releases import ReleaseError, Releases
+from provision.select import Labels, NoMatch, labels_from_query, select
+from provision.store import NotFound, Store, StoreError
+
+log = logging.getLogger("obelisk.provision")
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+_HOST = re.compile(r"^[A-Za-z0-9.\-]+(:\d{1,5})?$|^\[[0-9A-Fa-f:.]+\](:\d{1,5})?$")
+
+
+class AssetResponse(FileResponse):
+    chunk_size = 1024 * 1024  # kernels and /usr images: 64 KiB chunks cost a lot of CPU per GiB
+
+
+@dataclass
+class Settings:
+    data: Path
+    assets: Path | None = None
+    public_url: str | None = None
+    allow: list[Network] = field(default_factory=list)  # empty: every client may read
+    write_token: str | None = None  # bearer token that opens the write API on every listener
+    mtls_ports: set[int] = field(default_factory=set)  # listeners whose TLS handshake verified the client
+
+
+@dataclass
+class Host:
+    """What one request resolved to: labels, group, profile, template data."""
+
+    labels: Labels
+    ctx: render.Context
+    profile_id: str
+
+
+class Provision:
+    def __init__(self, settings: Settings) -> None:
+        self.s = settings
+        self.store = Store(settings.data)
+        self.releases = Releases(settings.assets)
+        self.assets_root = settings.assets.resolve() if settings.assets is not None else None
+
+    def server_url(self, request: Request) -> str:
+        if self.s.public_url:
+            return self.s.public_url.rstrip("/")
+        host = request.headers.get("host", "")
+        if not _HOST.match(host):  # never echo a hostile Host header into a boot script
+            h, p = request.scope.get("server") or ("127.0.0.1", 80)
+            host = f"[{h}]:{p}" if ":" in h else f"{h}:{p}"
+        return f"{request.url.scheme}://{host}"
+
+    def allowed(self, request: Request) -> bool:
+        if not self.s.allow:
+            return True
+        client = request.client.host if request.client else ""
+        try:
+            ip = ipaddress.ip_address(client)
+        except ValueError:
+            return False
+        return any(ip in net for net in self.s.allow)
+
+    def resolve(self, request: Request) -> Host:
+        labels = labels_from_query(request.query_params.multi_items())
+        group = select(self.store.groups(), labels)
+        ctx = render.Context(group, labels, request.url.query, self.server_url(request))
+        return Host(labels, ctx, group.profile)
+
+
+def _fail(status: int, message: str, request: Request) -> Response:
+    log.warning("%s %s -> %d: %s", request.method, request.url.path, status, message)
+    return PlainTextResponse(f"error: {message}\n", status_code=status)
+
+
+def make_app(settings: Settings) -> Starlette:
+    prov = Provision(settings)
+
+    def read(handler: Callable[[Request], Awaitable[Response] | Response]):  # noqa: ANN202
+        async def endpoint(request: Request) -> Response:
+            if not prov.allowed(request):
+                return _fail(403, f"client {request.client.host if request.client else '?'} is not in an "
+                                  f"allowed network", request)
+            try:
+                res = handler(request)
+                return await res if not isinstance(res, Response) else res
+            except (NoMatch, NotFound, ReleaseError) as exc:
+                return _fail(404, str(exc), request)
+            except (StoreError, render.RenderError, render.TemplateSyntax) as exc:
+                return _fail(500, str(exc), request)
+        return endpoint
+
+    def text(body: str) -> Response:
+        return PlainTextResponse(body)
+
+    def boot(request: Request) -> tuple[Host, render.BootSpec, str]:
+        host = prov.resolve(request)
+        profile = prov.store.profile(host.profile_id)
+        release = prov.releases.resolve(profile.release) if profile.release else None
+        spec = render.boot_spec(profile, release, host.ctx)
+        log.info("%s %s -> group %s, profile %s", request.url.path, host.labels.text(), host.ctx.group.id, profile.id)
+        return host, spec, profile.name or profile.id
+
+    def ipxe(request: Request) -> Response:
+        host, spec, _ = boot(request)
+        return text(render.ipxe_script(spec, host.ctx.server_url))
+
+    def grub(request: Request) -> Response:
+        host, spec, title = boot(request)
+        return text(render.grub_script(spec, host.ctx.server_url, title, host.labels.values))
+
+    def templated(kind: str) -> Callable[[Request], Response]:
+        def handler(request: Request) -> Response:
+            host = prov.resolve(request)
+            profile = prov.store.profile(host.profile_id)
+            name = profile.cloud_id if kind == "cloud" else profile.generic_id
+            if name is None:
+                raise NotFound(f"profile {profile.id!r} (group {host.ctx.group.id!r}) has no {kind}_id")
+            source = prov.store.template(kind, name)
+            fn = render.render_cloud if kind == "cloud" else render.render
+            out = fn(source, f"{kind}/{name}", host.ctx)
+            log.info("/%s %s -> group %s, %s/%s", kind, host.labels.text(), host.ctx.group.id, kind, name)
+            return text(out)
+        return handler
+
+    def metadata(request: Request) -> Response:
+        return text(render.metadata_env(prov.resolve(request).ctx))
+
+    def assets(request: Request) -> Response:
+        if prov.assets_root is None:
+            raise NotFound("this server has no assets folder (start it with --assets DIR)")
+        rel = request.path_params["path"]
+        parts = rel.split("/")
+        if (not rel or "\x00" in rel or "\\" in rel
+                or any(p in ("", ".", "..") or p.startswith(".") for p in parts)):
+            return _fail(400, f"asset path {rel[:120]!r} is not allowed (no '..', hidden or absolute parts)", request)
+        target = (prov.assets_root / rel).resolve()
+        if not target.is_relative_to(prov.assets_root):
+            return _fail(400, f"asset path {rel[:120]!r} leaves the assets folder", request)
+        if not target.is_file():
+            raise NotFound(f"no asset {rel[:120]!r}")
+        return AssetResponse(target, media_type="application/octet-stream")
+
+    routes = [
+        Route("/", read(lambda r: text("obelisk provision\n")), methods=["GET", "HEAD"]),
+        Route("/health", lambda r: PlainTextResponse("ok\n"), methods=["GET", "HEAD"]),
+        Route("/boot.ipxe", read(lambda r: text(render.BOOT_IPXE)), methods=["GET", "HEAD"]),
+        Route("/boot.ipxe.0", read(lambda r: text(render.BOOT_IPXE)), methods=["GET", "HEAD"]),
+        Route("/ipxe", read(ipxe), methods=["GET", "HEAD"]),
+        Route("/grub", read(grub), methods=["GET", "HEAD"]),
+        Route("/cloud", read(templated("cloud")), methods=["GET", "HEAD"]),
+        Route("/generic", read(templated("generic")), methods=["GET", "HEAD"]),
+        Route("/metadata", read(metadata), methods=["GET", "HEAD"]),
+        Route("/assets/{path:path}", read(assets), methods=["GET", "HEAD"]),
+    ]
+    from provision.write_api import routes as write_routes
+
+    routes += write_routes(prov)
+    return Starlette(routes=routes)

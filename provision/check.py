@@ -1,0 +1,136 @@
+"""`obelisk provision check`: every profile, group and template of a data folder, checked offline."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from provision import render
+from provision.model import TEMPLATE_KINDS, Group
+from provision.releases import ReleaseError, Releases
+from provision.select import Labels
+from provision.store import Store, StoreError
+
+# What a booting host's request brings (boot.ipxe asks with all of these): stood in for, so only
+# what the group itself must supply is reported missing.
+_PROBE_URL = "http://provision.invalid:8080"
+_PROBE_LABELS = {"mac": "52:54:00:00:00:00", "uuid": "00000000-0000-0000-0000-000000000000",
+                 "hostname": "probe", "serial": "probe", "arch": "x86_64", "domain": "probe.invalid"}
+
+
+@dataclass
+class Finding:
+    level: str  # "error" | "warning"
+    where: str
+    message: str
+
+    def text(self) -> str:
+        return f"{self.where}: {self.level}: {self.message}"
+
+
+@dataclass
+class Report:
+    findings: list[Finding] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def errors(self) -> list[Finding]:
+        return [f for f in self.findings if f.level == "error"]
+
+    def add(self, level: str, where: str, message: str) -> None:
+        self.findings.append(Finding(level, where, message))
+
+
+def check(data: Path, assets: Path | None = None) -> Report:
+    rep = Report()
+    if not data.is_dir():
+        rep.add("error", str(data), "no such folder; a data folder holds profiles/, groups/, cloud/ and generic/")
+        return rep
+    store = Store(data)
+    releases = Releases(assets)
+    for sub in ("profiles", "groups", *TEMPLATE_KINDS):
+        d = data / sub
+        if d.is_dir():
+            valid = set(store.ids(sub))
+            for f in sorted(d.iterdir()):
+                name = f.name[:-5] if sub in ("profiles", "groups") and f.name.endswith(".json") else f.name
+                if f.name.startswith("."):
+                    continue
+                if f.is_file() and name not in valid:
+                    rep.add("warning", f"{sub}/{f.name}", "ignored: not a valid name "
+                            "(letters, digits, '.', '_', '-'; profiles and groups end in .json)")
+    profiles = {}
+    for ident in store.ids("profiles"):
+        try:
+            profiles[ident] = store.profile(ident)
+        except StoreError as exc:
+            rep.add("error", f"profiles/{ident}.json", str(exc).split(": ", 1)[-1])
+    templates: dict[tuple[str, str], str] = {}
+    for kind in TEMPLATE_KINDS:
+        for name in store.ids(kind):
+            try:
+                src = store.template(kind, name)
+                render.compile_template(src, f"{kind}/{name}")
+                templates[(kind, name)] = src
+            except (StoreError, render.TemplateSyntax) as exc:
+                rep.add("error", f"{kind}/{name}", str(exc))
+    groups: list[Group] = []
+    for ident in store.ids("groups"):
+        try:
+            groups.append(store.group(ident))
+        except StoreError as exc:
+            rep.add("error", f"groups/{ident}.json", str(exc).split(": ", 1)[-1])
+    rep.counts = {"profiles": len(profiles), "groups": len(groups),
+                  "templates": sum(len(store.ids(k)) for k in TEMPLATE_KINDS)}
+    for p in profiles.values():
+        where = f"profiles/{p.id}.json"
+        for kind, name in (("cloud", p.cloud_id), ("generic", p.generic_id)):
+            if name is not None and not (data / kind / name).is_file():
+                rep.add("error", where, f"{kind}_id {name!r}: no {kind}/{name}")
+        if p.release and (p.boot.kernel or p.boot.initrd):
+            rep.add("error", where, "give either release or boot.kernel/boot.initrd, not both")
+        elif not p.release and not p.boot.kernel:
+            rep.add("warning", where, "no release and no boot.kernel: /ipxe and /grub will answer 404")
+        if p.release:
+            try:
+                releases.resolve(p.release)
+            except ReleaseError as exc:
+                rep.add("warning", where, str(exc))
+    seen: dict[str, str] = {}
+    for g in groups:
+        where = f"groups/{g.id}.json"
+        if g.profile not in profiles:
+            rep.add("error", where, f"profile {g.profile!r} does not exist (no profiles/{g.profile}.json)")
+        sel = g.selector_text()
+        if sel in seen:
+            what = "default groups" if not sel else f"groups with the same selector ({sel})"
+            rep.add("error", where, f"{what}: {seen[sel]} and {g.id}; only {min(seen[sel], g.id)} is ever chosen")
+        else:
+            seen[sel] = g.id
+        p = profiles.get(g.profile)
+        if p is None:
+            continue
+        _render_for(rep, g, p, templates, where)
+    if groups and "" not in seen:
+        rep.add("warning", "groups", "no default group (one without selector): hosts that match none get a 404")
+    return rep
+
+
+def _render_for(rep: Report, g: Group, p, templates: dict[tuple[str, str], str], where: str) -> None:  # noqa: ANN001
+    """Render each of the group's templates with the group's own data and a stand-in request."""
+    labels = Labels({**_PROBE_LABELS, **g.selector})
+    ctx = render.Context(g, labels, "&".join(f"{k}={v}" for k, v in labels.values.items()), _PROBE_URL)
+    for kind, name in (("cloud", p.cloud_id), ("generic", p.generic_id)):
+        src = templates.get((kind, name)) if name else None
+        if src is None:
+            continue
+        try:
+            (render.render_cloud if kind == "cloud" else render.render)(src, f"{kind}/{name}", ctx)
+        except render.RenderError as exc:
+            rep.add("error", where, str(exc))
+    for i, a in enumerate(p.boot.args):
+        if "{{" in a or "{%" in a:
+            try:
+                render.render(a, f"profile {p.id} boot.args[{i}]", ctx)
+            except render.RenderError as exc:
+                rep.add("error", where, str(exc))

@@ -1,0 +1,227 @@
+"""What the server answers: iPXE and GRUB scripts, templates rendered strictly, metadata as env lines.
+
+Templates are jinja2 in a sandbox with StrictUndefined: a missing variable is an error, never an
+empty string in a host's config. Their data is the group's metadata, then the group's selector
+(over metadata of the same name), then `request.query` (the normalised labels) and
+`request.raw_query`. Kernel arguments are rendered the same way (so `{{ server_url }}` works in
+them); iPXE's own `${mac:hexhyp}` and the like pass through for the firmware to expand.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import jinja2
+from jinja2.sandbox import SandboxedEnvironment
+
+from cloudconfig.validate import validate_bytes
+from provision.model import Group, Profile
+from provision.releases import PxeRelease
+from provision.select import Labels
+
+# The chain script: iPXE fills these from the firmware and asks /ipxe for the host's own script.
+BOOT_IPXE = ("#!ipxe\nchain ipxe?uuid=${uuid}&mac=${mac:hexhyp}&domain=${domain}&hostname=${hostname}"
+             "&serial=${serial}&arch=${buildarch:uristring}\n")
+MAX_OUTPUT = 1 << 20
+
+
+class RenderError(RuntimeError):
+    """A template could not produce a config for this host; the message says which and why."""
+
+
+class TemplateSyntax(ValueError):
+    pass
+
+
+_env = SandboxedEnvironment(undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=True)
+_compiled: dict[str, jinja2.Template] = {}
+_valid: dict[str, str | None] = {}  # sha256 of a rendered cloud-config -> None (valid) or its first error
+
+
+def compile_template(source: str, name: str) -> jinja2.Template:
+    key = hashlib.sha256(source.encode()).hexdigest()
+    tpl = _compiled.get(key)
+    if tpl is None:
+        try:
+            tpl = _env.from_string(source)
+        except jinja2.TemplateSyntaxError as exc:
+            raise TemplateSyntax(f"template {name}: line {exc.lineno}: {exc.message}") from None
+        if len(_compiled) > 512:
+            _compiled.clear()
+        _compiled[key] = tpl
+    return tpl
+
+
+@dataclass(frozen=True)
+class Context:
+    group: Group
+    labels: Labels
+    raw_query: str
+    server_url: str
+
+    def data(self) -> dict[str, Any]:
+        d: dict[str, Any] = dict(self.group.metadata)
+        d.update(self.group.selector)
+        d["request"] = {"query": dict(self.labels.values), "raw_query": self.raw_query}
+        d["server_url"] = self.server_url
+        return d
+
+
+def render(source: str, name: str, ctx: Context) -> str:
+    tpl = compile_template(source, name)
+    try:
+        out = tpl.render(ctx.data())
+    except jinja2.UndefinedError as exc:
+        raise RenderError(f"{name} for group {ctx.group.id!r}: {exc.message}; add it to the group's metadata "
+                          f"or selector") from None
+    except jinja2.exceptions.SecurityError as exc:
+        raise RenderError(f"{name} for group {ctx.group.id!r}: refused by the template sandbox: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - any template runtime error is the template's, reported as such
+        raise RenderError(f"{name} for group {ctx.group.id!r}: {type(exc).__name__}: {exc}") from None
+    if len(out) > MAX_OUTPUT:
+        raise RenderError(f"{name} for group {ctx.group.id!r} rendered {len(out)} bytes, more than {MAX_OUTPUT}")
+    return out
+
+
+def render_cloud(source: str, name: str, ctx: Context) -> str:
+    """Render, then refuse anything `obelisk cloudconfig validate` would reject."""
+    text = render(source, name, ctx)
+    key = hashlib.sha256(text.encode()).hexdigest()
+    if key not in _valid:
+        report = validate_bytes(text.encode())
+        first = report.errors[0].text() if report.errors else None
+        if report.kind not in ("cloud-config", "script"):
+            first = first or f"rendered {report.kind} user-data, not a #cloud-config or a script"
+        if len(_valid) > 4096:
+            _valid.clear()
+        _valid[key] = first
+    problem = _valid[key]
+    if problem is not None:
+        raise RenderError(f"{name} for group {ctx.group.id!r} rendered an invalid cloud-config ({problem}); "
+                          f"check it with 'obelisk provision check'")
+    return text
+
+
+# --- boot scripts ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BootSpec:
+    kernel: str
+    initrd: list[str]
+    args: list[str]
+
+
+def boot_spec(profile: Profile, release: PxeRelease | None, ctx: Context) -> BootSpec:
+    if release is not None:
+        kernel, initrd, args = release.kernel, [release.initrd], [*release.args(), *profile.boot.args]
+    else:
+        kernel, initrd, args = profile.boot.kernel, list(profile.boot.initrd), list(profile.boot.args)
+    if not kernel:
+        raise RenderError(f"profile {profile.id!r} has no kernel: set boot.kernel or release")
+    rendered = []
+    for i, a in enumerate(args):
+        r = render(a, f"profile {profile.id} boot.args[{i}]", ctx) if ("{{" in a or "{%" in a) else a
+        if not r.strip():
+            continue
+        if any(ord(c) < 0x20 or c == "\x7f" for c in r):
+            raise RenderError(f"profile {profile.id!r} boot.args[{i}] rendered a control character")
+        rendered.append(r)
+    return BootSpec(kernel, initrd, rendered)
+
+
+def _absolute(url: str, server_url: str) -> str:
+    return server_url.rstrip("/") + url if url.startswith("/") else url
+
+
+def ipxe_script(spec: BootSpec, server_url: str) -> str:
+    lines = ["#!ipxe", " ".join(["kernel", _absolute(spec.kernel, server_url), *spec.args])]
+    lines += [f"initrd {_absolute(i, server_url)}" for i in spec.initrd]
+    lines.append("boot")
+    return "\n".join(lines) + "\n"
+
+
+def _grub_path(url: str, server_url: str) -> str:
+    """GRUB reads over HTTP as (http,host,port)/path; plain upstream GRUB needs no other syntax."""
+    url = _absolute(url, server_url)
+    parts = urlsplit(url)
+    if parts.scheme != "http" or not parts.hostname:
+        return url  # tftp paths and the like: the boot device's own
+    port = f",{parts.port}" if parts.port else ""
+    path = parts.path + (f"?{parts.query}" if parts.query else "")
+    return f"(http,{parts.hostname}{port}){path}"
+
+
+def _grub_quote(s: str) -> str:
+    return "'" + s.replace("'", "'\\''") + "'"
+
+
+_IPXE_VAR = re.compile(r"\$\{(?:net\d+/)?([a-z]+)(?::([a-z]+))?\}")
+
+
+def fill_ipxe_vars(arg: str, labels: dict[str, str]) -> str:
+    """GRUB cannot expand iPXE's ${mac:hexhyp} & co.; the request's own labels stand in for them."""
+    def sub(m: re.Match) -> str:
+        value = labels.get(m.group(1))
+        if value is None:
+            return m.group(0)
+        return value.replace(":", "-") if m.group(1) == "mac" and m.group(2) == "hexhyp" else value
+    return _IPXE_VAR.sub(sub, arg)
+
+
+def grub_script(spec: BootSpec, server_url: str, title: str, labels: dict[str, str] | None = None) -> str:
+    """One menu entry with upstream GRUB's `linux`/`initrd` (EFI stub on UEFI, no linuxefi patch needed)."""
+    filled = [fill_ipxe_vars(a, labels or {}) for a in spec.args]
+    args = " ".join(_grub_quote(a) if re.search(r"[\s;&|<>$'\"\\#{}]", a) else a for a in filled)
+    initrds = " ".join(_grub_quote(_grub_path(i, server_url)) for i in spec.initrd)
+    body = [
+        "default=0",
+        "timeout=1",
+        f"menuentry {_grub_quote(title)} {{",
+        "  echo 'Loading kernel'",
+        f"  linux {_grub_quote(_grub_path(spec.kernel, server_url))} {args}".rstrip(),
+    ]
+    if initrds:
+        body += ["  echo 'Loading initrd'", f"  initrd {initrds}"]
+    body.append("}")
+    return "\n".join(body) + "\n"
+
+
+# --- metadata --------------------------------------------------------------------------------------
+
+_ENV_SAFE = re.compile(r"^[A-Za-z0-9_./:,@%+=-]*$")
+
+
+def _env_value(v: Any) -> str:
+    s = v if isinstance(v, str) else ("true" if v is True else "false" if v is False else
+                                      "" if v is None else str(v))
+    if _ENV_SAFE.match(s):
+        return s
+    # systemd EnvironmentFile= and POSIX shells both read this double-quoted form.
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"').replace("$", "\\$").replace("`", "\\`") \
+        .replace("\n", "\\n") + '"'
+
+
+def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten(f"{prefix}_{k}" if prefix else str(k), v, out)
+        return
+    key = re.sub(r"[^A-Za-z0-9_]", "_", prefix).upper()
+    if isinstance(value, list):  # a list becomes one comma-separated value
+        value = ",".join(x if isinstance(x, str) else json.dumps(x, sort_keys=True) for x in value)
+    out[key] = _env_value(value)
+
+
+def metadata_env(ctx: Context) -> str:
+    """Group metadata, selectors and the request as `KEY=value` lines (matchbox's /metadata)."""
+    out: dict[str, str] = {}
+    _flatten("", dict(ctx.group.metadata), out)
+    _flatten("", dict(ctx.group.selector), out)
+    _flatten("request_query", dict(ctx.labels.values), out)
+    out["REQUEST_RAW_QUERY"] = _env_value(ctx.raw_query)
+    return "".join(f"{k}={v}\n" for k, v in sorted(out.items()))

@@ -1,0 +1,279 @@
+"""The data folder: `profiles/<id>.json`, `groups/<id>.json`, `cloud/<name>`, `generic/<name>`.
+
+Files are the only state, so several servers may share one folder. Reads are cached per file and
+checked against the file's stat on every request; a file changed within the last two seconds is
+always re-read (timestamps are coarse, so a same-size rewrite in the same tick could otherwise
+look unchanged). Writes take an exclusive lock on `DIR/.lock`, check references, and replace the
+file atomically (temporary file, fsync, rename), so readers see the old or the new file, never a mix.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from obelisk.atomicfile import write_atomic
+from provision.model import TEMPLATE_KINDS, Group, ModelError, Profile, parse_group, parse_profile, valid_id
+from provision.select import selection_order
+
+T = TypeVar("T")
+RACY_SECONDS = 2.0
+MAX_FILE = 1 << 20  # profiles, groups and templates are small; a huge one is a mistake or an attack
+
+
+class StoreError(ValueError):
+    """A file in the data folder cannot be used; the message names it and what to do."""
+
+
+class NotFound(StoreError):
+    pass
+
+
+class Conflict(StoreError):
+    """A write that would leave a dangling reference (a group without its profile, ...)."""
+
+
+@dataclass(frozen=True)
+class _Key:
+    ino: int
+    mtime_ns: int
+    ctime_ns: int
+    size: int
+
+
+def _key(st: os.stat_result) -> _Key:
+    return _Key(st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
+
+
+class Store:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._cache: dict[Path, tuple[_Key, Any]] = {}
+        self._groups: tuple[tuple, list[Group]] | None = None
+        self._mutex = threading.Lock()  # the flock is per open file; threads need their own guard
+
+    # --- paths ------------------------------------------------------------------------------------
+
+    def profile_path(self, ident: str) -> Path:
+        return self.root / "profiles" / f"{_checked(ident, 'profile')}.json"
+
+    def group_path(self, ident: str) -> Path:
+        return self.root / "groups" / f"{_checked(ident, 'group')}.json"
+
+    def template_path(self, kind: str, name: str) -> Path:
+        if kind not in TEMPLATE_KINDS:
+            raise NotFound(f"template kind {kind!r} is not one of {', '.join(TEMPLATE_KINDS)}")
+        return self.root / kind / _checked(name, "template")
+
+    # --- cached reads -----------------------------------------------------------------------------
+
+    def _read(self, path: Path, parse: Callable[[bytes], T]) -> T:
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            self._cache.pop(path, None)
+            raise
+        key = _key(st)
+        hit = self._cache.get(path)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        if st.st_size > MAX_FILE:
+            raise StoreError(f"{self._rel(path)} is {st.st_size} bytes, more than the {MAX_FILE} allowed")
+        raw = path.read_bytes()
+        value = parse(raw)
+        if time.time() - st.st_mtime > RACY_SECONDS:
+            self._cache[path] = (key, value)
+        else:
+            self._cache.pop(path, None)
+        return value
+
+    def _rel(self, path: Path) -> str:
+        try:
+            return str(path.relative_to(self.root))
+        except ValueError:
+            return str(path)
+
+    def _json(self, path: Path, parse: Callable[[Any, str], T]) -> T:
+        ident = path.name[:-len(".json")]
+
+        def load(raw: bytes) -> T:
+            try:
+                data = json.loads(raw)
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise StoreError(f"{self._rel(path)} is not valid JSON ({exc}); fix or delete it") from None
+            try:
+                return parse(data, ident)
+            except ModelError as exc:
+                raise StoreError(f"{self._rel(path)}: {exc}") from None
+        return self._read(path, load)
+
+    def profile(self, ident: str) -> Profile:
+        path = self.profile_path(ident)
+        try:
+            return self._json(path, lambda d, i: parse_profile(d, ident=i))
+        except FileNotFoundError:
+            raise NotFound(f"profile {ident!r} does not exist (no {self._rel(path)})") from None
+
+    def group(self, ident: str) -> Group:
+        path = self.group_path(ident)
+        try:
+            return self._json(path, lambda d, i: parse_group(d, ident=i))
+        except FileNotFoundError:
+            raise NotFound(f"group {ident!r} does not exist (no {self._rel(path)})") from None
+
+    def template(self, kind: str, name: str) -> str:
+        path = self.template_path(kind, name)
+
+        def text(raw: bytes) -> str:
+            try:
+                return raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise StoreError(f"{self._rel(path)} is not UTF-8 text") from None
+        try:
+            return self._read(path, text)
+        except FileNotFoundError:
+            raise NotFound(f"{kind} template {name!r} does not exist (no {self._rel(path)})") from None
+
+    def _entries(self, folder: str, suffix: str = "") -> Iterator[os.DirEntry]:
+        try:
+            it = os.scandir(self.root / folder)
+        except FileNotFoundError:
+            return
+        with it:
+            for e in it:
+                # Dot files are temporaries of writers in flight (and editors' swap files).
+                if not e.name.startswith(".") and e.name.endswith(suffix) and e.is_file():
+                    yield e
+
+    def ids(self, kind: str) -> list[str]:
+        """Sorted ids of `profiles`, `groups`, `cloud` or `generic`."""
+        suffix = ".json" if kind in ("profiles", "groups") else ""
+        names = (e.name[:len(e.name) - len(suffix)] for e in self._entries(kind, suffix))
+        return sorted(n for n in names if valid_id(n))
+
+    def groups(self) -> list[Group]:
+        """Every group, in selection order. A broken group file is an error, not a skip: skipping it
+        could hand its hosts to a less specific group and boot them with the wrong profile."""
+        entries = sorted((e for e in self._entries("groups", ".json") if valid_id(e.name[:-5])),
+                         key=lambda e: e.name)
+        stamp = tuple((e.name, _key(e.stat())) for e in entries)
+        cached = self._groups
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        groups = []
+        for e in entries:
+            try:
+                groups.append(self.group(e.name[:-5]))
+            except NotFound:
+                continue  # deleted since the listing
+        ordered = selection_order(groups)
+        if all(self._cache.get(Path(e.path)) is not None for e in entries):  # nothing racy in the set
+            self._groups = (stamp, ordered)
+        return ordered
+
+    # --- writes -----------------------------------------------------------------------------------
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with self._mutex:
+            fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                os.close(fd)
+
+    def _exists(self, path: Path) -> bool:
+        return path.is_file()
+
+    def put_profile(self, profile: Profile) -> bool:
+        """Create or replace; True when it was created. Templates it names must exist first."""
+        with self._locked():
+            for kind, name in (("cloud", profile.cloud_id), ("generic", profile.generic_id)):
+                if name is not None and not self._exists(self.template_path(kind, name)):
+                    raise Conflict(f"profile {profile.id!r} names {kind} template {name!r}, which does not exist; "
+                                   f"upload the template first")
+            return self._put(self.profile_path(profile.id), _dump(profile))
+
+    def put_group(self, group: Group) -> bool:
+        with self._locked():
+            if not self._exists(self.profile_path(group.profile)):
+                raise Conflict(f"group {group.id!r} names profile {group.profile!r}, which does not exist; "
+                               f"create the profile first")
+            return self._put(self.group_path(group.id), _dump(group))
+
+    def put_template(self, kind: str, name: str, text: str) -> bool:
+        with self._locked():
+            return self._put(self.template_path(kind, name), text.encode())
+
+    def delete_profile(self, ident: str) -> None:
+        with self._locked():
+            users = [g.id for g in self._all_groups_unchecked() if g.profile == ident]
+            if users:
+                raise Conflict(f"profile {ident!r} is used by group(s) {', '.join(users)}; delete or change them first")
+            self._delete(self.profile_path(ident), f"profile {ident!r}")
+
+    def delete_group(self, ident: str) -> None:
+        with self._locked():
+            self._delete(self.group_path(ident), f"group {ident!r}")
+
+    def delete_template(self, kind: str, name: str) -> None:
+        with self._locked():
+            field = f"{kind}_id"
+            users = [p for p in self.ids("profiles") if getattr(self._profile_or_none(p), field, None) == name]
+            if users:
+                raise Conflict(f"{kind} template {name!r} is used by profile(s) {', '.join(users)}; "
+                               f"change them first")
+            self._delete(self.template_path(kind, name), f"{kind} template {name!r}")
+
+    def _profile_or_none(self, ident: str) -> Profile | None:
+        try:
+            return self.profile(ident)
+        except StoreError:
+            return None
+
+    def _all_groups_unchecked(self) -> list[Group]:
+        out = []
+        for ident in self.ids("groups"):
+            try:
+                out.append(self.group(ident))
+            except StoreError:
+                continue
+        return out
+
+    def _put(self, path: Path, data: bytes) -> bool:
+        created = not path.exists()
+        write_atomic(path, data)
+        return created
+
+    def _delete(self, path: Path, what: str) -> None:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            raise NotFound(f"{what} does not exist") from None
+        self._cache.pop(path, None)
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+def _checked(ident: str, what: str) -> str:
+    if not valid_id(ident):
+        raise NotFound(f"{what} name {ident[:80]!r} is not valid: use letters, digits, '.', '_' or '-' "
+                       f"(at most 64, not starting with '.')")
+    return ident
+
+
+def _dump(model: Profile | Group) -> bytes:
+    return (json.dumps(model.model_dump(mode="json"), indent=2) + "\n").encode()
