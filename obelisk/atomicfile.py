@@ -3,8 +3,18 @@
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
+
+# mkstemp's names: the prefix below, then 8 characters from [a-z0-9_].
+_TEMPORARY = re.compile(r"^\..+\.tmp[a-z0-9_]{8}$")
+
+
+def is_temporary(name: str) -> bool:
+    """True for the name of a write_atomic temporary: one still present was left by a killed writer,
+    unless a writer is running right now (callers that sweep must exclude writers, e.g. by a lock)."""
+    return bool(_TEMPORARY.match(name))
 
 
 def write_atomic(path: Path, data: bytes, *, mode: int = 0o644) -> None:

@@ -5,9 +5,10 @@ Read side (no login; may be limited to networks): `/boot.ipxe`, `/ipxe`, `/grub`
 a bearer token file or a mutual-TLS listener; see provision/write_api.py.
 
 Every failure answers one line naming the cause (and logs it): 404 when something is missing (no
-group, profile, template or release), 500 when something is broken (an invalid file in the data
-folder, a template that fails strictly, a cloud-config that does not validate). A host is never
-handed a half-rendered or unvalidated config.
+group, profile, template or release), 400 when a template needs a request label the request did not
+give (or gave malformed), 500 when something is broken (an invalid file in the data folder, a
+template that fails strictly on the group's data, a cloud-config that does not validate). A host is
+never handed a half-rendered or unvalidated config.
 """
 
 from __future__ import annotations
@@ -68,7 +69,11 @@ class Provision:
         if self.s.public_url:
             return self.s.public_url.rstrip("/")
         host = request.headers.get("host", "")
-        if not _HOST.match(host):  # never echo a hostile Host header into a boot script
+        m = _HOST.match(host)
+        port = m.group(1) or m.group(2) if m else None
+        # Never echo a hostile Host header into a boot script; a port out of range would also make
+        # the URL unparseable further on (GRUB's device syntax needs the port split out).
+        if m is None or (port is not None and not 0 < int(port[1:]) < 65536):
             h, p = request.scope.get("server") or ("127.0.0.1", 80)
             host = f"[{h}]:{p}" if ":" in h else f"{h}:{p}"
         return f"{request.url.scheme}://{host}"
@@ -90,8 +95,15 @@ class Provision:
         return Host(labels, ctx, group.profile)
 
 
+def _one_line(text: str) -> str:
+    """Messages may quote a query value, a path or a template's error: one line, whatever they hold,
+    so neither the answer nor the log can be forged or split."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _fail(status: int, message: str, request: Request) -> Response:
-    log.warning("%s %s -> %d: %s", request.method, request.url.path, status, message)
+    message = _one_line(message)
+    log.warning("%s %s -> %d: %s", request.method, _one_line(request.url.path), status, message)
     return PlainTextResponse(f"error: {message}\n", status_code=status)
 
 
@@ -108,6 +120,8 @@ def make_app(settings: Settings) -> Starlette:
                 return await res if not isinstance(res, Response) else res
             except (NoMatch, NotFound, ReleaseError) as exc:
                 return _fail(404, str(exc), request)
+            except render.LabelMissing as exc:  # before RenderError, which it is a kind of
+                return _fail(400, str(exc), request)
             except (StoreError, render.RenderError, render.TemplateSyntax) as exc:
                 return _fail(500, str(exc), request)
         return endpoint

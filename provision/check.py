@@ -57,14 +57,19 @@ def check(data: Path, assets: Path | None = None) -> Report:
                 if f.name.startswith("."):
                     continue
                 if f.is_file() and name not in valid:
-                    rep.add("warning", f"{sub}/{f.name}", "ignored: not a valid name "
-                            "(letters, digits, '.', '_', '-'; profiles and groups end in .json)")
+                    # A profile or group the server skips for its name is one the operator meant to
+                    # use: its hosts would silently get a less specific group, so that is an error.
+                    meant = sub in ("profiles", "groups") and f.name.endswith(".json")
+                    rep.add("error" if meant else "warning", f"{sub}/{f.name}",
+                            f"{'the server ignores this file' if meant else 'ignored'}: not a valid name "
+                            "(letters, digits, '.', '_', '-', at most 64, not starting with '.' or '-'; "
+                            "profiles and groups end in .json)")
     profiles = {}
     for ident in store.ids("profiles"):
         try:
             profiles[ident] = store.profile(ident)
         except StoreError as exc:
-            rep.add("error", f"profiles/{ident}.json", str(exc).split(": ", 1)[-1])
+            rep.add("error", f"profiles/{ident}.json", _unprefixed(str(exc), f"profiles/{ident}.json"))
     templates: dict[tuple[str, str], str] = {}
     for kind in TEMPLATE_KINDS:
         for name in store.ids(kind):
@@ -73,13 +78,13 @@ def check(data: Path, assets: Path | None = None) -> Report:
                 render.compile_template(src, f"{kind}/{name}")
                 templates[(kind, name)] = src
             except (StoreError, render.TemplateSyntax) as exc:
-                rep.add("error", f"{kind}/{name}", str(exc))
+                rep.add("error", f"{kind}/{name}", _unprefixed(str(exc), f"{kind}/{name}"))
     groups: list[Group] = []
     for ident in store.ids("groups"):
         try:
             groups.append(store.group(ident))
         except StoreError as exc:
-            rep.add("error", f"groups/{ident}.json", str(exc).split(": ", 1)[-1])
+            rep.add("error", f"groups/{ident}.json", _unprefixed(str(exc), f"groups/{ident}.json"))
     rep.counts = {"profiles": len(profiles), "groups": len(groups),
                   "templates": sum(len(store.ids(k)) for k in TEMPLATE_KINDS)}
     for p in profiles.values():
@@ -116,6 +121,15 @@ def check(data: Path, assets: Path | None = None) -> Report:
     return rep
 
 
+def _unprefixed(message: str, where: str) -> str:
+    """The store's messages start with the file's name, which the finding already shows. Only that
+    exact prefix goes: splitting at the first ': ' would cut a JSON error's own text in half."""
+    for sep in (": ", " "):
+        if message.startswith(where + sep):
+            return message[len(where) + len(sep):]
+    return message
+
+
 def _render_for(rep: Report, g: Group, p, templates: dict[tuple[str, str], str], where: str) -> None:  # noqa: ANN001
     """Render each of the group's templates with the group's own data and a stand-in request."""
     labels = Labels({**_PROBE_LABELS, **g.selector})
@@ -126,11 +140,16 @@ def _render_for(rep: Report, g: Group, p, templates: dict[tuple[str, str], str],
             continue
         try:
             (render.render_cloud if kind == "cloud" else render.render)(src, f"{kind}/{name}", ctx)
+        except render.LabelMissing as exc:
+            # Not broken data: hosts that send the label are served; the others get a 400.
+            rep.add("warning", where, f"{exc}: hosts that do not send it get a 400")
         except render.RenderError as exc:
             rep.add("error", where, str(exc))
     for i, a in enumerate(p.boot.args):
         if "{{" in a or "{%" in a:
             try:
                 render.render(a, f"profile {p.id} boot.args[{i}]", ctx)
+            except render.LabelMissing as exc:
+                rep.add("warning", where, f"{exc}: hosts that do not send it get a 400")
             except render.RenderError as exc:
                 rep.add("error", where, str(exc))

@@ -10,12 +10,18 @@ import ssl
 import stat
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import typer
 from rich.console import Console
 
 from obelisk.errors import fail
 
+# How long requests in flight may finish after SIGTERM. Unbounded, one idle HTTPS keep-alive client
+# holds the exit for asyncio's 30 s TLS close_notify wait, and a slow asset download for its whole length.
+GRACEFUL_SECONDS = 5
+
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 app = typer.Typer(help="Provisioning server: per-host iPXE/GRUB scripts and cloud-config by MAC, UUID or labels.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 
@@ -63,13 +69,14 @@ def serve(
     tls_key: Path | None = typer.Option(None, help="private key of --tls-cert (PEM)"),
     write_listen: str | None = typer.Option(None, help="HOST:PORT of a mutual-TLS listener that opens the write API"),
     client_ca: Path | None = typer.Option(None, help="CA (PEM) whose client certificates --write-listen accepts"),
-    log_level: str = typer.Option("info", help="uvicorn log level"),
+    log_level: str = typer.Option("info", help="critical, error, warning, info, debug or trace"),
 ) -> None:
     """Serve boot scripts, cloud-configs and assets over HTTP."""
     import uvicorn
 
     from provision.app import Settings, make_app
     from provision.check import check
+    from provision.store import Store
 
     if not data.is_dir():
         fail(f"data folder {data} does not exist; see examples/provision for one to start from")
@@ -86,6 +93,17 @@ def serve(
     for f in (tls_cert, tls_key, client_ca):
         if f is not None and not f.is_file():
             fail(f"{f} does not exist")
+    if log_level.lower() not in LOG_LEVELS:
+        fail(f"--log-level {log_level!r} is not one of {', '.join(LOG_LEVELS)}")
+    log_level = log_level.lower()
+    if public_url is not None:
+        parts = urlsplit(public_url)
+        try:
+            parts.port  # noqa: B018 - raises on a port that is not a number or out of range
+        except ValueError:
+            parts = parts._replace(netloc="")
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+            fail(f"--public-url {public_url!r} is not a base URL like http://boot.example.net:8080")
     host, port = _split_listen(listen)
     settings = Settings(data=data, assets=assets, public_url=public_url, allow=_networks(allow or []),
                         write_token=_read_token(write_token_file) if write_token_file else None)
@@ -97,33 +115,57 @@ def serve(
             fail("--write-listen must use another port than --listen")
         settings.mtls_ports.add(wport)
     web = make_app(settings)
-    configs.append(uvicorn.Config(web, host=host, port=port, log_level=log_level, **tls))
+    # proxy_headers off: uvicorn would otherwise believe X-Forwarded-For from loopback clients, and any
+    # local process could claim an address that --allow lets in.
+    common = {"log_level": log_level, "timeout_graceful_shutdown": GRACEFUL_SECONDS, "proxy_headers": False}
+    configs.append(uvicorn.Config(web, host=host, port=port, **common, **tls))
     if write_listen:
-        configs.append(uvicorn.Config(web, host=whost, port=wport, log_level=log_level, ssl_ca_certs=str(client_ca),
-                                      ssl_cert_reqs=ssl.CERT_REQUIRED, **tls))
+        configs.append(uvicorn.Config(web, host=whost, port=wport, ssl_ca_certs=str(client_ca),
+                                      ssl_cert_reqs=ssl.CERT_REQUIRED, **common, **tls))
+    # A previous server killed mid-write leaves a temporary beside the file it was replacing.
+    Store(data).recover()
     rep = check(data, assets)
     for f in rep.findings:
         print(f"{f.level}: {f.where}: {f.message}", file=sys.stderr)
-    logging.getLogger("obelisk.provision").setLevel(log_level.upper())
+    _log_to_stderr(log_level)
     servers = [uvicorn.Server(c) for c in configs]
     try:
-        if len(servers) == 1:
-            servers[0].run()
-        else:
-            asyncio.run(_serve_all(servers))
+        with asyncio.Runner(loop_factory=configs[0].get_loop_factory()) as runner:
+            failed = runner.run(_serve_all(servers))
     except OSError as exc:
         fail(f"cannot listen: {exc}")
+    if failed:
+        fail(f"cannot listen on {', '.join(f'{s.config.host}:{s.config.port}' for s in failed)} (the reason is "
+             f"logged above)")
 
 
-async def _serve_all(servers: list) -> None:  # list[uvicorn.Server]
-    tasks = [asyncio.create_task(s.serve()) for s in servers]
-    done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+def _log_to_stderr(level: str) -> None:
+    """Which group and profile each host got, and why a request failed, beside uvicorn's own lines."""
+    log = logging.getLogger("obelisk.provision")
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)-9s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG if level == "trace" else level.upper())
+    log.propagate = False
+
+
+async def _serve_all(servers: list) -> list:  # list[uvicorn.Server] -> the ones that could not start
+    failed = []
+
+    async def serve(server) -> None:  # noqa: ANN001
+        try:
+            await server.serve()
+        except SystemExit:
+            # uvicorn's way of giving up at startup (port taken, bad certificate), after logging why.
+            # Caught here: a SystemExit escaping a task would tear through the event loop.
+            failed.append(server)
+
+    tasks = [asyncio.create_task(serve(s)) for s in servers]
+    await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     for s in servers:  # one stopped (a signal, or it could not bind): stop the others too
         s.should_exit = True
-    await asyncio.gather(*tasks, return_exceptions=True)
-    for t in done:
-        if t.exception() is not None:
-            raise t.exception()
+    await asyncio.gather(*tasks)
+    return failed
 
 
 @app.command("check")

@@ -35,7 +35,7 @@ class ModelError(ValueError):
 
 
 def valid_id(ident: str) -> bool:
-    return bool(_ID.match(ident))
+    return bool(_ID.fullmatch(ident))  # match() would let a trailing newline through
 
 
 # --- labels ----------------------------------------------------------------------------------------
@@ -54,12 +54,17 @@ def normalize_mac(value: str) -> str | None:
     return None
 
 
+# uuid.UUID() alone is too lenient for labels: int(..., 16) takes '_' and non-ASCII digits, and the
+# hyphens may sit anywhere, so garbage would turn into some other host's UUID instead of being dropped.
+_UUID = re.compile(r"^(?:urn:uuid:)?(\{)?([0-9a-f]{8}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{12})(?(1)\})$")
+
+
 def normalize_uuid(value: str) -> str | None:
-    """SMBIOS UUIDs arrive in either case and with or without braces; compare them canonically."""
-    try:
-        return str(uuid.UUID(value.strip()))
-    except ValueError:
+    """SMBIOS UUIDs arrive in either case and with or without braces or hyphens; compare them canonically."""
+    m = _UUID.match(value.strip().lower())
+    if m is None or ("-" in m.group(2) and m.group(2).count("-") != 4):  # all four hyphens or none
         return None
+    return str(uuid.UUID(m.group(2)))
 
 
 def normalize_label(key: str, value: str) -> str | None:
@@ -78,8 +83,8 @@ class _Strict(BaseModel):
 
 
 class Boot(_Strict):
-    kernel: Annotated[str, StringConstraints(max_length=4096, pattern=r"^[^\s\x00-\x1f\x7f]*$")] = ""
-    initrd: list[Annotated[str, StringConstraints(min_length=1, max_length=4096, pattern=r"^[^\s\x00-\x1f\x7f]+$")]] \
+    kernel: Annotated[str, StringConstraints(max_length=4096, pattern=r"^[^\x00-\x20\x7f]*$")] = ""
+    initrd: list[Annotated[str, StringConstraints(min_length=1, max_length=4096, pattern=r"^[^\x00-\x20\x7f]+$")]] \
         = Field(default_factory=list, max_length=16)
     args: list[Arg] = Field(default_factory=list, max_length=256)
 

@@ -57,7 +57,9 @@ class Releases:
         name, _, version = ref.partition("/")
         base = self.assets / name
         if not version:
-            found = [d.name for d in base.iterdir() if (d / "release.json").is_file()] if base.is_dir() else []
+            # Dot folders are releases being written (the builder publishes by rename); /assets refuses them too.
+            found = [d.name for d in base.iterdir() if not d.name.startswith(".") and (d / "release.json").is_file()] \
+                if base.is_dir() else []
             if not found:
                 raise ReleaseError(f"no release of {name!r} under the assets folder; build one with "
                                    f"'obelisk image build images/{name}.toml --format raw,pxe'")

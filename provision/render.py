@@ -34,11 +34,39 @@ class RenderError(RuntimeError):
     """A template could not produce a config for this host; the message says which and why."""
 
 
+class LabelMissing(RenderError):
+    """The template needs a request label (`request.query.mac`) the request did not give: the
+    request's fault, not the data's, so the server answers 400 rather than 500."""
+
+
 class TemplateSyntax(ValueError):
     pass
 
 
-_env = SandboxedEnvironment(undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=True)
+class _Query(dict):
+    """`request.query` in template data: a dict whose missing keys the undefined below recognises."""
+
+
+class _LabelUndefined(jinja2.UndefinedError):
+    def __init__(self, label: str) -> None:
+        super().__init__(f"request label {label!r} is missing")
+        self.label = label
+
+
+class _Undefined(jinja2.StrictUndefined):
+    """StrictUndefined that tells a label missing from `request.query` (a host that did not send it,
+    or sent it malformed) from metadata missing in the group."""
+
+    __slots__ = ()
+
+    def __init__(self, hint: str | None = None, obj: Any = jinja2.utils.missing, name: str | None = None,
+                 exc: type[jinja2.UndefinedError] = jinja2.UndefinedError) -> None:
+        if isinstance(obj, _Query) and name is not None:
+            exc = lambda _message, label=name: _LabelUndefined(label)  # noqa: E731 - called like the class
+        super().__init__(hint, obj, name, exc)
+
+
+_env = SandboxedEnvironment(undefined=_Undefined, autoescape=False, keep_trailing_newline=True)
 _compiled: dict[str, jinja2.Template] = {}
 _valid: dict[str, str | None] = {}  # sha256 of a rendered cloud-config -> None (valid) or its first error
 
@@ -67,7 +95,7 @@ class Context:
     def data(self) -> dict[str, Any]:
         d: dict[str, Any] = dict(self.group.metadata)
         d.update(self.group.selector)
-        d["request"] = {"query": dict(self.labels.values), "raw_query": self.raw_query}
+        d["request"] = {"query": _Query(self.labels.values), "raw_query": self.raw_query}
         d["server_url"] = self.server_url
         return d
 
@@ -76,6 +104,10 @@ def render(source: str, name: str, ctx: Context) -> str:
     tpl = compile_template(source, name)
     try:
         out = tpl.render(ctx.data())
+    except _LabelUndefined as exc:
+        dropped = f" (ignored malformed {ctx.labels.dropped_text()})" if ctx.labels.dropped else ""
+        raise LabelMissing(f"{name} for group {ctx.group.id!r} needs the request label {exc.label!r}, which this "
+                           f"request did not give{dropped}") from None
     except jinja2.UndefinedError as exc:
         raise RenderError(f"{name} for group {ctx.group.id!r}: {exc.message}; add it to the group's metadata "
                           f"or selector") from None
@@ -124,12 +156,15 @@ def boot_spec(profile: Profile, release: PxeRelease | None, ctx: Context) -> Boo
     if not kernel:
         raise RenderError(f"profile {profile.id!r} has no kernel: set boot.kernel or release")
     rendered = []
+    first_own = len(args) - len(profile.boot.args)  # a release's own arguments come first
     for i, a in enumerate(args):
-        r = render(a, f"profile {profile.id} boot.args[{i}]", ctx) if ("{{" in a or "{%" in a) else a
+        # Errors name the index in the profile's file, not in the list with the release's prepended.
+        where = f"boot.args[{i - first_own}]" if i >= first_own else f"release argument {a!r}"
+        r = render(a, f"profile {profile.id} {where}", ctx) if ("{{" in a or "{%" in a) else a
         if not r.strip():
             continue
         if any(ord(c) < 0x20 or c == "\x7f" for c in r):
-            raise RenderError(f"profile {profile.id!r} boot.args[{i}] rendered a control character")
+            raise RenderError(f"profile {profile.id!r} {where} rendered a control character")
         rendered.append(r)
     return BootSpec(kernel, initrd, rendered)
 
@@ -146,14 +181,20 @@ def ipxe_script(spec: BootSpec, server_url: str) -> str:
 
 
 def _grub_path(url: str, server_url: str) -> str:
-    """GRUB reads over HTTP as (http,host,port)/path; plain upstream GRUB needs no other syntax."""
+    """GRUB reads over HTTP as (http,host:port)/path, an IPv6 host in brackets: GRUB's net.c splits
+    the port off at the ':' after the host (Debian's 2.06 and upstream 2.12); a ',' there would be
+    taken as part of the host name."""
     url = _absolute(url, server_url)
     parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:  # an unusable port in --public-url: leave the URL as it is rather than guess
+        return url
     if parts.scheme != "http" or not parts.hostname:
         return url  # tftp paths and the like: the boot device's own
-    port = f",{parts.port}" if parts.port else ""
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
     path = parts.path + (f"?{parts.query}" if parts.query else "")
-    return f"(http,{parts.hostname}{port}){path}"
+    return f"(http,{host}{f':{port}' if port else ''}){path}"
 
 
 def _grub_quote(s: str) -> str:
@@ -176,7 +217,9 @@ def fill_ipxe_vars(arg: str, labels: dict[str, str]) -> str:
 def grub_script(spec: BootSpec, server_url: str, title: str, labels: dict[str, str] | None = None) -> str:
     """One menu entry with upstream GRUB's `linux`/`initrd` (EFI stub on UEFI, no linuxefi patch needed)."""
     filled = [fill_ipxe_vars(a, labels or {}) for a in spec.args]
-    args = " ".join(_grub_quote(a) if re.search(r"[\s;&|<>$'\"\\#{}]", a) else a for a in filled)
+    # Quoted when GRUB's parser would act on a character: separators, variables, and the glob
+    # characters its wildcard expansion (the regexp module) would try on a URL's `?`.
+    args = " ".join(_grub_quote(a) if re.search(r"[\s;&|<>$'\"\\#{}?*\[\]]", a) else a for a in filled)
     initrds = " ".join(_grub_quote(_grub_path(i, server_url)) for i in spec.initrd)
     body = [
         "default=0",

@@ -15,29 +15,49 @@ class NoMatch(LookupError):
     """No group selects this host; the message says which labels were tried."""
 
 
+MAX_REPORTED = 8  # dropped labels named in a 404 or a log line; a hostile query may carry thousands
+
+
+def _shown(text: str) -> str:
+    """A query value as it may appear in a log line or a one-line error: control characters escaped."""
+    return text if text.isprintable() else repr(text)[1:-1]
+
+
 @dataclass
 class Labels:
     values: dict[str, str] = field(default_factory=dict)
     dropped: list[str] = field(default_factory=list)  # "mac=zz" and the like, for the log and the 404 text
 
     def text(self) -> str:
-        return ", ".join(f"{k}={v}" for k, v in sorted(self.values.items())) or "no labels"
+        """For logs and error lines: the first labels by name, long values cut (a query may be megabytes)."""
+        items = sorted(self.values.items())
+        shown = [f"{_shown(k)}={_shown(v if len(v) <= 80 else v[:64] + '...')}" for k, v in items[:MAX_REPORTED * 2]]
+        more = len(items) - len(shown)
+        return ", ".join(shown) + (f" and {more} more" if more > 0 else "") or "no labels"
+
+    def dropped_text(self) -> str:
+        more = len(self.dropped) - MAX_REPORTED
+        return ", ".join(self.dropped[:MAX_REPORTED]) + (f" and {more} more" if more > 0 else "")
 
 
 def labels_from_query(items: Iterable[tuple[str, str]]) -> Labels:
-    """Query parameters → labels: the first value of each key; `mac` and `uuid` normalised;
-    malformed reserved labels and unusable keys are dropped (and reported), never guessed."""
+    """Query parameters → labels: the first value of each key decides (a later repeat never
+    overrides it, even when the first is malformed); `mac` and `uuid` normalised; malformed
+    reserved labels and unusable keys are dropped (and reported), never guessed."""
     out = Labels()
+    seen: set[str] = set()  # a set, not a scan of `dropped`: a query may repeat thousands of keys
     for key, value in items:
-        if key in out.values or any(d.startswith(key + "=") for d in out.dropped):
+        if key in seen:
             continue
-        if not _LABEL_KEY.match(key) or len(value) > MAX_LABEL_VALUE or not value:
-            if value:
-                out.dropped.append(f"{key[:64]}={value[:64]}")
+        seen.add(key)
+        if not value:
+            continue  # `hostname=` from an iPXE variable the firmware left empty: no label
+        if not _LABEL_KEY.fullmatch(key) or len(value) > MAX_LABEL_VALUE:
+            out.dropped.append(f"{_shown(key[:64])}={_shown(value[:64])}")
             continue
         norm = normalize_label(key, value)
         if norm is None:
-            out.dropped.append(f"{key}={value[:64]}")
+            out.dropped.append(f"{key}={_shown(value[:64])}")
             log.warning("ignoring malformed label %s=%r", key, value[:64])
             continue
         out.values[key] = norm
@@ -55,5 +75,5 @@ def select(ordered: list[Group], labels: Labels) -> Group:
     for g in ordered:
         if g.matches(labels.values):
             return g
-    extra = f" (ignored malformed {', '.join(labels.dropped)})" if labels.dropped else ""
+    extra = f" (ignored malformed {labels.dropped_text()})" if labels.dropped else ""
     raise NoMatch(f"no group matches {labels.text()}{extra}; {len(ordered)} group(s) tried, none is a default group")

@@ -9,9 +9,11 @@ file atomically (temporary file, fsync, rename), so readers see the old or the n
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -20,11 +22,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from obelisk.atomicfile import write_atomic
-from provision.model import TEMPLATE_KINDS, Group, ModelError, Profile, parse_group, parse_profile, valid_id
+from obelisk.atomicfile import is_temporary, write_atomic
+from provision.model import (
+    ID_PATTERN,
+    TEMPLATE_KINDS,
+    Group,
+    ModelError,
+    Profile,
+    parse_group,
+    parse_profile,
+    valid_id,
+)
 from provision.select import selection_order
 
 T = TypeVar("T")
+_ID = re.compile(ID_PATTERN)
 RACY_SECONDS = 2.0
 MAX_FILE = 1 << 20  # profiles, groups and templates are small; a huge one is a mistake or an attack
 
@@ -39,6 +51,10 @@ class NotFound(StoreError):
 
 class Conflict(StoreError):
     """A write that would leave a dangling reference (a group without its profile, ...)."""
+
+
+class TooLarge(StoreError):
+    """A write whose file would exceed MAX_FILE, which every later read would then refuse."""
 
 
 @dataclass(frozen=True)
@@ -192,6 +208,17 @@ class Store:
             finally:
                 os.close(fd)
 
+    def recover(self) -> None:
+        """Remove what writers killed mid-write left behind (their temporaries); run at startup."""
+        try:
+            with self._locked():
+                for folder in ("profiles", "groups", *TEMPLATE_KINDS):
+                    self._sweep(self.root / folder)
+        except OSError as exc:
+            # A read-only data folder is served, never written here: nothing of ours to clean up.
+            if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+
     def _exists(self, path: Path) -> bool:
         return path.is_file()
 
@@ -251,11 +278,29 @@ class Store:
         return out
 
     def _put(self, path: Path, data: bytes) -> bool:
+        # The stored form (indented JSON) can be much larger than the body that produced it; a file
+        # over MAX_FILE would make every later read fail, e.g. a huge group would 500 every host.
+        if len(data) > MAX_FILE:
+            raise TooLarge(f"{self._rel(path)} would be {len(data)} bytes, more than the {MAX_FILE} allowed")
+        self._sweep(path.parent)
         created = not path.exists()
         write_atomic(path, data)
         return created
 
+    def _sweep(self, folder: Path) -> None:
+        """Remove temporaries a killed writer left behind. Only under the lock: every writer holds
+        it for its whole write, so no temporary in the folder can belong to a write in progress."""
+        try:
+            it = os.scandir(folder)
+        except FileNotFoundError:
+            return
+        with it:
+            stale = [e.path for e in it if is_temporary(e.name)]
+        for name in stale:
+            Path(name).unlink(missing_ok=True)
+
     def _delete(self, path: Path, what: str) -> None:
+        self._sweep(path.parent)
         try:
             path.unlink()
         except FileNotFoundError:
@@ -269,7 +314,9 @@ class Store:
 
 
 def _checked(ident: str, what: str) -> str:
-    if not valid_id(ident):
+    # fullmatch: the pattern ends in `$`, which Python's re also matches before a final newline, and
+    # "x\n" must not become a file name (templates have no model to catch it).
+    if _ID.fullmatch(ident) is None:
         raise NotFound(f"{what} name {ident[:80]!r} is not valid: use letters, digits, '.', '_' or '-' "
                        f"(at most 64, not starting with '.')")
     return ident

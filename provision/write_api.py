@@ -4,7 +4,8 @@ Off unless the server was started with `--write-token-file` (bearer token) or a 
 listener; then every `/api/v1/` call but the OpenAPI description must authenticate. Writes go
 through `Store`, which locks, checks references (a group's profile must exist, a used profile
 cannot be deleted) and replaces files atomically. The OpenAPI description is built from the same
-pydantic models that check the bodies, so the two cannot drift apart.
+pydantic models that check the bodies, so the two cannot drift apart. Every answer under the prefix
+is JSON, errors too (`{"error": "..."}`; 4xx for anything a client sent, never a 500 for it).
 """
 
 from __future__ import annotations
@@ -16,18 +17,21 @@ from typing import TYPE_CHECKING, Any
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
-from starlette.routing import Route
+from starlette.routing import Match, Route
+from starlette.types import Receive, Scope, Send
 
 from provision import render
 from provision.model import ID_PATTERN, TEMPLATE_KINDS, Group, ModelError, Profile, parse_group, parse_profile
 from provision.releases import ReleaseError
 from provision.select import NoMatch, labels_from_query, select
-from provision.store import Conflict, NotFound, StoreError
+from provision.store import Conflict, NotFound, StoreError, TooLarge
 
 if TYPE_CHECKING:
     from provision.app import Provision
 
 MAX_BODY = 1 << 20
+# Metadata nests, but not like this; deeper bodies are an attack on every recursive reader after us.
+MAX_DEPTH = 64
 PREFIX = "/api/v1"
 
 
@@ -51,6 +55,29 @@ class _TooBig(Exception):
     pass
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _check_tree(value: Any) -> None:
+    """Refuse what json.loads accepts but nothing after it can store or answer: nesting deeper than
+    MAX_DEPTH and lone surrogates (an escaped "\\ud800" decodes to a str that cannot be UTF-8)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ModelError("the body has a string with a lone surrogate (\\ud800-\\udfff escape); "
+                                 "send UTF-8 text") from None
+        elif isinstance(v, dict | list):
+            if depth > MAX_DEPTH:
+                raise ModelError(f"the body nests deeper than {MAX_DEPTH} levels")
+            items = [*v.keys(), *v.values()] if isinstance(v, dict) else v
+            stack.extend((x, depth + 1) for x in items)
+
+
 def routes(prov: Provision) -> list[Route]:
     s = prov.s
     enabled = bool(s.write_token) or bool(s.mtls_ports)
@@ -65,18 +92,27 @@ def routes(prov: Provision) -> list[Route]:
         scheme, _, token = auth.partition(" ")
         return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), s.write_token.encode())
 
+    def refusal(request: Request) -> Response:
+        if not s.write_token:
+            # Only the mutual-TLS listener opens the API; no token can, so do not ask for one.
+            return _err(403, "the write API is served only on the mutual-TLS listener (--write-listen) "
+                             "to clients with a certificate from --client-ca")
+        return _err(401, "authentication required: send 'Authorization: Bearer <token>' "
+                         "(the token in the server's --write-token-file)", **{"WWW-Authenticate": "Bearer"})
+
     def guarded(handler):  # noqa: ANN001, ANN202
         async def endpoint(request: Request) -> Response:
             if not enabled:
                 return _err(403, "the write API is off: start the server with --write-token-file FILE "
                                  "or --write-listen with --client-ca")
             if not authorized(request):
-                return _err(401, "authentication required: send 'Authorization: Bearer <token>' "
-                                 "(the token in the server's --write-token-file)", **{"WWW-Authenticate": "Bearer"})
+                return refusal(request)
             try:
                 return await handler(request)
             except _TooBig:
                 return _err(413, f"request body larger than {MAX_BODY} bytes")
+            except TooLarge as exc:
+                return _err(413, str(exc))
             except Conflict as exc:
                 return _err(409, str(exc))
             except NotFound as exc:
@@ -90,9 +126,14 @@ def routes(prov: Provision) -> list[Route]:
     async def json_body(request: Request) -> Any:
         raw = await _body(request)
         try:
-            return json.loads(raw)
+            # NaN and Infinity are Python's extension, not JSON: stored, they would be unreadable to others.
+            value = json.loads(raw, parse_constant=_no_constant)
         except (ValueError, UnicodeDecodeError) as exc:
             raise ModelError(f"the body is not valid JSON ({exc})") from None
+        except RecursionError:
+            raise ModelError(f"the body nests deeper than {MAX_DEPTH} levels") from None
+        _check_tree(value)
+        return value
 
     def entity(kind: str, parse, put, get, delete):  # noqa: ANN001, ANN202
         async def listing(request: Request) -> Response:
@@ -155,7 +196,7 @@ def routes(prov: Provision) -> list[Route]:
     async def openapi_doc(request: Request) -> Response:
         return JSONResponse(openapi())
 
-    return [
+    table = [
         *entity("profiles", parse_profile, prov.store.put_profile, prov.store.profile, prov.store.delete_profile),
         *entity("groups", parse_group, prov.store.put_group, prov.store.group, prov.store.delete_group),
         Route(f"{PREFIX}/templates/{{kind}}", guarded(template_list), methods=["GET"]),
@@ -164,15 +205,52 @@ def routes(prov: Provision) -> list[Route]:
         Route(f"{PREFIX}/openapi.json", openapi_doc, methods=["GET"]),
     ]
 
+    class Fallback:
+        """API clients parse errors as JSON; Starlette's own 404/405 are plain text. An ASGI app, not a
+        function, because Starlette gives function endpoints a GET-only method list."""
+
+        async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+            request = Request(scope, receive)
+            methods = sorted({m for r in table if r.matches(scope)[0] != Match.NONE for m in r.methods or ()})
+            if methods:
+                res = _err(405, f"{request.method[:16]} is not allowed here; use {', '.join(methods)}",
+                           Allow=", ".join(methods))
+            else:
+                res = _err(404, f"no API endpoint {request.url.path[:200]!r}; see {PREFIX}/openapi.json")
+            await res(scope, receive, send)
+
+    # Every other method and path under the prefix lands here, after the table.
+    return [*table, Route(PREFIX, Fallback()), Route(f"{PREFIX}/{{rest:path}}", Fallback())]
+
 
 # --- OpenAPI ---------------------------------------------------------------------------------------
 
+# The common forms of the reserved labels that normalize_mac/normalize_uuid accept (they take a few
+# more), for clients and fuzzers: pydantic's own schema only says "a string" there.
+_MAC_FORMS = (r"^([0-9A-Fa-f]{2}:){5}[0-9A-Fa-f]{2}$|^([0-9A-Fa-f]{2}-){5}[0-9A-Fa-f]{2}$"
+              r"|^[0-9A-Fa-f]{4}\.[0-9A-Fa-f]{4}\.[0-9A-Fa-f]{4}$|^[0-9A-Fa-f]{12}$")
+_UUID_FORMS = r"^[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}$|^[0-9A-Fa-f]{32}$"
+
+
 def _schemas() -> dict[str, Any]:
+    """The models' JSON Schemas (2020-12, as OpenAPI 3.1 uses), plus what the models check in code."""
     defs: dict[str, Any] = {}
     for model in (Profile, Group):
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         defs.update(schema.pop("$defs", {}))
         defs[model.__name__] = schema
+        # PUT bodies: the id is the path's. A body may repeat it (what GET returns can be PUT back),
+        # but the schema leaves it out, since any other value is refused.
+        body = {**schema, "title": f"{model.__name__}Body",
+                "properties": {k: v for k, v in schema["properties"].items() if k != "id"},
+                "required": [r for r in schema.get("required", []) if r != "id"]}
+        defs[f"{model.__name__}Body"] = body
+    for name in ("Group", "GroupBody"):
+        # Group.selector's keys are checked by pattern and mac/uuid values by a validator.
+        selector = defs[name]["properties"]["selector"] = dict(defs[name]["properties"]["selector"])
+        value = next(iter(selector["patternProperties"].values()))
+        selector["additionalProperties"] = False
+        selector["properties"] = {"mac": {**value, "pattern": _MAC_FORMS}, "uuid": {**value, "pattern": _UUID_FORMS}}
     defs["Error"] = {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}
     return defs
 
@@ -191,7 +269,8 @@ def openapi() -> dict[str, Any]:
     paths: dict[str, Any] = {}
     for plural, model in (("profiles", "Profile"), ("groups", "Group")):
         ref = {"$ref": f"#/components/schemas/{model}"}
-        body = {"required": True, "content": {"application/json": {"schema": ref}}}
+        body = {"required": True, "content": {"application/json": {"schema": {
+            "$ref": f"#/components/schemas/{model}Body"}}}}
         ok = {"content": {"application/json": {"schema": ref}}}
         paths[f"{PREFIX}/{plural}"] = {"get": {
             "operationId": f"list_{plural}", "summary": f"ids of all {plural}",
@@ -228,12 +307,13 @@ def openapi() -> dict[str, Any]:
     }
     paths[f"{PREFIX}/select"] = {"get": {
         "operationId": "select", "summary": "which group and profile a host with these labels gets",
-        "parameters": [{"name": n, "in": "query", "required": False, "schema": {"type": "string"}}
-                       for n in ("mac", "uuid", "hostname", "serial", "arch")],
+        # Any query parameter is a label (mac, uuid, hostname, serial, arch, or the site's own).
+        "parameters": [{"name": "labels", "in": "query", "required": False, "style": "form", "explode": True,
+                        "schema": {"type": "object", "additionalProperties": {"type": "string"}}}],
         "responses": {"200": {"description": "the choice", "content": {"application/json": {"schema": {
             "type": "object"}}}}, **_errors(401, 403, 404)}}}
     return {
-        "openapi": "3.0.3",
+        "openapi": "3.1.0",  # the models' schemas are JSON Schema 2020-12 ("type": "null" and the like)
         "info": {"title": "obelisk provisioning write API", "version": "1"},
         "paths": paths,
         "components": {"schemas": _schemas(),

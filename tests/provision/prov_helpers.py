@@ -51,7 +51,8 @@ def start(data: Path, log: Path, *extra: str, scheme: str = "http", verify: obje
             return Served(url, proc, log, port)
         except requests.RequestException:
             if proc.poll() is not None:
-                raise RuntimeError(f"serve exited {proc.returncode}: {log.read_text(errors='replace')[-2000:]}") from None
+                tail = log.read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"serve exited {proc.returncode}: {tail}") from None
             time.sleep(0.05)
     proc.kill()
     raise RuntimeError("serve did not come up")
