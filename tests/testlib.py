@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -67,3 +68,14 @@ def make_pki(d: Path) -> None:
                 .add_extension(x509.ExtendedKeyUsage(usage), critical=False)
                 .sign(ca_key, hashes.SHA256()))
         write(d / name, key, cert)
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 5) -> None:
+    """SIGTERM a server a test started, SIGKILL it if it does not stop in time; always reaped."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -6,12 +6,13 @@ import shutil
 import subprocess
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import requests
-from testlib import OBELISK, REPO
+from testlib import OBELISK, REPO, stop_process
 
 from update_engine.reboot.etcd_local import free_port
 
@@ -58,14 +59,27 @@ def start(data: Path, log: Path, *extra: str, scheme: str = "http", verify: obje
     raise RuntimeError("serve did not come up")
 
 
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+stop = stop_process
+TOKEN = "test-write-token-0123456789abcdef"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def write_token_file(folder: Path) -> Path:
+    f = folder / "write.token"
+    f.write_text(TOKEN + "\n")
+    f.chmod(0o600)
+    return f
+
+
+@contextmanager
+def serving_rw(base: Path) -> Iterator[tuple[Served, Path]]:
+    """A copy of the example data and a server on it with the write API open to TOKEN."""
+    data = copy_example(base / "data")
+    s = start(data, base / "serve.log", "--write-token-file", str(write_token_file(base)))
+    try:
+        yield s, data
+    finally:
+        stop(s.proc)
 
 
 @pytest.fixture

@@ -23,19 +23,18 @@ derandomized, so a failure reproduces; afterwards every file in the data folder 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
-from prov_helpers import Served, copy_example, start, stop
+from prov_helpers import AUTH, TOKEN, Served, serving_rw
 from schemathesis.config import SchemathesisConfig
 from schemathesis.generation import GenerationMode
 
 from provision.store import Store
 
-TOKEN = "test-write-token-0123456789abcdef"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
 EXAMPLES = 30  # per operation and mode: 13 operations x 2 modes x 30, about 20 s on loopback
 
 CONFIG = {
@@ -66,16 +65,9 @@ def _fuzz(op: schemathesis.APIOperation, mode: GenerationMode) -> int:
 
 
 @pytest.fixture
-def served(tmp_path: Path) -> tuple[Served, Path]:
-    data = copy_example(tmp_path / "data")
-    token = tmp_path / "token"
-    token.write_text(TOKEN)
-    token.chmod(0o600)
-    s = start(data, tmp_path / "serve.log", "--write-token-file", str(token))
-    try:
-        yield s, data
-    finally:
-        stop(s.proc)
+def served(tmp_path: Path) -> Iterator[tuple[Served, Path]]:
+    with serving_rw(tmp_path) as sd:
+        yield sd
 
 
 def test_schemathesis_finds_no_server_error_or_schema_violation(served: tuple[Served, Path]) -> None:

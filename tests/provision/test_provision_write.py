@@ -16,15 +16,13 @@ from pathlib import Path
 
 import pytest
 import requests
-from prov_helpers import Served, copy_example, start, stop
+from prov_helpers import AUTH, TOKEN, Served, serving_rw, start, stop, write_token_file
 from testlib import make_pki
 
 from obelisk.atomicfile import is_temporary
 from provision.model import parse_group, parse_profile
 from update_engine.reboot.etcd_local import free_port
 
-TOKEN = "test-write-token-0123456789abcdef"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
 WEB_MAC = "52:54:00:aa:bb:cc"
 NODE1_MAC = "52:54:00:12:34:56"  # examples/provision/groups/node1.json
 WRITERS = 20
@@ -35,10 +33,7 @@ EXAMPLE_META = {"role": "worker", "update_group": "stable", "reboot_strategy": "
 
 @pytest.fixture
 def token_file(tmp_path: Path) -> Path:
-    f = tmp_path / "write.token"
-    f.write_text(TOKEN + "\n")
-    f.chmod(0o600)
-    return f
+    return write_token_file(tmp_path)
 
 
 def api(s: Served, method: str, path: str, *, auth: dict[str, str] | None = AUTH, base: str | None = None,
@@ -300,16 +295,8 @@ BAD = [
 def served_rw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Served, Path]]:
     """One token-enabled server (and its data folder) for the many bad-input cases; each case checks
     that the data folder did not change, so sharing the server is safe and saves a start per case."""
-    base = tmp_path_factory.mktemp("rw")
-    data = copy_example(base / "data")
-    token = base / "token"
-    token.write_text(TOKEN)
-    token.chmod(0o600)
-    s = start(data, base / "serve.log", "--write-token-file", str(token))
-    try:
-        yield s, data
-    finally:
-        stop(s.proc)
+    with serving_rw(tmp_path_factory.mktemp("rw")) as sd:
+        yield sd
 
 
 @pytest.mark.parametrize(("method", "path", "body", "status"), [b[1:] for b in BAD], ids=[b[0] for b in BAD])

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 
 import pytest
 import requests
+from testlib import stop_process
 
 from update_engine.reboot import coordinator_from_config
 from update_engine.reboot.config import LockConfig
@@ -43,12 +44,7 @@ def serving(etcd_urls: str, *groups: str) -> Iterator[str]:
                 time.sleep(0.05)
         yield base
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, 10)
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from testlib import stop_process
 
 from bootloader import gpt, slots
 from builder.tools import run
@@ -218,12 +219,7 @@ def serve(ue_argv: list[str], tmp_path: Path):
 
     yield start
     for p in procs:
-        p.terminate()
-        try:
-            p.wait(5)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+        stop_process(p)
 
 
 # ---------------------------------------------------------------- a scriptable, misbehaving server
