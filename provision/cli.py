@@ -143,7 +143,9 @@ def _log_to_stderr(level: str) -> None:
     """Which group and profile each host got, and why a request failed, beside uvicorn's own lines."""
     log = logging.getLogger("obelisk.provision")
     handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(levelname)-9s %(message)s"))
+    from uvicorn.logging import DefaultFormatter  # the same "INFO:     ..." shape as uvicorn's own lines
+
+    handler.setFormatter(DefaultFormatter("%(levelprefix)s %(message)s", use_colors=False))
     log.addHandler(handler)
     log.setLevel(logging.DEBUG if level == "trace" else level.upper())
     log.propagate = False
