@@ -136,9 +136,12 @@ class Plan:
         self._check_parents(path)
         host = self.host(path)
         pend = self._pending.get(path)
-        if pend is None and os.path.islink(host) and os.readlink(host) == target:
-            return False
         if pend is not None and pend.op == "symlink" and pend.target == target:
+            return False
+        if os.path.islink(host) and os.readlink(host) == target:
+            if pend is not None:  # as in write(): an earlier plan overridden by one the disk already matches
+                self.changes.remove(pend)
+                del self._pending[path]
             return False
         if pend is None and os.path.isdir(host) and not os.path.islink(host):
             raise ApplyError(f"{path} is a directory in {self.root}; cannot replace it with a link")

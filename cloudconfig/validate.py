@@ -263,11 +263,24 @@ class _Walker:
         return f'{msg} (did you mean "{close[0]}"?)' if close else msg
 
 
+def _compose(text: str) -> Node | None:
+    """libyaml when present (about 20 times faster; the provisioning server validates each rendered
+    config), the pure-Python parser for text libyaml refuses: its error messages are the ones users
+    read, with the line of the key to fix."""
+    fast = getattr(yaml, "CSafeLoader", None)
+    if fast is not None:
+        try:
+            return yaml.compose(text, Loader=fast)
+        except (yaml.YAMLError, RecursionError):
+            pass
+    return yaml.compose(text, Loader=yaml.SafeLoader)
+
+
 def validate_text(text: str) -> Report:
     """Validate already-decoded cloud-config text (header included, substitution done)."""
     report = Report("cloud-config", text=text)
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        node = _compose(text)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         # "while scanning a simple key": the key's own line is the one to fix, not where the scanner gave up

@@ -25,7 +25,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from provision import render
+from provision import render, write_api
 from provision.releases import ReleaseError, Releases
 from provision.select import Labels, NoMatch, labels_from_query, select
 from provision.store import NotFound, Store, StoreError
@@ -189,7 +189,4 @@ def make_app(settings: Settings) -> Starlette:
         Route("/metadata", read(metadata), methods=["GET", "HEAD"]),
         Route("/assets/{path:path}", read(assets), methods=["GET", "HEAD"]),
     ]
-    from provision.write_api import routes as write_routes
-
-    routes += write_routes(prov)
-    return Starlette(routes=routes)
+    return Starlette(routes=[*routes, *write_api.routes(prov)])

@@ -70,6 +70,7 @@ def serve(
     write_listen: str | None = typer.Option(None, help="HOST:PORT of a mutual-TLS listener that opens the write API"),
     client_ca: Path | None = typer.Option(None, help="CA (PEM) whose client certificates --write-listen accepts"),
     log_level: str = typer.Option("info", help="critical, error, warning, info, debug or trace"),
+    access_log: bool = typer.Option(True, help="uvicorn's line per request (the group/profile line stays)"),
 ) -> None:
     """Serve boot scripts, cloud-configs and assets over HTTP."""
     import uvicorn
@@ -117,7 +118,9 @@ def serve(
     web = make_app(settings)
     # proxy_headers off: uvicorn would otherwise believe X-Forwarded-For from loopback clients, and any
     # local process could claim an address that --allow lets in.
-    common = {"log_level": log_level, "timeout_graceful_shutdown": GRACEFUL_SECONDS, "proxy_headers": False}
+    # loop pinned to asyncio: uvloop, which uvicorn would pick when installed, made p99 several times worse.
+    common = {"log_level": log_level, "timeout_graceful_shutdown": GRACEFUL_SECONDS, "proxy_headers": False,
+              "access_log": access_log, "loop": "asyncio"}
     configs.append(uvicorn.Config(web, host=host, port=port, **common, **tls))
     if write_listen:
         configs.append(uvicorn.Config(web, host=whost, port=wport, ssl_ca_certs=str(client_ca),

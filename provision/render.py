@@ -255,6 +255,8 @@ def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
             _flatten(f"{prefix}_{k}" if prefix else str(k), v, out)
         return
     key = re.sub(r"[^A-Za-z0-9_]", "_", prefix).upper()
+    if not key or key[0].isdigit():  # a shell or EnvironmentFile= name cannot start with a digit
+        key = "_" + key
     if isinstance(value, list):  # a list becomes one comma-separated value
         value = ",".join(x if isinstance(x, str) else json.dumps(x, sort_keys=True) for x in value)
     out[key] = _env_value(value)

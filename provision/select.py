@@ -64,16 +64,40 @@ def labels_from_query(items: Iterable[tuple[str, str]]) -> Labels:
     return out
 
 
-def selection_order(groups: Iterable[Group]) -> list[Group]:
+class Ordered(list[Group]):
+    """Groups in selection order, with the groups that select by MAC alone indexed by that MAC: a
+    fleet of one group per host then costs a dict lookup per request, not a scan of every group."""
+
+    def __init__(self, groups: Iterable[Group]) -> None:
+        super().__init__(groups)
+        self.by_mac: dict[str, int] = {}  # MAC -> position of the first MAC-only group for it
+        self.others: list[tuple[int, Group]] = []  # every other group, with its position
+        for pos, g in enumerate(self):
+            if len(g.selector) == 1 and "mac" in g.selector:
+                self.by_mac.setdefault(g.selector["mac"], pos)
+            else:
+                self.others.append((pos, g))
+
+
+def selection_order(groups: Iterable[Group]) -> Ordered:
     """Most selectors first; among equals, by selector text then id, so the choice never depends on
     the order files were listed in."""
-    return sorted(groups, key=lambda g: (-g.specificity, g.selector_text(), g.id))
+    return Ordered(sorted(groups, key=lambda g: (-g.specificity, g.selector_text(), g.id)))
 
 
 def select(ordered: list[Group], labels: Labels) -> Group:
-    """``ordered`` must come from `selection_order`."""
-    for g in ordered:
+    """The first group in ``ordered`` (selection order, best an `Ordered`) whose selector matches."""
+    idx = ordered if isinstance(ordered, Ordered) else Ordered(ordered)
+    mac = labels.values.get("mac")
+    hit = idx.by_mac.get(mac, len(idx)) if mac is not None else len(idx)
+    # A MAC-only group can match only through its MAC, so the winner is the first matching group
+    # among the others that come before the indexed one, or else the indexed one.
+    for pos, g in idx.others:
+        if pos > hit:
+            break
         if g.matches(labels.values):
             return g
+    if hit < len(idx):
+        return idx[hit]
     extra = f" (ignored malformed {labels.dropped_text()})" if labels.dropped else ""
-    raise NoMatch(f"no group matches {labels.text()}{extra}; {len(ordered)} group(s) tried, none is a default group")
+    raise NoMatch(f"no group matches {labels.text()}{extra}; {len(idx)} group(s) tried, none is a default group")

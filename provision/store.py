@@ -13,7 +13,6 @@ import errno
 import fcntl
 import json
 import os
-import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,7 +23,6 @@ from typing import Any, TypeVar
 
 from obelisk.atomicfile import is_temporary, write_atomic
 from provision.model import (
-    ID_PATTERN,
     TEMPLATE_KINDS,
     Group,
     ModelError,
@@ -33,11 +31,11 @@ from provision.model import (
     parse_profile,
     valid_id,
 )
-from provision.select import selection_order
+from provision.select import Ordered, selection_order
 
 T = TypeVar("T")
-_ID = re.compile(ID_PATTERN)
 RACY_SECONDS = 2.0
+RECHECK_SECONDS = 1.0
 MAX_FILE = 1 << 20  # profiles, groups and templates are small; a huge one is a mistake or an attack
 
 
@@ -69,11 +67,19 @@ def _key(st: os.stat_result) -> _Key:
     return _Key(st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
 
 
+@dataclass(frozen=True)
+class _GroupSet:
+    folder: _Key | None  # the groups folder's own stamp
+    files: tuple  # (name, stamp) of every group file
+    ordered: Ordered
+    checked: float  # time.monotonic() when the files were last compared
+
+
 class Store:
     def __init__(self, root: Path) -> None:
         self.root = root
         self._cache: dict[Path, tuple[_Key, Any]] = {}
-        self._groups: tuple[tuple, list[Group]] | None = None
+        self._groups: _GroupSet | None = None
         self._mutex = threading.Lock()  # the flock is per open file; threads need their own guard
 
     # --- paths ------------------------------------------------------------------------------------
@@ -175,15 +181,30 @@ class Store:
         names = (e.name[:len(e.name) - len(suffix)] for e in self._entries(kind, suffix))
         return sorted(n for n in names if valid_id(n))
 
-    def groups(self) -> list[Group]:
+    def groups(self) -> Ordered:
         """Every group, in selection order. A broken group file is an error, not a skip: skipping it
-        could hand its hosts to a less specific group and boot them with the wrong profile."""
+        could hand its hosts to a less specific group and boot them with the wrong profile.
+
+        Listing and stat-ing every group file on each request was most of a request's cost, so the
+        set is kept while the folder's own stamp stands: writers rename files in, and that changes
+        it. The files themselves are re-checked once a second, for edits made in place."""
+        folder = self.root / "groups"
+        try:
+            fst = folder.stat()
+        except FileNotFoundError:
+            fst = None
+        fkey = _key(fst) if fst is not None else None
+        now = time.monotonic()
+        cached = self._groups
+        if (cached is not None and fst is not None and cached.folder == fkey and now - cached.checked < RECHECK_SECONDS
+                and time.time() - fst.st_mtime > RACY_SECONDS):
+            return cached.ordered
         entries = sorted((e for e in self._entries("groups", ".json") if valid_id(e.name[:-5])),
                          key=lambda e: e.name)
         stamp = tuple((e.name, _key(e.stat())) for e in entries)
-        cached = self._groups
-        if cached is not None and cached[0] == stamp:
-            return cached[1]
+        if cached is not None and cached.files == stamp:
+            self._groups = _GroupSet(fkey, stamp, cached.ordered, now)
+            return cached.ordered
         groups = []
         for e in entries:
             try:
@@ -191,8 +212,8 @@ class Store:
             except NotFound:
                 continue  # deleted since the listing
         ordered = selection_order(groups)
-        if all(self._cache.get(Path(e.path)) is not None for e in entries):  # nothing racy in the set
-            self._groups = (stamp, ordered)
+        nothing_racy = all(self._cache.get(Path(e.path)) is not None for e in entries)
+        self._groups = _GroupSet(fkey, stamp, ordered, now) if nothing_racy else None
         return ordered
 
     # --- writes -----------------------------------------------------------------------------------
@@ -285,6 +306,7 @@ class Store:
         self._sweep(path.parent)
         created = not path.exists()
         write_atomic(path, data)
+        self._groups = None  # this server's own writes show at once, whatever the stamps say
         return created
 
     def _sweep(self, folder: Path) -> None:
@@ -306,6 +328,7 @@ class Store:
         except FileNotFoundError:
             raise NotFound(f"{what} does not exist") from None
         self._cache.pop(path, None)
+        self._groups = None
         dfd = os.open(path.parent, os.O_RDONLY)
         try:
             os.fsync(dfd)
@@ -314,9 +337,7 @@ class Store:
 
 
 def _checked(ident: str, what: str) -> str:
-    # fullmatch: the pattern ends in `$`, which Python's re also matches before a final newline, and
-    # "x\n" must not become a file name (templates have no model to catch it).
-    if _ID.fullmatch(ident) is None:
+    if not valid_id(ident):  # templates have no model to check their names: this is the check
         raise NotFound(f"{what} name {ident[:80]!r} is not valid: use letters, digits, '.', '_' or '-' "
                        f"(at most 64, not starting with '.')")
     return ident

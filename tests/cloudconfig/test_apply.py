@@ -162,6 +162,15 @@ def test_second_apply_changes_nothing(root: Path, tmp_path: Path) -> None:
     assert tree_digest(root) == digest
 
 
+def test_unit_named_twice_then_masked_is_applied_once(root: Path) -> None:
+    """Found by the fuzz test: the first entry planned an unmask, the second a mask; a second apply
+    must see the mask already there and change nothing."""
+    raw = b"#cloud-config\ncoreos:\n  units:\n  - name: a.service\n  - mask: true\n    name: a.service\n"
+    assert apply_userdata(raw, root).changed
+    assert os.readlink(root / "etc/systemd/system/a.service") == "/dev/null"
+    assert not apply_userdata(raw, root).changed
+
+
 @pytest.mark.parametrize("bad", [
     b"#cloud-config\nhostname: ok\nwrite_files:\n  - path: /etc/a\n    permissions: 0999\n",
     b"#cloud-config\nhostname: [unclosed\n",
