@@ -123,7 +123,8 @@ class Store:
         except ValueError:
             return str(path)
 
-    def _json(self, path: Path, parse: Callable[[Any, str], T]) -> T:
+    def _json(self, path: Path, parse: Callable[..., T], what: str) -> T:
+        """A profile or group file, parsed by ``parse(data, ident=...)``; NotFound names ``what``."""
         ident = path.name[:-len(".json")]
 
         def load(raw: bytes) -> T:
@@ -132,24 +133,19 @@ class Store:
             except (ValueError, UnicodeDecodeError) as exc:
                 raise StoreError(f"{self._rel(path)} is not valid JSON ({exc}); fix or delete it") from None
             try:
-                return parse(data, ident)
+                return parse(data, ident=ident)
             except ModelError as exc:
                 raise StoreError(f"{self._rel(path)}: {exc}") from None
-        return self._read(path, load)
+        try:
+            return self._read(path, load)
+        except FileNotFoundError:
+            raise NotFound(f"{what} {ident!r} does not exist (no {self._rel(path)})") from None
 
     def profile(self, ident: str) -> Profile:
-        path = self.profile_path(ident)
-        try:
-            return self._json(path, lambda d, i: parse_profile(d, ident=i))
-        except FileNotFoundError:
-            raise NotFound(f"profile {ident!r} does not exist (no {self._rel(path)})") from None
+        return self._json(self.profile_path(ident), parse_profile, "profile")
 
     def group(self, ident: str) -> Group:
-        path = self.group_path(ident)
-        try:
-            return self._json(path, lambda d, i: parse_group(d, ident=i))
-        except FileNotFoundError:
-            raise NotFound(f"group {ident!r} does not exist (no {self._rel(path)})") from None
+        return self._json(self.group_path(ident), parse_group, "group")
 
     def template(self, kind: str, name: str) -> str:
         path = self.template_path(kind, name)
@@ -240,21 +236,18 @@ class Store:
             if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
                 raise
 
-    def _exists(self, path: Path) -> bool:
-        return path.is_file()
-
     def put_profile(self, profile: Profile) -> bool:
         """Create or replace; True when it was created. Templates it names must exist first."""
         with self._locked():
             for kind, name in (("cloud", profile.cloud_id), ("generic", profile.generic_id)):
-                if name is not None and not self._exists(self.template_path(kind, name)):
+                if name is not None and not self.template_path(kind, name).is_file():
                     raise Conflict(f"profile {profile.id!r} names {kind} template {name!r}, which does not exist; "
                                    f"upload the template first")
             return self._put(self.profile_path(profile.id), _dump(profile))
 
     def put_group(self, group: Group) -> bool:
         with self._locked():
-            if not self._exists(self.profile_path(group.profile)):
+            if not self.profile_path(group.profile).is_file():
                 raise Conflict(f"group {group.id!r} names profile {group.profile!r}, which does not exist; "
                                f"create the profile first")
             return self._put(self.group_path(group.id), _dump(group))
