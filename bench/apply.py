@@ -30,8 +30,9 @@ from pathlib import Path
 import requests
 
 from bootloader import gpt, slots
-from builder.tools import require
-from update_engine import payload, signing
+from obelisk import signing
+from obelisk.tools import require
+from update_engine import payload
 
 MiB = 1 << 20
 
@@ -132,7 +133,7 @@ DAEMON_PATH = """
 import sys
 from pathlib import Path
 from update_engine.apply import Applier, Policy
-from update_engine.signing import load_public_key
+from obelisk.signing import load_public_key
 url, disk, key, size, sha, state = sys.argv[1:]
 Applier(url, Path(disk), [load_public_key(Path(key))], state_dir=Path(state),
         policy=Policy(expected_size=int(size), expected_sha256=sha)).run()

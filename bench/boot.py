@@ -21,7 +21,7 @@ from pathlib import Path
 
 from bootloader import grub
 from builder.imagetest import qemu, scenarios
-from builder.tools import require, run
+from obelisk.tools import require, run
 
 
 def direct_boots(release: Path, work: Path, timeout: float) -> tuple[float, float]:

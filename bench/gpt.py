@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bootloader import gpt, slots
-from builder.tools import require, run
+from obelisk.tools import require, run
 
 
 def _disk(path: Path, part_type: uuid.UUID) -> Path:

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from bootloader import grub
 from bootloader.gpt import read_table
-from builder.tools import run
+from obelisk.errors import ObeliskError
+from obelisk.tools import run
 
 ESP_INDEX = 1
 
@@ -30,7 +31,7 @@ class SlotBoot:
     version: str
 
 
-class EspError(ValueError):
+class EspError(ObeliskError, ValueError):
     """The disk's ESP or its grubenv cannot be used; the message says what to do."""
 
 

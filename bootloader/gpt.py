@@ -23,6 +23,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from obelisk.errors import ObeliskError
+
 SIGNATURE = b"EFI PART"
 REVISION = 0x00010000
 HEADER_SIZE = 92
@@ -41,7 +43,7 @@ ZERO_GUID = uuid.UUID(int=0)
 _ZERO16 = bytes(16)
 
 
-class GptError(ValueError):
+class GptError(ObeliskError, ValueError):
     """A disk that is not a usable GPT, or a table that cannot be written. One line for the user."""
 
 

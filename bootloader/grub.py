@@ -21,16 +21,15 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from bootloader.layout import SLOT_INDEX, SLOT_NAMES, SLOT_UUID
+from obelisk.errors import ObeliskError
+
 ENV_SIZE = 1024
 ENV_SIGNATURE = "# GRUB Environment Block\n"
 ENV_PATH = "EFI/obelisk/grubenv"
 CFG_PATH = "EFI/obelisk/grub.cfg"
 EFI_PATH = "EFI/BOOT/BOOTX64.EFI"
 PREFIX = "/EFI/obelisk"
-SLOT_NAMES = ("A", "B")
-SLOT_INDEX = {"A": 3, "B": 4}
-# Partition GUIDs fixed by the builder contract (bootloader.slots.USR_A_UUID / USR_B_UUID).
-SLOT_UUID = {"A": "7130c94a-213a-4e5a-8e26-6cce9662f132", "B": "e03dd35c-7c2d-4a47-b3fe-27f15780a57c"}
 # Serial-console markers the VM harness watches for.
 MARK_BOOTING = "OBELISK-GRUB: booting slot"
 MARK_NO_SLOT = "OBELISK-GRUB-FAIL: no bootable USR slot"
@@ -39,7 +38,7 @@ MARK_LOAD_FAIL = "OBELISK-GRUB-FAIL: cannot load kernel of slot"
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
-class GrubEnvError(ValueError):
+class GrubEnvError(ObeliskError, ValueError):
     """A grubenv block that GRUB would not read; the message names the problem."""
 
 

@@ -15,7 +15,8 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from builder.tools import ToolError, require, run
+from obelisk.errors import ObeliskError
+from obelisk.tools import ToolError, require, run
 
 DATA = Path(__file__).with_name("initramfs")
 # Module names (as modinfo spells them); dependencies come from modules.dep or modinfo.
@@ -33,7 +34,7 @@ PROGRAMS = ["veritysetup", "sgdisk", "resize2fs"]
 PROGRAM_DIRS = ["usr/sbin", "usr/bin", "sbin", "bin"]
 
 
-class InitramfsError(ValueError):
+class InitramfsError(ObeliskError, ValueError):
     """The tree lacks something the initramfs needs; the message says what."""
 
 

@@ -20,27 +20,17 @@ no-op there.
 
 from __future__ import annotations
 
-import uuid
 from pathlib import Path
 
 from bootloader import esp, gpt, grub
-
-# The USR type and attribute bits (the same as bootloader.slots; kept here to avoid an import cycle).
-USR_TYPE = uuid.UUID("5dfbf5f4-2848-4bac-aa5e-0d9a20b745a6")
-_NAMES = {3: "A", 4: "B"}
+from bootloader.layout import INDEX_NAME as _NAMES
+from bootloader.layout import USR_TYPE
+from bootloader.layout import decode_bits as _decode
+from bootloader.layout import encode_bits as _encode
 
 
 class LoaderError(gpt.GptError):
     """The disk's boot-loader state cannot be used (a GptError, so every slot CLI reports it in one line)."""
-
-
-def _decode(attributes: int) -> tuple[int, int, int]:
-    return (attributes >> 48) & 0xF, (attributes >> 52) & 0xF, (attributes >> 56) & 1
-
-
-def _encode(attributes: int, p: int, t: int, s: int) -> int:
-    attributes &= ~((0xF << 48) | (0xF << 52) | (1 << 56))
-    return attributes | (p << 48) | (t << 52) | (s << 56)
 
 
 def _usr(table: gpt.GptTable) -> dict[str, gpt.GptPartition]:

@@ -20,24 +20,29 @@ from pathlib import Path
 from typing import ParamSpec, TypeVar
 
 from bootloader import gpt, loader
+from bootloader.layout import (  # noqa: F401  (re-exported: the slot identity's users read it from here too)
+    CHROMEOS_KERNEL_TYPE,
+    ESP_TYPE,
+    MAX_PRIORITY,
+    MAX_TRIES,
+    PRIORITY_MASK,
+    PRIORITY_SHIFT,
+    ROOT_TYPE,
+    SUCCESSFUL_MASK,
+    SUCCESSFUL_SHIFT,
+    TRIES_MASK,
+    TRIES_SHIFT,
+    USR_A,
+    USR_A_UUID,
+    USR_B,
+    USR_B_UUID,
+    USR_TYPE,
+    name_of,
+)
+from obelisk.errors import ObeliskError
 
-USR_TYPE = uuid.UUID("5dfbf5f4-2848-4bac-aa5e-0d9a20b745a6")
-ROOT_TYPE = uuid.UUID("3884dd41-8582-4404-b9a8-e9b84f2df50e")
-ESP_TYPE = uuid.UUID("c12a7328-f81f-11d2-ba4b-00a0c93ec93b")
-# ChromeOS kernel type: what upstream cgpt's prioritize acts on (used by interop tests).
-CHROMEOS_KERNEL_TYPE = uuid.UUID("fe3a2a5d-4f32-41a7-b725-accc3285a309")
-USR_A, USR_B = 3, 4
-USR_A_UUID = uuid.UUID("7130c94a-213a-4e5a-8e26-6cce9662f132")
-USR_B_UUID = uuid.UUID("e03dd35c-7c2d-4a47-b3fe-27f15780a57c")
 
-PRIORITY_SHIFT, TRIES_SHIFT, SUCCESSFUL_SHIFT = 48, 52, 56
-PRIORITY_MASK = 0xF << PRIORITY_SHIFT
-TRIES_MASK = 0xF << TRIES_SHIFT
-SUCCESSFUL_MASK = 1 << SUCCESSFUL_SHIFT
-MAX_PRIORITY = MAX_TRIES = 15
-
-
-class SlotError(ValueError):
+class SlotError(ObeliskError, ValueError):
     """A refused or impossible slot operation. One line for the user."""
 
 
@@ -54,7 +59,7 @@ class Slot:
 
     @property
     def name(self) -> str:
-        return {USR_A: "A", USR_B: "B"}.get(self.index, str(self.index))
+        return name_of(self.index)
 
     def to_json(self) -> dict[str, object]:
         return {"index": self.index, "label": self.label, "uuid": str(self.uuid), "priority": self.priority,

@@ -13,11 +13,11 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from rich.console import Console
 
-from builder import definition, fsutil, pipeline, tools
+from builder import definition, fsutil, pipeline
 from builder.definition import DebianSource, TinySource
 from builder.errors import BuildError
 from builder.stages import release as release_stage
-from update_engine import signing
+from obelisk import signing, tools
 
 FORMATS = ("raw", "qcow2", "pxe")
 VERSION_RE = re.compile(r"^[0-9]+(\.[0-9]+)*([-+][0-9A-Za-z.+-]*)?$")

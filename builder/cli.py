@@ -17,10 +17,10 @@ from builder.build import DEFAULT_DEFINITION, build
 from builder.errors import BuildError
 from builder.imagetest.cli import test as image_test
 from builder.kernel import KernelError
-from builder.tools import ToolError
+from obelisk import signing
 from obelisk.atomicfile import write_atomic
 from obelisk.errors import clean_errors
-from update_engine import signing
+from obelisk.tools import ToolError
 from update_engine.payload import PayloadError
 
 console = Console(stderr=True)

@@ -9,7 +9,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from builder import fsutil, tools
+from builder import fsutil
+from obelisk import tools
 
 
 @dataclass(frozen=True)

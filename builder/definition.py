@@ -9,6 +9,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from obelisk.errors import ObeliskError
+
 MIB = 1024 * 1024
 # Used when neither SOURCE_DATE_EPOCH nor the definition pins a time (2024-01-01T00:00:00Z): a fixed
 # default keeps rebuilds cacheable and reproducible; FAT cannot store times before 1980.
@@ -16,7 +18,7 @@ DEFAULT_EPOCH = 1704067200
 DEFAULT_APP_ID = "{7b4a2b3c-5d0e-4f51-9d3a-0b5e1c0de001}"
 
 
-class DefinitionError(ValueError):
+class DefinitionError(ObeliskError, ValueError):
     """A definition is unreadable or invalid; ``str()`` is one line naming file, key and problem."""
 
 

@@ -1,5 +1,8 @@
 """The builder's own error: one line for the user, raised when a build cannot go on."""
 
 
-class BuildError(RuntimeError):
+from obelisk.errors import ObeliskError
+
+
+class BuildError(ObeliskError, RuntimeError):
     pass

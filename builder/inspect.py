@@ -8,6 +8,7 @@ import uuid
 from pathlib import Path
 
 from bootloader import gpt, slots
+from obelisk.errors import ObeliskError
 
 TYPE_NAMES = {
     slots.ESP_TYPE: "EFI-SYSTEM",
@@ -17,7 +18,7 @@ TYPE_NAMES = {
 }
 
 
-class InspectError(ValueError):
+class InspectError(ObeliskError, ValueError):
     pass
 
 

@@ -6,10 +6,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from builder import debs, tools
+from builder import debs
+from obelisk import tools
+from obelisk.errors import ObeliskError
 
 
-class KernelError(ValueError):
+class KernelError(ObeliskError, ValueError):
     pass
 
 

@@ -8,10 +8,12 @@ from pathlib import Path
 
 from builder import fsutil
 from builder.build import data_dir
-from update_engine import payload, signing
+from obelisk import signing
+from obelisk.errors import ObeliskError
+from update_engine import payload
 
 
-class VerifyError(ValueError):
+class VerifyError(ObeliskError, ValueError):
     pass
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from cloudconfig import bootstrap, schema, units, users
 from cloudconfig.datasources import Metadata
 from cloudconfig.model import CloudConfig, User
-from cloudconfig.rootfs import ApplyError, Change, Plan
+from cloudconfig.rootfs import Change, ConfigApplyError, Plan
 from cloudconfig.validate import (
     Report,
     classify,
@@ -32,7 +32,7 @@ CORE_USER = "core"
 CORE_USER_SPEC = User(name=CORE_USER, gecos="obelisk admin")
 
 
-class InvalidConfig(ApplyError):
+class InvalidConfig(ConfigApplyError):
     """Validation found errors; ``report`` has them with line numbers. Nothing was changed."""
 
     def __init__(self, message: str, report: Report) -> None:
@@ -64,10 +64,10 @@ def is_live(root: Path) -> bool:
 def apply_userdata(raw: bytes, root: Path, *, metadata: Metadata | None = None,
                    addresses: dict[str, str] | None = None, live: bool | None = None,
                    dry_run: bool = False, name: str = "user-data") -> ApplyResult:
-    """Validate and apply; raises InvalidConfig / ApplyError (nothing changed) on any problem."""
+    """Validate and apply; raises InvalidConfig / ConfigApplyError (nothing changed) on any problem."""
     root = Path(root)
     if not root.is_dir():
-        raise ApplyError(f"target root {root} is not a directory")
+        raise ConfigApplyError(f"target root {root} is not a directory")
     live = is_live(root) if live is None else live
     md = metadata or Metadata()
     values = {**md.addresses(), **(addresses or {})}
@@ -76,7 +76,7 @@ def apply_userdata(raw: bytes, root: Path, *, metadata: Metadata | None = None,
         try:
             ipaddress.ip_address(value)
         except ValueError:
-            raise ApplyError(f"{key} {value[:60]!r} (from the datasource or environment) is not an IP address; "
+            raise ConfigApplyError(f"{key} {value[:60]!r} (from the datasource or environment) is not an IP address; "
                              "nothing was changed") from None
     text, bad = decode_userdata(raw)
     if bad is not None:
@@ -94,7 +94,7 @@ def apply_userdata(raw: bytes, root: Path, *, metadata: Metadata | None = None,
         return result
     missing = sorted(v for v in used_variables(text) if v not in values)
     if kind == "cloud-config" and missing:
-        raise ApplyError(f"{name} uses ${missing[0]} but the datasource gave no {missing[0].replace('_', ' ')} "
+        raise ConfigApplyError(f"{name} uses ${missing[0]} but the datasource gave no {missing[0].replace('_', ' ')} "
                          f"address; set COREOS_{missing[0].upper()} in the environment or avoid the variable "
                          "(nothing was changed)")
     cfg = CloudConfig()
@@ -224,7 +224,7 @@ def _plan_environment(plan: Plan, values: dict[str, str]) -> None:
 
 def _live_users(cfg: CloudConfig, need_core: bool) -> None:  # pragma: no cover - edits this machine's accounts
     """useradd for users the running system does not have yet; passwords and keys go through the plan."""
-    from builder.tools import run
+    from obelisk.tools import run
 
     live = Plan(Path("/"))
     wanted = [*cfg.users, *([CORE_USER_SPEC] if need_core else [])]
@@ -235,7 +235,7 @@ def _live_users(cfg: CloudConfig, need_core: bool) -> None:  # pragma: no cover 
 
 
 def _run_commands(plan: Plan) -> None:  # pragma: no cover - systemctl only exists on the running system
-    from builder.tools import ToolError, run
+    from obelisk.tools import ToolError, run
 
     for argv in plan.commands:
         try:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 
 from cloudconfig.model import CloudConfig
-from cloudconfig.rootfs import ApplyError, Plan
+from cloudconfig.rootfs import ConfigApplyError, Plan
 from cloudconfig.schema import BOOL_WORDS
 
 ETCD_ENV = "/etc/obelisk/etcd.env"
@@ -69,14 +69,14 @@ def plan_etcd(plan: Plan, cfg: CloudConfig) -> None:
     plan.write(ETCD_DROPIN, dropin.encode(), 0o644, why="coreos.etcd2")
 
 
-def _conf_error(name: str, exc: Exception) -> ApplyError:
-    return ApplyError(f"{name}: {exc}")
+def _conf_error(name: str, exc: Exception) -> ConfigApplyError:
+    return ConfigApplyError(f"{name}: {exc}")
 
 
 def plan_update(plan: Plan, cfg: CloudConfig) -> None:
     if not cfg.update:
         return
-    from update_engine.config import ConfigError, UpdateConf, parse_kv
+    from update_engine.config import UpdateConf, UpdateConfigError, parse_kv
 
     merged: dict[str, str] = {}
     try:
@@ -88,7 +88,7 @@ def plan_update(plan: Plan, cfg: CloudConfig) -> None:
             if key in cfg.update:
                 merged[conf_key] = cfg.update[key]
         conf = UpdateConf.from_kv(merged, "coreos.update", strict=False)
-    except ConfigError as exc:
+    except UpdateConfigError as exc:
         raise _conf_error("update.conf", exc) from None
     plan.write(UPDATE_CONF, conf.render().encode(), 0o644, why="coreos.update")
 
@@ -106,12 +106,12 @@ def plan_lock(plan: Plan, cfg: CloudConfig) -> None:
     fields = lock_settings(cfg)
     if not fields:
         return
-    from update_engine.reboot.config import ConfigError, LockConfig
+    from update_engine.reboot.config import LockConfig, LockConfigError
 
     try:
         base = LockConfig.parse(plan.read_text(LOCK_CONF) or "", LOCK_CONF).model_dump(exclude_defaults=True)
         conf = LockConfig.model_validate({**base, **fields})
-    except (ConfigError, ValueError) as exc:
+    except (LockConfigError, ValueError) as exc:
         raise _conf_error("lock.conf", exc) from None
     plan.write(LOCK_CONF, conf.render().encode(), 0o644, why="coreos.locksmith")
 
@@ -120,8 +120,8 @@ def check_settings(cfg: CloudConfig) -> list[tuple[str, str]]:
     """(path, message) for values the owners' models reject, so validate reports them with a line."""
     out: list[tuple[str, str]] = []
     if cfg.update:
-        from update_engine.config import ConfigError as UErr
         from update_engine.config import UpdateConf
+        from update_engine.config import UpdateConfigError as UErr
 
         for key, conf_key in (("server", "SERVER"), ("group", "GROUP"), ("reboot_strategy", "REBOOT_STRATEGY")):
             if key in cfg.update:

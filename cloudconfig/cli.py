@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from cloudconfig.apply import ApplyError, InvalidConfig, apply_userdata
+from cloudconfig.apply import ConfigApplyError, InvalidConfig, apply_userdata
 from cloudconfig.datasources import ORDER, DatasourceError, Settings, environment_addresses, fetch
 from cloudconfig.validate import validate_bytes
 from obelisk.errors import clean_errors, fail
@@ -106,7 +106,7 @@ def apply(
         for e in exc.report.entries:
             print(e.text(), file=sys.stderr)
         fail(str(exc), code=1)
-    except ApplyError as exc:
+    except ConfigApplyError as exc:
         fail(str(exc))
     except OSError as exc:
         fail(f"cannot write to {root}: {exc}")

@@ -20,6 +20,8 @@ from pathlib import Path
 import requests
 import yaml
 
+from obelisk.errors import ObeliskError
+
 ORDER = ("file", "url", "configdrive", "nocloud", "ec2")
 DEFAULT_FILES = ("/var/lib/obelisk/user_data", "/usr/share/oem/cloud-config.yml")
 CONFIGDRIVE_DIRS = ("/media/configdrive", "/media/configvirtfs")
@@ -29,7 +31,7 @@ NOCLOUD_LABELS = ("CIDATA", "cidata")
 EC2_ENDPOINT = "http://169.254.169.254"
 
 
-class DatasourceError(RuntimeError):
+class DatasourceError(ObeliskError, RuntimeError):
     """A source was asked for explicitly and could not be read; one line, for the user."""
 
 
@@ -158,7 +160,7 @@ def _label_dirs(s: Settings, labels: tuple[str, ...]) -> list[tuple[str, Path]]:
 
 def _mounted(dev: Path, probe: Callable[[Path], Fetched | None]) -> Fetched | None:
     """Read a labelled volume: FAT (the usual config-2/CIDATA) with mtools, needing no mount; others mounted ro."""
-    from builder.tools import ToolError, run
+    from obelisk.tools import ToolError, run
 
     tmp = Path(tempfile.mkdtemp(prefix="obelisk-cloudconfig-"))
     try:

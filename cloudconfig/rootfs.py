@@ -14,8 +14,10 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from obelisk.errors import ObeliskError
 
-class ApplyError(ValueError):
+
+class ConfigApplyError(ObeliskError, ValueError):
     """The config cannot be applied to this root; nothing was changed. One line, for the user."""
 
 
@@ -88,21 +90,21 @@ class Plan:
             cur = f"{cur}/{part}"
             pend = self._pending.get(cur)
             if pend is not None and pend.op not in ("mkdir", "chmod"):
-                raise ApplyError(f"cannot write {path}: {cur} is planned as a file, not a directory")
+                raise ConfigApplyError(f"cannot write {path}: {cur} is planned as a file, not a directory")
             host = self.host(cur)
             try:
                 st = os.stat(host)
             except FileNotFoundError:
                 return
             except OSError as exc:
-                raise ApplyError(f"cannot write {path}: {cur}: {exc.strerror}") from None
+                raise ConfigApplyError(f"cannot write {path}: {cur}: {exc.strerror}") from None
             if not stat.S_ISDIR(st.st_mode):
-                raise ApplyError(f"cannot write {path}: {cur} exists in {self.root} and is not a directory")
+                raise ConfigApplyError(f"cannot write {path}: {cur} exists in {self.root} and is not a directory")
             if os.path.islink(host):
                 real = Path(os.path.realpath(host))
                 if real != self.root.resolve() and self.root.resolve() not in real.parents and \
                         self.root.resolve() != Path("/"):
-                    raise ApplyError(f"cannot write {path}: {cur} is a link out of the target root ({real})")
+                    raise ConfigApplyError(f"cannot write {path}: {cur} is a link out of the target root ({real})")
 
     def _lstat(self, path: str) -> os.stat_result | None:
         try:
@@ -110,7 +112,7 @@ class Plan:
         except (FileNotFoundError, NotADirectoryError):
             return None
         except OSError as exc:
-            raise ApplyError(f"cannot use {path}: {exc.strerror}") from None
+            raise ConfigApplyError(f"cannot use {path}: {exc.strerror}") from None
 
     def write(self, path: str, data: bytes, mode: int = 0o644, uid: int = 0, gid: int = 0, why: str = "") -> bool:
         """Plan writing a file; nothing is planned when content, mode and owner already match."""
@@ -122,7 +124,7 @@ class Plan:
             return False
         st = self._lstat(path)
         if st is not None and stat.S_ISDIR(st.st_mode):
-            raise ApplyError(f"{path} is a directory in {self.root}; cannot write a file there")
+            raise ConfigApplyError(f"{path} is a directory in {self.root}; cannot write a file there")
         if (st is not None and stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == mode
                 and st.st_uid == uid and st.st_gid == gid and host.read_bytes() == data):
             if pend is not None:  # an earlier entry for this path is overridden by one the disk already matches
@@ -144,7 +146,7 @@ class Plan:
                 del self._pending[path]
             return False
         if pend is None and os.path.isdir(host) and not os.path.islink(host):
-            raise ApplyError(f"{path} is a directory in {self.root}; cannot replace it with a link")
+            raise ConfigApplyError(f"{path} is a directory in {self.root}; cannot replace it with a link")
         self._add(Change("symlink", path, target=target, why=why))
         return True
 
@@ -152,7 +154,7 @@ class Plan:
         if not self.exists(path):
             return False
         if os.path.isdir(self.host(path)) and not os.path.islink(self.host(path)):
-            raise ApplyError(f"{path} is a directory in {self.root}; refusing to remove it")
+            raise ConfigApplyError(f"{path} is a directory in {self.root}; refusing to remove it")
         self._add(Change("remove", path, why=why))
         return True
 
@@ -163,7 +165,7 @@ class Plan:
         st = self._lstat(path)
         if st is not None:
             if not stat.S_ISDIR(st.st_mode):
-                raise ApplyError(f"{path} exists in {self.root} and is not a directory")
+                raise ConfigApplyError(f"{path} exists in {self.root} and is not a directory")
             if (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (mode, uid, gid):
                 return False
             self._add(Change("chmod", path, mode=mode, uid=uid, gid=gid, why=why))
@@ -190,7 +192,8 @@ class Plan:
             foreign = [c for c in self.changes if c.op in ("write", "mkdir", "chmod")
                        and ((c.uid or 0) != os.geteuid() or (c.gid or 0) not in os.getgroups() + [os.getegid()])]
             if foreign:
-                raise ApplyError(f"{foreign[0].path} must be owned by {foreign[0].uid}:{foreign[0].gid}, which needs "
+                raise ConfigApplyError(f"{foreign[0].path} must be owned by {foreign[0].uid}:{foreign[0].gid}, "
+                                       "which needs "
                                  "root: run apply as root (nothing was changed)")
         for ch in self.changes:
             host = self.host(ch.path)

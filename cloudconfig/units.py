@@ -8,7 +8,7 @@ is used and the units' commands are run after a daemon-reload.
 from __future__ import annotations
 
 from cloudconfig.model import Unit
-from cloudconfig.rootfs import ApplyError, Plan
+from cloudconfig.rootfs import ConfigApplyError, Plan
 
 NETWORK_SUFFIXES = (".network", ".netdev", ".link")
 SEARCH = ("/etc/systemd/system", "/run/systemd/system", "/usr/lib/systemd/system", "/lib/systemd/system")
@@ -87,9 +87,10 @@ def plan_unit(plan: Plan, u: Unit, live: bool) -> None:
 def _plan_enable(plan: Plan, u: Unit, written: str) -> None:
     src = written if u.content is not None else find_unit(plan, u.name)
     if src is None:
-        raise ApplyError(f"cannot enable {u.name}: no such unit in {plan.root} (give its content: under the unit)")
+        raise ConfigApplyError(f"cannot enable {u.name}: no such unit in {plan.root} "
+                               "(give its content: under the unit)")
     if "@" in u.name and u.name.split("@", 1)[1].startswith("."):
-        raise ApplyError(f"cannot enable template {u.name} without an instance (use name@instance.service)")
+        raise ConfigApplyError(f"cannot enable template {u.name} without an instance (use name@instance.service)")
     inst = install_section(plan.read_text(src) or "")
     edir = "/run/systemd/system" if u.runtime else "/etc/systemd/system"
     links = [(f"{edir}/{t}.wants/{u.name}") for t in inst.get("WantedBy", [])]

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 
 from cloudconfig.model import User
-from cloudconfig.rootfs import ApplyError, Plan
+from cloudconfig.rootfs import ConfigApplyError, Plan
 
 KEYS_NAME = "obelisk-cloudconfig"  # file under ~/.ssh/authorized_keys.d/, like update-ssh-keys' coreos-cloudinit
 
@@ -57,7 +57,7 @@ def resolve_owner(plan: Plan, owner: str | None) -> tuple[int, int]:
     acct = lookup_user(plan, uname)
     if acct is None:
         if not uname.isdigit():
-            raise ApplyError(f"owner {owner!r}: user {uname!r} does not exist in {plan.root}/etc/passwd; "
+            raise ConfigApplyError(f"owner {owner!r}: user {uname!r} does not exist in {plan.root}/etc/passwd; "
                              "create it under users: or use a numeric uid")
         uid, gid = int(uname), int(uname)
     else:
@@ -65,7 +65,7 @@ def resolve_owner(plan: Plan, owner: str | None) -> tuple[int, int]:
     if gname:
         g = lookup_group(plan, gname)
         if g is None:
-            raise ApplyError(f"owner {owner!r}: group {gname!r} does not exist in {plan.root}/etc/group")
+            raise ConfigApplyError(f"owner {owner!r}: group {gname!r} does not exist in {plan.root}/etc/group")
         gid = g
     return uid, gid
 
@@ -75,7 +75,7 @@ def _free_id(used: set[int], system: bool) -> int:
         for i in range(999, 99, -1):
             if i not in used:
                 return i
-        raise ApplyError("no free system id between 100 and 999")
+        raise ConfigApplyError("no free system id between 100 and 999")
     i = max([u for u in used if 1000 <= u < 60000], default=999) + 1
     return i
 
@@ -92,13 +92,13 @@ def plan_user(plan: Plan, u: User) -> None:
         if u.primary_group:
             gid = lookup_group(plan, u.primary_group)
             if gid is None:
-                raise ApplyError(f"user {u.name}: primary_group {u.primary_group!r} does not exist in "
+                raise ConfigApplyError(f"user {u.name}: primary_group {u.primary_group!r} does not exist in "
                                  f"{plan.root}/etc/group")
         elif u.no_user_group:
             gid = lookup_group(plan, "users") or 100
         else:
             if any(r[0] == u.name for r in groups):
-                raise ApplyError(f"user {u.name}: a group named {u.name} already exists; set primary_group or "
+                raise ConfigApplyError(f"user {u.name}: a group named {u.name} already exists; set primary_group or "
                                  "no_user_group")
             gid = uid if uid not in gids else _free_id(gids | uids, u.system)
             groups.append([u.name, "x", str(gid), ""])
@@ -108,7 +108,7 @@ def plan_user(plan: Plan, u: User) -> None:
         for g in u.groups:
             row = next((r for r in groups if r[0] == g), None)
             if row is None:
-                raise ApplyError(f"user {u.name}: group {g!r} does not exist in {plan.root}/etc/group; "
+                raise ConfigApplyError(f"user {u.name}: group {g!r} does not exist in {plan.root}/etc/group; "
                                  "remove it from groups or create it in the image")
             while len(row) < 4:
                 row.append("")
@@ -143,7 +143,7 @@ def plan_keys(plan: Plan, user: str, keys: list[str]) -> None:
     """Keys go to ~/.ssh/authorized_keys.d/obelisk-cloudconfig; authorized_keys is the join of that dir."""
     acct = lookup_user(plan, user)
     if acct is None:
-        raise ApplyError(f"ssh keys for {user}: user does not exist in {plan.root}/etc/passwd")
+        raise ConfigApplyError(f"ssh keys for {user}: user does not exist in {plan.root}/etc/passwd")
     ssh = f"{acct.home.rstrip('/')}/.ssh"
     plan.mkdir(acct.home, 0o700, acct.uid, acct.gid, why=f"home of {user}") if not plan.exists(acct.home) else None
     plan.mkdir(ssh, 0o700, acct.uid, acct.gid)
@@ -168,7 +168,7 @@ def plan_keys(plan: Plan, user: str, keys: list[str]) -> None:
 
 
 def live_user_commands(u: User, exists: bool) -> list[list[str]]:
-    """The running system: useradd/chpasswd as coreos-cloudinit did (argv lists for builder.tools.run)."""
+    """The running system: useradd/chpasswd as coreos-cloudinit did (argv lists for obelisk.tools.run)."""
     if exists:
         return []
     argv = ["useradd"]

@@ -26,6 +26,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from obelisk.errors import ObeliskError
 from update_engine.reboot.semaphore import (
     CorruptSemaphore,
     EtcdEndpoints,
@@ -43,7 +44,7 @@ def error(status: int, kind: str, value: str) -> JSONResponse:
     return JSONResponse({"kind": kind, "value": value}, status_code=status)
 
 
-class BadRequest(Exception):
+class BadRequest(ObeliskError):
     def __init__(self, value: str) -> None:
         self.value = value
 

@@ -26,7 +26,7 @@ from starlette.responses import FileResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from provision import render, write_api
-from provision.releases import ReleaseError, Releases
+from provision.releases import AssetError, Releases
 from provision.select import Labels, NoMatch, labels_from_query, select
 from provision.store import NotFound, Store, StoreError
 
@@ -118,7 +118,7 @@ def make_app(settings: Settings) -> Starlette:
             try:
                 res = handler(request)
                 return await res if not isinstance(res, Response) else res
-            except (NoMatch, NotFound, ReleaseError) as exc:
+            except (NoMatch, NotFound, AssetError) as exc:
                 return _fail(404, str(exc), request)
             except render.LabelMissing as exc:  # before RenderError, which it is a kind of
                 return _fail(400, str(exc), request)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from provision import render
 from provision.model import TEMPLATE_KINDS, Group
-from provision.releases import ReleaseError, Releases
+from provision.releases import AssetError, Releases
 from provision.select import Labels
 from provision.store import Store, StoreError
 
@@ -99,7 +99,7 @@ def check(data: Path, assets: Path | None = None) -> Report:
         if p.release:
             try:
                 releases.resolve(p.release)
-            except ReleaseError as exc:
+            except AssetError as exc:
                 rep.add("warning", where, str(exc))
     seen: dict[str, str] = {}
     for g in groups:

@@ -15,6 +15,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
+from obelisk.errors import ObeliskError
+
 # File-name safe and URL safe: ids become `profiles/<id>.json`, so no separators, no leading dot.
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 _ID = re.compile(ID_PATTERN)
@@ -30,7 +32,7 @@ RELEASE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.+-]*(/[A-Za-z0-9][A-Za-z0-9_.+-]*)?$
 Arg = Annotated[str, StringConstraints(min_length=1, max_length=4096, pattern=r"^[^\x00-\x1f\x7f]*$")]
 
 
-class ModelError(ValueError):
+class ModelError(ObeliskError, ValueError):
     """A profile, group or label that cannot be used; the message names the field."""
 
 

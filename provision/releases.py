@@ -7,13 +7,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from obelisk.errors import ObeliskError
 from update_engine.omaha import compare_versions
 
 PXE_FILES = ("vmlinuz", "initrd")
 _TTL = 2.0  # release folders are published atomically (rename); re-look a little later, not every request
 
 
-class ReleaseError(LookupError):
+class AssetError(ObeliskError, LookupError):
     """The release a profile names is missing or is not a PXE release; the message says what to build."""
 
 
@@ -53,7 +54,7 @@ class Releases:
 
     def _load(self, ref: str) -> PxeRelease:
         if self.assets is None:
-            raise ReleaseError(f"release {ref!r} needs an assets folder; start the server with --assets")
+            raise AssetError(f"release {ref!r} needs an assets folder; start the server with --assets")
         name, _, version = ref.partition("/")
         base = self.assets / name
         if not version:
@@ -61,27 +62,27 @@ class Releases:
             found = [d.name for d in base.iterdir() if not d.name.startswith(".") and (d / "release.json").is_file()] \
                 if base.is_dir() else []
             if not found:
-                raise ReleaseError(f"no release of {name!r} under the assets folder; build one with "
+                raise AssetError(f"no release of {name!r} under the assets folder; build one with "
                                    f"'obelisk image build images/{name}.toml --format raw,pxe'")
             version = max(found, key=_VersionKey)
         d = base / version
         try:
             meta = json.loads((d / "release.json").read_text())
         except FileNotFoundError:
-            raise ReleaseError(f"release {name}/{version} is not under the assets folder") from None
+            raise AssetError(f"release {name}/{version} is not under the assets folder") from None
         except (OSError, ValueError) as exc:
-            raise ReleaseError(f"{name}/{version}/release.json cannot be read: {exc}") from None
+            raise AssetError(f"{name}/{version}/release.json cannot be read: {exc}") from None
         missing = [f for f in PXE_FILES if not (d / f).is_file()]
         if missing:
-            raise ReleaseError(f"release {name}/{version} has no {' or '.join(missing)}: rebuild it with "
+            raise AssetError(f"release {name}/{version} has no {' or '.join(missing)}: rebuild it with "
                                f"--format raw,pxe (or formats = [\"raw\", \"pxe\"] in its definition)")
         try:
             root_hash = str(meta["verity_root_hash"])
             offset = int(meta["hash_offset"])
         except (KeyError, TypeError, ValueError):
-            raise ReleaseError(f"{name}/{version}/release.json lacks verity_root_hash or hash_offset") from None
+            raise AssetError(f"{name}/{version}/release.json lacks verity_root_hash or hash_offset") from None
         if len(root_hash) != 64 or any(c not in "0123456789abcdef" for c in root_hash):
-            raise ReleaseError(f"{name}/{version}/release.json: verity_root_hash {root_hash[:80]!r} is not hex")
+            raise AssetError(f"{name}/{version}/release.json: verity_root_hash {root_hash[:80]!r} is not hex")
         return PxeRelease(f"{name}/{version}", str(meta.get("version", version)), root_hash, offset)
 
 

@@ -20,6 +20,7 @@ import jinja2
 from jinja2.sandbox import SandboxedEnvironment
 
 from cloudconfig.validate import validate_bytes
+from obelisk.errors import ObeliskError
 from provision.model import Group, Profile
 from provision.releases import PxeRelease
 from provision.select import Labels
@@ -30,7 +31,7 @@ BOOT_IPXE = ("#!ipxe\nchain ipxe?uuid=${uuid}&mac=${mac:hexhyp}&domain=${domain}
 MAX_OUTPUT = 1 << 20
 
 
-class RenderError(RuntimeError):
+class RenderError(ObeliskError, RuntimeError):
     """A template could not produce a config for this host; the message says which and why."""
 
 
@@ -39,7 +40,7 @@ class LabelMissing(RenderError):
     request's fault, not the data's, so the server answers 400 rather than 500."""
 
 
-class TemplateSyntax(ValueError):
+class TemplateSyntax(ObeliskError, ValueError):
     pass
 
 

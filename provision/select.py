@@ -6,12 +6,13 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from obelisk.errors import ObeliskError
 from provision.model import _LABEL_KEY, MAX_LABEL_VALUE, Group, normalize_label
 
 log = logging.getLogger("obelisk.provision")
 
 
-class NoMatch(LookupError):
+class NoMatch(ObeliskError, LookupError):
     """No group selects this host; the message says which labels were tried."""
 
 

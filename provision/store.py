@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from obelisk.atomicfile import is_temporary, write_atomic
+from obelisk.errors import ObeliskError
 from provision.model import (
     TEMPLATE_KINDS,
     Group,
@@ -39,7 +40,7 @@ RECHECK_SECONDS = 1.0
 MAX_FILE = 1 << 20  # profiles, groups and templates are small; a huge one is a mistake or an attack
 
 
-class StoreError(ValueError):
+class StoreError(ObeliskError, ValueError):
     """A file in the data folder cannot be used; the message names it and what to do."""
 
 
@@ -47,7 +48,7 @@ class NotFound(StoreError):
     pass
 
 
-class Conflict(StoreError):
+class StoreConflict(StoreError):
     """A write that would leave a dangling reference (a group without its profile, ...)."""
 
 
@@ -241,14 +242,14 @@ class Store:
         with self._locked():
             for kind, name in (("cloud", profile.cloud_id), ("generic", profile.generic_id)):
                 if name is not None and not self.template_path(kind, name).is_file():
-                    raise Conflict(f"profile {profile.id!r} names {kind} template {name!r}, which does not exist; "
+                    raise StoreConflict(f"profile {profile.id!r} names {kind} template {name!r}, which does not exist; "
                                    f"upload the template first")
             return self._put(self.profile_path(profile.id), _dump(profile))
 
     def put_group(self, group: Group) -> bool:
         with self._locked():
             if not self.profile_path(group.profile).is_file():
-                raise Conflict(f"group {group.id!r} names profile {group.profile!r}, which does not exist; "
+                raise StoreConflict(f"group {group.id!r} names profile {group.profile!r}, which does not exist; "
                                f"create the profile first")
             return self._put(self.group_path(group.id), _dump(group))
 
@@ -260,7 +261,8 @@ class Store:
         with self._locked():
             users = [g.id for g in self._all_groups_unchecked() if g.profile == ident]
             if users:
-                raise Conflict(f"profile {ident!r} is used by group(s) {', '.join(users)}; delete or change them first")
+                raise StoreConflict(f"profile {ident!r} is used by group(s) {', '.join(users)}; "
+                                    "delete or change them first")
             self._delete(self.profile_path(ident), f"profile {ident!r}")
 
     def delete_group(self, ident: str) -> None:
@@ -272,7 +274,7 @@ class Store:
             field = f"{kind}_id"
             users = [p for p in self.ids("profiles") if getattr(self._profile_or_none(p), field, None) == name]
             if users:
-                raise Conflict(f"{kind} template {name!r} is used by profile(s) {', '.join(users)}; "
+                raise StoreConflict(f"{kind} template {name!r} is used by profile(s) {', '.join(users)}; "
                                f"change them first")
             self._delete(self.template_path(kind, name), f"{kind} template {name!r}")
 

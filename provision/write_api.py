@@ -22,9 +22,9 @@ from starlette.types import Receive, Scope, Send
 
 from provision import render
 from provision.model import ID_PATTERN, TEMPLATE_KINDS, Group, ModelError, Profile, parse_group, parse_profile
-from provision.releases import ReleaseError
+from provision.releases import AssetError
 from provision.select import NoMatch, labels_from_query, select
-from provision.store import Conflict, NotFound, StoreError, TooLarge
+from provision.store import NotFound, StoreConflict, StoreError, TooLarge
 
 if TYPE_CHECKING:
     from provision.app import Provision
@@ -113,7 +113,7 @@ def routes(prov: Provision) -> list[Route]:
                 return _err(413, f"request body larger than {MAX_BODY} bytes")
             except TooLarge as exc:
                 return _err(413, str(exc))
-            except Conflict as exc:
+            except StoreConflict as exc:
                 return _err(409, str(exc))
             except NotFound as exc:
                 return _err(404, str(exc))
@@ -189,7 +189,7 @@ def routes(prov: Provision) -> list[Route]:
         try:
             p = prov.store.profile(group.profile)
             out["release"] = prov.releases.resolve(p.release).path if p.release else None
-        except (NotFound, ReleaseError) as exc:
+        except (NotFound, AssetError) as exc:
             out["problem"] = str(exc)
         return JSONResponse(out)
 

@@ -36,17 +36,18 @@ import requests
 
 from bootloader import loader, slots
 from obelisk.atomicfile import write_atomic
+from obelisk.errors import ObeliskError
+from obelisk.signing import PublicKey
 from update_engine import omaha, payload
 from update_engine.omaha import compare_versions
 from update_engine.payload import Manifest, PayloadError
-from update_engine.signing import PublicKey
 
 log = logging.getLogger("obelisk.update")
 PROGRESS_FILE = "apply-progress.json"
 MANIFEST_FILE = "apply-manifest.bin"
 
 
-class ApplyError(RuntimeError):
+class ApplyError(ObeliskError, RuntimeError):
     """An apply step failed; ``code`` is the Omaha error code to report, ``str()`` one line for the user."""
 
     def __init__(self, message: str, code: int) -> None:

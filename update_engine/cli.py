@@ -12,19 +12,19 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TaskProgressColumn, TextColumn, TransferSpeedColumn
 
-from bootloader import slots
+from bootloader import layout, slots
 from obelisk.errors import clean_errors, fail
+from obelisk.signing import SigningError, load_public_key, load_trusted_keys
 from update_engine import apply as applymod
 from update_engine import config
 from update_engine.daemon import KEYS_DIR, SOCKET_PATH, STATE_DIR, Daemon, DaemonError, Options, ask
 from update_engine.payload import PayloadError
-from update_engine.signing import SigningError, load_public_key, load_trusted_keys
 from update_engine.state import STATE_FILE, load_state
 
 app = typer.Typer(help="Stage updates into the passive USR slot; run the update daemon or server.",
                   no_args_is_help=True)
 err = Console(stderr=True)
-EXPECTED = (applymod.ApplyError, PayloadError, SigningError, DaemonError, config.ConfigError, slots.SlotError,
+EXPECTED = (applymod.ApplyError, PayloadError, SigningError, DaemonError, config.UpdateConfigError, slots.SlotError,
             ValueError, OSError)
 
 
@@ -41,12 +41,10 @@ def _keys(key: list[Path] | None) -> list:
 def _slot(value: str | None) -> int | None:
     if value is None:
         return None
-    v = value.strip().upper()
-    if v in ("A", "3", "USR-A"):
-        return slots.USR_A
-    if v in ("B", "4", "USR-B"):
-        return slots.USR_B
-    fail(f"--slot {value!r}: use A or B")
+    index = layout.parse_slot(value)
+    if index is None:
+        fail(f"--slot {value!r}: use A or B")
+    return index
 
 
 @app.command("apply")

@@ -14,6 +14,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
+from obelisk.errors import ObeliskError
+
 ETC_CONF = Path("/etc/obelisk/update.conf")
 USR_CONF = Path("/usr/share/obelisk/update.conf")
 RELEASE_FILE = Path("/usr/share/obelisk/release")
@@ -32,7 +34,7 @@ KEYS = {
 _SUFFIX = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
 
-class ConfigError(ValueError):
+class UpdateConfigError(ObeliskError, ValueError):
     """update.conf cannot be used; the message names the file and key."""
 
 
@@ -44,13 +46,13 @@ def parse_kv(text: str, source: str = "update.conf") -> dict[str, str]:
         if not line or line.startswith("#"):
             continue
         if "=" not in line:
-            raise ConfigError(f"{source} line {n}: expected KEY=value, got {line[:60]!r}")
+            raise UpdateConfigError(f"{source} line {n}: expected KEY=value, got {line[:60]!r}")
         key, _, value = line.partition("=")
         key, value = key.strip(), value.strip()
         if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
             value = value[1:-1]
         if not re.fullmatch(r"[A-Z_][A-Z0-9_]*", key):
-            raise ConfigError(f"{source} line {n}: {key!r} is not a KEY (upper case letters, digits, _)")
+            raise UpdateConfigError(f"{source} line {n}: {key!r} is not a KEY (upper case letters, digits, _)")
         out[key] = value
     return out
 
@@ -122,14 +124,14 @@ class UpdateConf(BaseModel):
             if key in KEYS:
                 fields[KEYS[key]] = value
             elif strict:
-                raise ConfigError(f"{source}: unknown key {key} (known: {', '.join(KEYS)})")
+                raise UpdateConfigError(f"{source}: unknown key {key} (known: {', '.join(KEYS)})")
         try:
             return cls(**fields)
         except ValidationError as exc:
             err = exc.errors()[0]
             name = str(err["loc"][0]) if err["loc"] else "?"
             key = next((k for k, f in KEYS.items() if f == name), name)
-            raise ConfigError(f"{source}: {key}: {err['msg'].removeprefix('Value error, ')}") from None
+            raise UpdateConfigError(f"{source}: {key}: {err['msg'].removeprefix('Value error, ')}") from None
 
     def render(self) -> str:
         lines = ["# obelisk update settings (update.conf); see 'obelisk update --help'"]
@@ -157,7 +159,7 @@ def load(etc: Path = ETC_CONF, usr: Path = USR_CONF, release: Path = RELEASE_FIL
         except FileNotFoundError:
             continue
         except OSError as exc:
-            raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+            raise UpdateConfigError(f"cannot read {path}: {exc.strerror}") from None
         merged.update(parse_kv(text, str(path)))
     if not merged.get("APPID"):
         rel = read_release(release)

@@ -30,10 +30,11 @@ from pathlib import Path
 import requests
 
 from bootloader import slots
+from obelisk.errors import ObeliskError
+from obelisk.signing import PublicKey, SigningError, load_public_key, load_trusted_keys
 from update_engine import apply as applymod
 from update_engine import config, omaha
 from update_engine.omaha import Event, compare_versions
-from update_engine.signing import PublicKey, SigningError, load_public_key, load_trusted_keys
 from update_engine.state import DaemonState, Status, load_state, save_state
 
 log = logging.getLogger("obelisk.update")
@@ -50,7 +51,7 @@ INTERVAL = (45 * 60, 10 * 60)
 MAX_BACKOFF = 4 * 3600
 
 
-class DaemonError(RuntimeError):
+class DaemonError(ObeliskError, RuntimeError):
     """The daemon cannot run a check at all (bad settings, no keys); one line for the user."""
 
 
@@ -137,7 +138,7 @@ class Daemon:
     def _settings(self) -> tuple[config.UpdateConf, dict[str, str]]:
         try:
             conf = config.load(self.opts.conf, self.opts.usr_conf, self.opts.release)
-        except config.ConfigError as exc:
+        except config.UpdateConfigError as exc:
             raise DaemonError(str(exc)) from None
         rel = config.read_release(self.opts.release)
         if not rel.get("VERSION"):
@@ -224,7 +225,7 @@ class Daemon:
 
     def _health_gate(self) -> str | None:
         """None when healthy, else why not. systemd must reach `running`; every hook must exit 0."""
-        from builder.tools import ToolError, run
+        from obelisk.tools import ToolError, run
 
         if self.opts.disk is None and Path("/run/systemd/system").is_dir():
             try:
@@ -305,7 +306,7 @@ class Daemon:
             disk = self._disk()
             keys = self._keys()
             self.after_boot(conf, rel, disk)
-        except (DaemonError, ValueError, OSError) as exc:  # ValueError: SlotError, GptError, ConfigError
+        except (DaemonError, ValueError, OSError) as exc:  # ValueError: SlotError, GptError, UpdateConfigError
             with self.lock:
                 self.st.last_error = str(exc)
                 save_state(self.opts.state_dir, self.st)
@@ -482,7 +483,7 @@ def _host_arch() -> str:
 
 
 def _systemctl_reboot() -> None:
-    from builder.tools import run
+    from obelisk.tools import run
 
     run(["systemctl", "reboot"])
 

@@ -17,6 +17,8 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from xml.sax.saxutils import quoteattr
 
+from obelisk.errors import ObeliskError
+
 # Never "CoreOSUpdateEngine-0.1.0.0" with installsource=scheduler: Nebraska takes that pair for its syncer.
 UPDATER_VERSION = "obelisk-update_engine-0.1.0"
 OS_VERSION = "Chateau"
@@ -49,7 +51,7 @@ ERR_OMAHA_HTTP_BASE = 2000
 FLAG_RESUMED = 1 << 30
 
 
-class OmahaError(ValueError):
+class OmahaError(ObeliskError, ValueError):
     """A request or response cannot be used; ``code`` is the Omaha error code to report."""
 
     def __init__(self, message: str, code: int = ERR_OMAHA_INVALID) -> None:

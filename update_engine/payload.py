@@ -30,8 +30,9 @@ from typing import BinaryIO
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from update_engine import signing
-from update_engine.signing import PublicKey, SigningError
+from obelisk import signing
+from obelisk.errors import ObeliskError
+from obelisk.signing import PublicKey, SigningError
 
 MAGIC = b"OBKPAYLD"
 FORMAT_VERSION = 1
@@ -52,7 +53,7 @@ _VERSION = re.compile(r"^[0-9]+(\.[0-9]+)*([-+][0-9A-Za-z.\-+]*)?$")
 _TOKEN = re.compile(r"^[A-Za-z0-9{}._:\-]{1,128}$")
 
 
-class PayloadError(ValueError):
+class PayloadError(ObeliskError, ValueError):
     """A payload is malformed, unsigned or for something else; one line for the user."""
 
 

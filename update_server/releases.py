@@ -11,12 +11,13 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from obelisk.errors import ObeliskError
 from update_engine.omaha import compare_versions
 
 PAYLOAD_NAME = "update.payload"
 
 
-class ReleaseError(ValueError):
+class ReleaseError(ObeliskError, ValueError):
     """A release directory or groups file cannot be used; one line naming the file."""
 
 

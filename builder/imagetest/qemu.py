@@ -20,7 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from builder.tools import require
+from obelisk.errors import ObeliskError
+from obelisk.tools import require
 
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
@@ -37,7 +38,7 @@ FATAL = ("OBELISK-GRUB-FAIL", "grub rescue>", "Press any key to continue", "emer
          "Give root password")
 
 
-class VmError(RuntimeError):
+class VmError(ObeliskError, RuntimeError):
     pass
 
 

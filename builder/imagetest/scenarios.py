@@ -31,8 +31,8 @@ from pathlib import Path
 from bootloader import gpt, slots
 from builder.build import data_dir
 from builder.imagetest import qemu
-from builder.tools import run
-from update_engine import signing
+from obelisk import signing
+from obelisk.tools import run
 
 PLACEHOLDER_GUID = uuid.UUID("00000000-0000-0000-0000-000000000001")
 GROW_BYTES = 256 << 20  # the boot scenario enlarges the disk by this much before the first boot

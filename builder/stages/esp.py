@@ -7,9 +7,10 @@ import importlib
 import os
 from pathlib import Path
 
-from builder import fsutil, tools
+from builder import fsutil
 from builder.definition import MIB
 from builder.errors import BuildError
+from obelisk import tools
 
 DEPENDS = ("usr",)
 CODE = ("bootloader/esp.py", "bootloader/grub.py")

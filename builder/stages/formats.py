@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from builder import fsutil, tools
+from builder import fsutil
+from obelisk import tools
 
 DEPENDS = ("disk", "usr", "tree")
 PXE_USR_NAME = "usr.img"  # where the PXE initramfs finds /usr (filesystem + verity tree)

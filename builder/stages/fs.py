@@ -11,9 +11,10 @@ import shutil
 import uuid
 from pathlib import Path
 
-from builder import ext4, fsutil, tools
+from builder import ext4, fsutil
 from builder.definition import MIB
 from builder.errors import BuildError
+from obelisk import tools
 
 DEPENDS = ("tree",)
 NAMESPACE = uuid.UUID("0b5e1c0d-0b5e-4c0d-8b5e-1c0d0b5e1c0d")

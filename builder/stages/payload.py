@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from update_engine import payload, signing
+from obelisk import signing
+from update_engine import payload
 
 DEPENDS = ("usr",)
-CODE = ("update_engine/payload.py", "update_engine/signing.py")
+CODE = ("update_engine/payload.py", "obelisk/signing.py")
 
 
 def inputs(ctx) -> dict:

@@ -11,8 +11,9 @@ import shutil
 import sys
 from pathlib import Path
 
-from builder import fsutil, tools
+from builder import fsutil
 from builder.definition import DebianSource
+from obelisk import tools
 
 DEPENDS: tuple[str, ...] = ()
 REPO = Path(__file__).resolve().parents[2]

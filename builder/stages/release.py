@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from builder import fsutil
-from update_engine import signing
+from obelisk import signing
 
 DEPENDS = ("usr", "disk", "payload", "formats")
 RELEASE_FORMAT = 1

@@ -9,8 +9,9 @@ import tarfile
 from pathlib import Path
 
 from bootloader import initramfs
-from builder import debs, fsutil, kernel, tools
+from builder import debs, fsutil, kernel
 from builder.definition import DebianSource, DirectorySource, OciSource, TarballSource, TinySource
+from obelisk import tools
 
 DEPENDS: tuple[str, ...] = ()
 CODE = ("builder/debs.py", "builder/kernel.py")

@@ -10,12 +10,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from builder import fsutil, kernel, tools
+from builder import fsutil, kernel
 from builder.definition import DebianSource
-from update_engine.signing import IMAGE_KEYS_DIR
+from obelisk import tools
+from obelisk.signing import IMAGE_KEYS_DIR
 
 DEPENDS = ("rootfs", "python")
-CODE = ("bootloader/initramfs.py", "bootloader/initramfs", "update_engine/signing.py")
+CODE = ("bootloader/initramfs.py", "bootloader/initramfs", "obelisk/signing.py")
 REPO = Path(__file__).resolve().parents[2]
 BOOT_DIR = "usr/lib/obelisk/boot"
 LAUNCHER = """#!/usr/bin/python3

@@ -8,9 +8,9 @@ import re
 import uuid
 from pathlib import Path
 
-from builder import tools
 from builder.definition import MIB
 from builder.errors import BuildError
+from obelisk import tools
 
 DEPENDS = ("tree",)
 BLOCK = 4096

@@ -12,7 +12,7 @@ import pytest
 from bootdisks import DISK_SIZE, make_disk, need_gpt_tools, obelisk_specs, sha
 
 from bootloader import gpt, slots
-from builder.tools import run
+from obelisk.tools import run
 
 ENTRY_CRC_AT, HEADER_CRC_AT = 88, 16
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from bootdisks import make_disk, need_gpt_tools, obelisk, obelisk_inproc, state
 
 from bootloader import gpt, slots
-from builder.tools import run
+from obelisk.tools import run
 
 OTHER_TYPE = uuid.UUID("0fc63daf-8483-4772-8e79-3d69d8477de4")  # Linux data: never a candidate
 

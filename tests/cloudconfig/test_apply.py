@@ -13,7 +13,7 @@ import pytest
 from cloudconfig_helpers import make_root, tree_digest
 from typer.testing import CliRunner
 
-from cloudconfig.apply import ApplyError, InvalidConfig, apply_userdata
+from cloudconfig.apply import ConfigApplyError, InvalidConfig, apply_userdata
 from cloudconfig.cli import app
 from update_engine.config import UpdateConf
 from update_engine.reboot.config import LockConfig
@@ -184,7 +184,7 @@ def test_unit_named_twice_then_masked_is_applied_once(root: Path) -> None:
 def test_bad_config_leaves_root_byte_identical(root: Path, bad: bytes) -> None:
     apply_userdata(b"#cloud-config\nhostname: before\n", root)
     digest = tree_digest(root)
-    with pytest.raises(ApplyError):
+    with pytest.raises(ConfigApplyError):
         apply_userdata(bad, root)
     assert tree_digest(root) == digest
 
@@ -205,7 +205,7 @@ def test_link_out_of_the_root_is_refused(root: Path, tmp_path: Path) -> None:
     outside = tmp_path / "outside"
     outside.mkdir()
     (root / "etc/evil").symlink_to(outside)
-    with pytest.raises(ApplyError, match="link out of the target root"):
+    with pytest.raises(ConfigApplyError, match="link out of the target root"):
         apply_userdata(b"#cloud-config\nwrite_files:\n  - path: /etc/evil/x\n    content: x\n", root)
     assert list(outside.iterdir()) == []
 
@@ -336,6 +336,6 @@ def test_apply_json(root: Path, tmp_path: Path) -> None:
 
 def test_address_that_is_not_an_address_is_refused(root: Path) -> None:
     digest = tree_digest(root)
-    with pytest.raises(ApplyError, match="private_ipv4 .* is not an IP address"):
+    with pytest.raises(ConfigApplyError, match="private_ipv4 .* is not an IP address"):
         apply_userdata(b"#cloud-config\nhostname: a\n", root, addresses={"private_ipv4": "1.2.3.4\nusers: []"})
     assert tree_digest(root) == digest

@@ -233,7 +233,7 @@ def test_explicit_source_without_data_is_a_clean_error(tmp_path: Path) -> None:
 
 def _fat_volume(tmp_path: Path, label: str, files: dict[str, bytes]) -> Path:
     """A real FAT filesystem image with a volume label, as a hypervisor attaches for config-2 / CIDATA."""
-    from builder.tools import run
+    from obelisk.tools import run
 
     img = tmp_path / f"{label}.img"
     run(["mkfs.vfat", "-C", "-n", label, img, "1440"])

@@ -18,8 +18,8 @@ import requests
 from cloudconfig_helpers import make_root
 from typer.testing import CliRunner
 
-from builder.tools import ToolError, require, run
 from cloudconfig.cli import app
+from obelisk.tools import ToolError, require, run
 from update_engine.reboot.config import LockConfig
 
 pytestmark = pytest.mark.etcd

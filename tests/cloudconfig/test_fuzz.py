@@ -1,6 +1,6 @@
 """Bad input: random bytes and random YAML (shaped like cloud-config) fed to validate and apply.
 
-Never a traceback: validate always returns a report; apply either applies or raises ApplyError
+Never a traceback: validate always returns a report; apply either applies or raises ConfigApplyError
 (one line, nothing changed); the CLI turns both into output and an exit code.
 """
 
@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from cloudconfig.apply import ApplyError, apply_userdata
+from cloudconfig.apply import ConfigApplyError, apply_userdata
 from cloudconfig.cli import app
 from cloudconfig.validate import validate_bytes
 
@@ -117,7 +117,7 @@ def test_random_configs_validate_and_apply(cfg: dict) -> None:
         before = tree_digest(root)
         try:
             apply_userdata(raw, root, addresses={"private_ipv4": "10.0.0.1"})
-        except ApplyError as exc:
+        except ConfigApplyError as exc:
             assert str(exc) and "\n" not in str(exc)
             assert tree_digest(root) == before  # refused: nothing changed
         else:

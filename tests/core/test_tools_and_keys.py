@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from builder import tools
-from update_engine import signing
+from obelisk import signing, tools
 
 
 def test_missing_tool_names_the_package() -> None:

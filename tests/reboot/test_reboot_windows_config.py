@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from update_engine.reboot import StrategyError, coordinator_from_config
-from update_engine.reboot.config import ConfigError, LockConfig
+from update_engine.reboot.config import LockConfig, LockConfigError
 from update_engine.reboot.identity import ZINCATI_APP_ID, IdentityError, app_specific_id, host_id
 from update_engine.reboot.windows import Window, WindowError, WindowSet, parse_duration
 
@@ -102,7 +102,7 @@ def test_lock_conf_round_trip_and_errors_name_the_key() -> None:
         "ENDPOINT": "KEY=VALUE",
     }
     for line, key in bad.items():
-        with pytest.raises(ConfigError) as exc:
+        with pytest.raises(LockConfigError) as exc:
             LockConfig.parse("# c\n" + line + "\n")
         assert key in str(exc.value), (line, str(exc.value))
 

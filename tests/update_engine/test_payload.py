@@ -11,7 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from update_engine import payload, signing
+from obelisk import signing
+from update_engine import payload
 from update_engine.payload import PayloadError
 
 APPID = "{e96281a6-d1af-4bde-9a0a-97b76e56dc57}"

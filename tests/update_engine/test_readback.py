@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from ue_helpers import World, slot_attrs, slot_bytes
 
+from obelisk.signing import load_public_key
 from update_engine import apply as applymod
 from update_engine import omaha
-from update_engine.signing import load_public_key
 
 
 def test_slot_that_reads_back_wrong_is_refused(world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

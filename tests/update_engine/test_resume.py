@@ -14,8 +14,8 @@ from pathlib import Path
 
 from ue_helpers import World, slot_attrs, slot_bytes, veritysetup_verify
 
+from obelisk.signing import load_public_key
 from update_engine import apply as applymod
-from update_engine.signing import load_public_key
 
 
 def _b_unbootable(disk: Path) -> bool:

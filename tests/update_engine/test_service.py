@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from ue_helpers import World, run_ue
 
-from update_engine.config import ConfigError, UpdateConf, load
+from update_engine.config import UpdateConf, UpdateConfigError, load
 
 
 def _wait_for(cond, timeout: float = 30) -> None:
@@ -89,7 +89,7 @@ def test_update_conf_parse_render_and_layering(tmp_path: Path) -> None:
     for text, words in [("GROUP=a b", "GROUP"), ("REBOOT_STRATEGY=now", "REBOOT_STRATEGY"), ("FOO=1", "FOO"),
                         ("SERVER=ftp://x", "SERVER"), ("BANDWIDTH_LIMIT=fast", "BANDWIDTH_LIMIT"),
                         ("just words", "line 1")]:
-        with pytest.raises(ConfigError, match=words):
+        with pytest.raises(UpdateConfigError, match=words):
             UpdateConf.parse(text)
     usr, etc, rel = tmp_path / "usr.conf", tmp_path / "etc.conf", tmp_path / "release"
     usr.write_text("SERVER=http://usr/v1/update/\nGROUP=stable\n")

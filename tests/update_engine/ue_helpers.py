@@ -24,8 +24,9 @@ import requests
 from testlib import stop_process
 
 from bootloader import gpt, slots
-from builder.tools import run
-from update_engine import omaha, payload, signing
+from obelisk import signing
+from obelisk.tools import run
+from update_engine import omaha, payload
 
 OBELISK = str(Path(sys.executable).with_name("obelisk"))
 

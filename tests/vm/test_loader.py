@@ -19,7 +19,7 @@ from testlib import OBELISK, need_tools
 from vmdisk import make_disk
 
 from bootloader import esp, gpt, grub, loader, slots
-from builder.tools import run
+from obelisk.tools import run
 
 MIB = 1 << 20
 

@@ -16,7 +16,7 @@ import pytest
 from testlib import OBELISK, REPO, need_tools, say
 
 from builder.imagetest import scenarios
-from update_engine import signing
+from obelisk import signing
 
 TINY = REPO / "images" / "tiny.toml"
 

@@ -6,7 +6,7 @@ import uuid
 from pathlib import Path
 
 from bootloader import esp, gpt, grub, slots
-from builder.tools import run
+from obelisk.tools import run
 
 MIB = 1 << 20
 

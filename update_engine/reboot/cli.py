@@ -17,13 +17,13 @@ from rich.table import Table
 
 from obelisk.errors import clean_errors, fail
 
-from .config import GROUP_RE, ConfigError, LockConfig, load
+from .config import GROUP_RE, LockConfig, LockConfigError, load
 from .identity import IdentityError, host_id
 from .semaphore import EtcdEndpoints, EtcdSemaphore, LockError
 from .windows import WindowError, parse_duration
 
 app = typer.Typer(help="Reboot lock (etcd semaphore, Airlock-compatible) and FleetLock server.", no_args_is_help=True)
-ERRORS = (LockError, ConfigError, IdentityError, WindowError)
+ERRORS = (LockError, LockConfigError, IdentityError, WindowError)
 
 EndpointOpt = typer.Option(None, "--endpoint", help="etcd URLs, comma-separated (default: ENDPOINT in lock.conf)")
 GroupOpt = typer.Option(None, "--group", help="reboot group (default: GROUP in lock.conf, else 'default')")
@@ -39,7 +39,7 @@ def _conf(config: Path | None) -> LockConfig:
         try:
             text = config.read_text()
         except OSError as exc:
-            raise ConfigError(f"cannot read {config}: {exc.strerror}") from None
+            raise LockConfigError(f"cannot read {config}: {exc.strerror}") from None
         return LockConfig.parse(text, str(config))
     return load()
 

@@ -22,6 +22,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
+from obelisk.errors import ObeliskError
+
 from .windows import Window, WindowError, WindowSet, format_duration, parse_duration, parse_timezone
 
 ETC_PATH = Path("/etc/obelisk/lock.conf")
@@ -34,7 +36,7 @@ KEYS = [
 ]
 
 
-class ConfigError(ValueError):
+class LockConfigError(ObeliskError, ValueError):
     """lock.conf is malformed; the message names the file, line and key."""
 
 
@@ -178,9 +180,9 @@ def _parse_pairs(text: str, source: str, model: type[BaseModel]) -> dict[str, st
         key, sep, value = line.partition("=")
         key = key.strip()
         if not sep:
-            raise ConfigError(f"{source} line {n}: expected KEY=VALUE, got {line!r}")
+            raise LockConfigError(f"{source} line {n}: expected KEY=VALUE, got {line!r}")
         if key not in KEYS:
-            raise ConfigError(f"{source} line {n}: unknown key {key!r} (known: {', '.join(KEYS)})")
+            raise LockConfigError(f"{source} line {n}: unknown key {key!r} (known: {', '.join(KEYS)})")
         value = value.strip()
         if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
             value = value[1:-1]
@@ -189,7 +191,7 @@ def _parse_pairs(text: str, source: str, model: type[BaseModel]) -> dict[str, st
     try:
         model.model_validate(values)
     except Exception as exc:  # pydantic ValidationError: re-word it to name the key and line
-        raise ConfigError(_explain(exc, source, lines)) from None
+        raise LockConfigError(_explain(exc, source, lines)) from None
     return values
 
 
@@ -216,4 +218,4 @@ def load(etc: Path = ETC_PATH, usr: Path = USR_PATH) -> LockConfig:
     try:
         return LockConfig.model_validate(values)
     except Exception as exc:
-        raise ConfigError(_explain(exc, f"{usr} + {etc}", {})) from None
+        raise LockConfigError(_explain(exc, f"{usr} + {etc}", {})) from None

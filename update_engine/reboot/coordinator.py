@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from obelisk.errors import ObeliskError
+
 from .config import LockConfig, load
 from .fleetlock import FleetLockClient
 from .identity import host_id as machine_host_id
@@ -36,7 +38,7 @@ log = logging.getLogger("obelisk.reboot")
 STRATEGIES = ("off", "reboot", "etcd-lock", "fleetlock", "best-effort")
 
 
-class StrategyError(ValueError):
+class StrategyError(ObeliskError, ValueError):
     """The reboot strategy or the settings it needs are wrong; one line naming the key."""
 
 
@@ -47,7 +49,7 @@ class LockBackend(Protocol):
 
 def logged_in_users() -> list[str]:
     """Users with a session (utmp, via `who`); empty when `who` is unavailable."""
-    from builder.tools import ToolError, run
+    from obelisk.tools import ToolError, run
 
     try:
         out = run(["who"], timeout=10).stdout
@@ -57,7 +59,7 @@ def logged_in_users() -> list[str]:
 
 
 def send_wall(message: str) -> None:
-    from builder.tools import ToolError, run
+    from obelisk.tools import ToolError, run
 
     try:
         run(["wall", message], timeout=10)

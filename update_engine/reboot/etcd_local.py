@@ -17,7 +17,7 @@ from pathlib import Path
 
 import requests
 
-from builder.tools import require
+from obelisk.tools import require
 
 
 def free_port() -> int:

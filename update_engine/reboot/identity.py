@@ -14,12 +14,14 @@ import hmac
 import re
 from pathlib import Path
 
+from obelisk.errors import ObeliskError
+
 # obelisk's app id (random, fixed forever: changing it would orphan held locks).
 APP_ID = bytes.fromhex("5b1f0c7e9a6d4e2b8f3c71d04ae29c65")
 ZINCATI_APP_ID = bytes.fromhex("de35106b6ec24688b63afddaa156679b")
 
 
-class IdentityError(ValueError):
+class IdentityError(ObeliskError, ValueError):
     pass
 
 

@@ -40,6 +40,8 @@ import requests
 from etcd3gw import exceptions as etcd_exc
 from etcd3gw.client import Etcd3Client
 
+from obelisk.errors import ObeliskError
+
 log = logging.getLogger("obelisk.reboot.lock")
 
 SEM_KEY = "com.coreos.airlock/groups/{group}/v1/semaphore"
@@ -48,7 +50,7 @@ RECLAIMS_KEPT = 20
 T = TypeVar("T")
 
 
-class LockError(RuntimeError):
+class LockError(ObeliskError, RuntimeError):
     """A lock operation failed; str() is one line for the user."""
 
     kind = "failed_lock"
@@ -66,7 +68,7 @@ class SlotsFull(LockError):
     kind = "failed_lock"
 
 
-class Conflict(LockError):
+class SemaphoreConflict(LockError):
     kind = "conflict"
 
 
@@ -366,7 +368,7 @@ class EtcdSemaphore:
                 return new
             old, fresh = copy.deepcopy(current), True
             time.sleep(random.uniform(0, 0.001))
-        raise Conflict(f"semaphore {self.key} kept changing under us ({attempts} tries); retry later")
+        raise SemaphoreConflict(f"semaphore {self.key} kept changing under us ({attempts} tries); retry later")
 
     def _stamp(self, state: SemaphoreState, now: datetime) -> None:
         for h in state.holders:

@@ -12,13 +12,15 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, time, timedelta, tzinfo
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from obelisk.errors import ObeliskError
+
 DAYS = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|d|h|m|s)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 WEEK = timedelta(days=7)
 
 
-class WindowError(ValueError):
+class WindowError(ObeliskError, ValueError):
     """A window, duration or timezone string is malformed; the message says what is expected."""
 
 

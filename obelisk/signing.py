@@ -16,13 +16,14 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from obelisk.atomicfile import write_atomic
+from obelisk.errors import ObeliskError
 
 PRIVATE_NAME = "obelisk.key"
 PUBLIC_NAME = "obelisk.pub"
 IMAGE_KEYS_DIR = "usr/share/obelisk/keys"  # relative to an OS tree root
 
 
-class SigningError(ValueError):
+class SigningError(ObeliskError, ValueError):
     """A key cannot be read or a signature does not verify; one line for the user."""
 
 

@@ -13,6 +13,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from obelisk.errors import ObeliskError
+
 # tool -> Debian package that ships it (bookworm).
 TOOL_PACKAGES: dict[str, str] = {
     "mksquashfs": "squashfs-tools",
@@ -63,7 +65,7 @@ TOOL_PACKAGES: dict[str, str] = {
 }
 
 
-class ToolError(RuntimeError):
+class ToolError(ObeliskError, RuntimeError):
     """A tool is missing or failed; ``str()`` is one line fit for the user."""
 
 
