@@ -2,8 +2,8 @@
 
 etcd 3.4 reads every flag from an ETCD_* environment variable, so coreos.etcd2 becomes an
 environment file loaded by a drop-in for Debian's etcd.service (which is also etcd2.service by
-alias). update.conf and lock.conf go through their owners' models (update_engine.config,
-update_engine.reboot.config), so what cloud-config writes is exactly what the daemon accepts.
+alias). update.conf and lock.conf go through their owners' models (obelisk.update_conf,
+obelisk.lock_conf), so what cloud-config writes is exactly what the daemon accepts.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def _conf_error(name: str, exc: Exception) -> ConfigApplyError:
 def plan_update(plan: Plan, cfg: CloudConfig) -> None:
     if not cfg.update:
         return
-    from update_engine.config import UpdateConf, UpdateConfigError, parse_kv
+    from obelisk.update_conf import UpdateConf, UpdateConfigError, parse_kv
 
     merged: dict[str, str] = {}
     try:
@@ -106,7 +106,7 @@ def plan_lock(plan: Plan, cfg: CloudConfig) -> None:
     fields = lock_settings(cfg)
     if not fields:
         return
-    from update_engine.reboot.config import LockConfig, LockConfigError
+    from obelisk.lock_conf import LockConfig, LockConfigError
 
     try:
         base = LockConfig.parse(plan.read_text(LOCK_CONF) or "", LOCK_CONF).model_dump(exclude_defaults=True)
@@ -120,8 +120,8 @@ def check_settings(cfg: CloudConfig) -> list[tuple[str, str]]:
     """(path, message) for values the owners' models reject, so validate reports them with a line."""
     out: list[tuple[str, str]] = []
     if cfg.update:
-        from update_engine.config import UpdateConf
-        from update_engine.config import UpdateConfigError as UErr
+        from obelisk.update_conf import UpdateConf
+        from obelisk.update_conf import UpdateConfigError as UErr
 
         for key, conf_key in (("server", "SERVER"), ("group", "GROUP"), ("reboot_strategy", "REBOOT_STRATEGY")):
             if key in cfg.update:
@@ -132,7 +132,7 @@ def check_settings(cfg: CloudConfig) -> list[tuple[str, str]]:
                     out.append((f"coreos.update.{key}", f"update.conf rejects {key}: {msg}"))
     fields = lock_settings(cfg)
     if fields:
-        from update_engine.reboot.config import LockConfig
+        from obelisk.lock_conf import LockConfig
 
         for key, value in fields.items():
             probe = {key: value}

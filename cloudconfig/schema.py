@@ -11,6 +11,8 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from obelisk.update_conf import REBOOT_STRATEGIES
+
 Check = Callable[[object], "str | None"]
 
 
@@ -48,7 +50,6 @@ def M(fields: dict[str, Field], **kw: object) -> Field:
 
 PERMISSIONS_RE = re.compile(r"^0?[0-7]{3,4}$")
 ENCODINGS = ("b64", "base64", "gz", "gzip", "gz+b64", "gz+base64", "gzip+b64", "gzip+base64")
-REBOOT_STRATEGIES = ("off", "reboot", "etcd-lock", "fleetlock", "best-effort")
 UNIT_COMMANDS = ("start", "stop", "restart", "reload", "try-restart", "reload-or-restart", "reload-or-try-restart")
 UNIT_SUFFIXES = (
     "service", "socket", "device", "mount", "automount", "swap", "target", "path", "timer", "slice", "scope",

@@ -13,10 +13,10 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TaskProgressColumn, TextColumn, TransferSpeedColumn
 
 from bootloader import layout, slots
+from obelisk import update_conf as config
 from obelisk.errors import clean_errors, fail
 from obelisk.signing import SigningError, load_public_key, load_trusted_keys
 from update_engine import apply as applymod
-from update_engine import config
 from update_engine.daemon import KEYS_DIR, SOCKET_PATH, STATE_DIR, Daemon, DaemonError, Options, ask
 from update_engine.payload import PayloadError
 from update_engine.state import STATE_FILE, load_state

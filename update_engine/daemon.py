@@ -30,10 +30,11 @@ from pathlib import Path
 import requests
 
 from bootloader import slots
+from obelisk import update_conf as config
 from obelisk.errors import ObeliskError
 from obelisk.signing import PublicKey, SigningError, load_public_key, load_trusted_keys
 from update_engine import apply as applymod
-from update_engine import config, omaha
+from update_engine import omaha
 from update_engine.omaha import Event, compare_versions
 from update_engine.state import DaemonState, Status, load_state, save_state
 
@@ -180,7 +181,7 @@ class Daemon:
         return mid
 
     def _coordinator(self, conf: config.UpdateConf):  # noqa: ANN202 - the reboot package's type
-        from update_engine.reboot import config as lockconfig
+        from obelisk import lock_conf as lockconfig
         from update_engine.reboot import coordinator_from_config
 
         lock_conf = None

@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 
 from cloudconfig.apply import ConfigApplyError, InvalidConfig, apply_userdata
 from cloudconfig.cli import app
-from update_engine.config import UpdateConf
-from update_engine.reboot.config import LockConfig
+from obelisk.lock_conf import LockConfig
+from obelisk.update_conf import UpdateConf
 
 CORPUS = Path(__file__).parent / "corpus"
 runner = CliRunner()

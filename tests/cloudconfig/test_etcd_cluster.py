@@ -19,8 +19,8 @@ from cloudconfig_helpers import make_root
 from typer.testing import CliRunner
 
 from cloudconfig.cli import app
+from obelisk.lock_conf import LockConfig
 from obelisk.tools import ToolError, require, run
-from update_engine.reboot.config import LockConfig
 
 pytestmark = pytest.mark.etcd
 runner = CliRunner()

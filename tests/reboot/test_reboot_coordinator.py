@@ -11,8 +11,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from obelisk.lock_conf import LockConfig
 from update_engine.reboot import RebootCoordinator, coordinator_from_config
-from update_engine.reboot.config import LockConfig
 from update_engine.reboot.semaphore import EtcdEndpoints, EtcdSemaphore
 
 pytestmark = pytest.mark.etcd

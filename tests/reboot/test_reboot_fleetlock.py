@@ -14,8 +14,8 @@ import pytest
 import requests
 from testlib import stop_process
 
+from obelisk.lock_conf import LockConfig
 from update_engine.reboot import coordinator_from_config
-from update_engine.reboot.config import LockConfig
 from update_engine.reboot.etcd_local import free_port
 from update_engine.reboot.fleetlock import FleetLockClient
 from update_engine.reboot.semaphore import SlotsFull, sem_key

@@ -9,10 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from obelisk.lock_conf import LockConfig, LockConfigError
+from obelisk.windows import Window, WindowError, WindowSet, parse_duration
 from update_engine.reboot import StrategyError, coordinator_from_config
-from update_engine.reboot.config import LockConfig, LockConfigError
 from update_engine.reboot.identity import ZINCATI_APP_ID, IdentityError, app_specific_id, host_id
-from update_engine.reboot.windows import Window, WindowError, WindowSet, parse_duration
 
 BAD_WINDOWS = [
     "", "Mon", "02:00", "Mon 02:00", "Mon..Fri 2am 1h", "Mon..Fri 24:00 1h", "Mon..Fri 02:60 1h",
@@ -138,7 +138,7 @@ def test_strategy_selection_and_bad_strategies() -> None:
     c = coordinator_from_config("best-effort", LockConfig(endpoint=["http://127.0.0.1:1"]), host_id="h1")
     assert c.strategy == "etcd-lock" and c.holder == "h1"
 
-    class UpdateConf:  # the shape of update_engine.config's model: an attribute reboot_strategy
+    class UpdateConf:  # the shape of obelisk.update_conf's model: an attribute reboot_strategy
         reboot_strategy = "fleetlock"
 
     c = coordinator_from_config(UpdateConf(), LockConfig(fleetlock_url="http://127.0.0.1:1"), host_id="h2")

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from ue_helpers import World, run_ue
 
-from update_engine.config import UpdateConf, UpdateConfigError, load
+from obelisk.update_conf import UpdateConf, UpdateConfigError, load
 
 
 def _wait_for(cond, timeout: float = 30) -> None:

@@ -16,11 +16,11 @@ from rich.console import Console
 from rich.table import Table
 
 from obelisk.errors import clean_errors, fail
+from obelisk.lock_conf import GROUP_RE, LockConfig, LockConfigError, load
+from obelisk.windows import WindowError, parse_duration
 
-from .config import GROUP_RE, LockConfig, LockConfigError, load
 from .identity import IdentityError, host_id
 from .semaphore import EtcdEndpoints, EtcdSemaphore, LockError
-from .windows import WindowError, parse_duration
 
 app = typer.Typer(help="Reboot lock (etcd semaphore, Airlock-compatible) and FleetLock server.", no_args_is_help=True)
 ERRORS = (LockError, LockConfigError, IdentityError, WindowError)

@@ -26,16 +26,17 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from obelisk.errors import ObeliskError
+from obelisk.lock_conf import LockConfig, load
+from obelisk.update_conf import REBOOT_STRATEGIES
+from obelisk.windows import WindowSet
 
-from .config import LockConfig, load
 from .fleetlock import FleetLockClient
 from .identity import host_id as machine_host_id
 from .semaphore import EtcdEndpoints, EtcdSemaphore, LockError, SlotsFull
-from .windows import WindowSet
 
 log = logging.getLogger("obelisk.reboot")
 
-STRATEGIES = ("off", "reboot", "etcd-lock", "fleetlock", "best-effort")
+STRATEGIES = REBOOT_STRATEGIES
 
 
 class StrategyError(ObeliskError, ValueError):

@@ -23,6 +23,8 @@ DEFAULT_GROUP = "stable"
 DEFAULT_APPID = "{4f6b0a36-8a53-4b6e-9d8c-6f62656c6973}"  # used only when neither file nor release names one
 
 Strategy = Literal["off", "reboot", "etcd-lock", "fleetlock", "best-effort"]
+# The reboot strategies, in the order users see them (cloud-config, the coordinator and update.conf share it).
+REBOOT_STRATEGIES: tuple[str, ...] = Strategy.__args__
 KEYS = {
     "SERVER": "server",
     "GROUP": "group",

@@ -23,8 +23,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 from obelisk.errors import ObeliskError
-
-from .windows import Window, WindowError, WindowSet, format_duration, parse_duration, parse_timezone
+from obelisk.windows import Window, WindowError, WindowSet, format_duration, parse_duration, parse_timezone
 
 ETC_PATH = Path("/etc/obelisk/lock.conf")
 USR_PATH = Path("/usr/share/obelisk/lock.conf")
