@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +17,9 @@ from builder.definition import DebianSource, TinySource
 from builder.errors import BuildError
 from builder.stages import release as release_stage
 from obelisk import signing, tools
+from obelisk.versions import is_version
 
 FORMATS = ("raw", "qcow2", "pxe")
-VERSION_RE = re.compile(r"^[0-9]+(\.[0-9]+)*([-+][0-9A-Za-z.+-]*)?$")
 DEFAULT_DEFINITION = Path("images/base.toml")
 
 
@@ -100,7 +99,7 @@ def build(def_path: Path, *, out: Path, version: str | None = None, key: Path | 
     console = console or Console(stderr=True)
     defn = definition.load(def_path)
     version = version or defn.version
-    if not VERSION_RE.match(version):
+    if not is_version(version):
         raise BuildError(f"--version {version!r}: use a dotted number with an optional suffix, e.g. 1.2.3 or 1.2.3-rc1")
     fmts = parse_formats(formats, list(defn.formats))
     epoch = definition.source_date_epoch(defn)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from obelisk.errors import ObeliskError
-from update_engine.omaha import compare_versions
+from obelisk.versions import compare_versions
 
 PXE_FILES = ("vmlinuz", "initrd")
 _TTL = 2.0  # release folders are published atomically (rename); re-look a little later, not every request

@@ -38,8 +38,8 @@ from bootloader import loader, slots
 from obelisk.atomicfile import write_atomic
 from obelisk.errors import ObeliskError
 from obelisk.signing import PublicKey
+from obelisk.versions import compare_versions
 from update_engine import omaha, payload
-from update_engine.omaha import compare_versions
 from update_engine.payload import Manifest, PayloadError
 
 log = logging.getLogger("obelisk.update")

@@ -33,9 +33,10 @@ from bootloader import slots
 from obelisk import update_conf as config
 from obelisk.errors import ObeliskError
 from obelisk.signing import PublicKey, SigningError, load_public_key, load_trusted_keys
+from obelisk.versions import compare_versions
 from update_engine import apply as applymod
 from update_engine import omaha
-from update_engine.omaha import Event, compare_versions
+from update_engine.omaha import Event
 from update_engine.state import DaemonState, Status, load_state, save_state
 
 log = logging.getLogger("obelisk.update")

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from xml.sax.saxutils import quoteattr
 
 from obelisk.errors import ObeliskError
+from obelisk.versions import compare_versions  # noqa: F401  (re-exported for older callers)
 
 # Never "CoreOSUpdateEngine-0.1.0.0" with installsource=scheduler: Nebraska takes that pair for its syncer.
 UPDATER_VERSION = "obelisk-update_engine-0.1.0"
@@ -335,18 +336,3 @@ def parse_response(data: bytes) -> Response:
         disable_payload_backoff=action.get("DisablePayloadBackoff") == "true",
         max_failure_count_per_url=max_fail)
     return out
-
-
-def compare_versions(a: str, b: str) -> int:
-    """-1/0/1 comparing dotted versions numerically part by part (1.10.0 > 1.9.0; 1.2 == 1.2.0)."""
-    def key(v: str) -> list[int]:
-        core = re.split(r"[-+]", v.strip(), maxsplit=1)[0]
-        parts = []
-        for p in core.split("."):
-            m = re.match(r"\d+", p)
-            parts.append(int(m.group()) if m else 0)
-        while len(parts) > 1 and parts[-1] == 0:
-            parts.pop()
-        return parts
-    ka, kb = key(a), key(b)
-    return (ka > kb) - (ka < kb)

@@ -19,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+from obelisk.versions import compare_versions
 from update_engine import omaha
 from update_server.releases import PAYLOAD_NAME, Catalog
 
@@ -73,7 +74,7 @@ def make_app(catalog: Catalog, *, events: EventLog | None = None, public_url: st
                             media_type="text/xml")
         arch = omaha.arch_of_board(a.board) if a.board else req.os_arch
         rel = catalog.choose(a.appid, a.track, arch)
-        if rel is None or omaha.compare_versions(rel.version, a.version) <= 0:
+        if rel is None or compare_versions(rel.version, a.version) <= 0:
             xml = omaha.build_response(a.appid, events=len(a.events), ping=a.ping, poll_interval=poll_interval)
             return Response(xml, media_type="text/xml")
         base = (public_url or str(request.base_url)).rstrip("/")

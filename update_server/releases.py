@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from obelisk.errors import ObeliskError
-from update_engine.omaha import compare_versions
+from obelisk.versions import compare_versions
 
 PAYLOAD_NAME = "update.payload"
 
