@@ -1,4 +1,4 @@
-"""The tool wrapper and `obelisk key generate`, run for real."""
+"""obelisk/signing.py and `obelisk key generate|sign|verify`, run for real."""
 
 from __future__ import annotations
 
@@ -8,18 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from obelisk import signing, tools
-
-
-def test_missing_tool_names_the_package() -> None:
-    tools.TOOL_PACKAGES["obelisk-no-such-tool"] = "obelisk-pkg"
-    with pytest.raises(tools.ToolMissing, match="apt-get install obelisk-pkg"):
-        tools.run(["obelisk-no-such-tool"])
-
-
-def test_failing_tool_carries_its_message() -> None:
-    with pytest.raises(tools.ToolError, match="sh failed: boom"):
-        tools.run(["sh", "-c", "echo boom >&2; exit 3"])
+from obelisk import signing
 
 
 def test_key_generate_and_sign(tmp_path: Path, obelisk_bin: str) -> None:
