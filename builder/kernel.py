@@ -6,7 +6,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from builder import debs
+from builder import debs, fsutil
 from obelisk import tools
 from obelisk.errors import ObeliskError
 
@@ -18,8 +18,11 @@ class KernelError(ObeliskError, ValueError):
 def find_kernel(tree: Path) -> tuple[str, Path] | None:
     """(kernel version, vmlinuz path) of the kernel a tree ships, if any."""
     for mod_dir in sorted((tree / "usr/lib/modules").glob("*")):
+        if mod_dir.is_symlink() or not mod_dir.is_dir():
+            continue
         for cand in (mod_dir / "vmlinuz", tree / "boot" / f"vmlinuz-{mod_dir.name}"):
-            if cand.is_file():
+            # A symlink is never followed: it could point at any file of the build host.
+            if cand.is_file() and not cand.is_symlink():
                 return mod_dir.name, cand
     return None
 
@@ -66,7 +69,8 @@ def install_from_deb(deb_file: Path, tree: Path, modules: list[str], optional: f
         kver = src.name
         vmlinuz = x / "boot" / f"vmlinuz-{kver}"
         dest = tree / "usr/lib/modules" / kver
-        dest.mkdir(parents=True, exist_ok=True)
+        fsutil.remove_tree(dest)  # what the source had there (no vmlinuz) must not steer our copies
+        dest.mkdir(parents=True)
         if modules:
             for rel in module_closure(src, modules, frozenset(_norm(m) for m in optional)):
                 (dest / rel).parent.mkdir(parents=True, exist_ok=True)

@@ -60,7 +60,8 @@ class BuildContext:
     cache: Path
     inputs_digest: str
     results: dict[str, StageResult] = field(default_factory=dict)
-    log: Callable[[str], None] = lambda _msg: None
+    log: Callable[[str], None] = lambda _msg: None  # progress line
+    warn: Callable[[str], None] = lambda _msg: None  # a warning the user should read (printed, kept)
 
     @property
     def name(self) -> str:
@@ -142,6 +143,7 @@ def run_all(ctx: BuildContext, *, console: Console, stages: list[str] = STAGES) 
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task("build", total=len(stages))
         ctx.log = lambda msg: progress.update(task, description=msg)
+        ctx.warn = lambda msg: console.print(f"[yellow]warning:[/] {msg}", soft_wrap=True, highlight=False)
         for name in stages:
             progress.update(task, description=f"[bold]{name}[/]")
             result = run_stage(ctx, name)

@@ -1,17 +1,26 @@
 """Stage rootfs: the OS tree as it comes from its source (mmdebstrap, busybox + kernel, a directory,
-a tarball or an OCI layout), plus a Debian kernel when the source has none."""
+a tarball or an OCI layout), plus a Debian kernel when the source has none.
+
+Tarballs and OCI layers are unpacked by ``builder.archive`` (nothing lands outside the tree; device
+nodes and FIFOs are skipped with a warning; see there). Every OCI blob is checked against its
+digest, and only ``sha256:<64 hex>`` (or sha512) digests name blobs. Whatever the source, the
+folders later steps write into must be real directories (``check_layout``)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import tarfile
+import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from bootloader import initramfs
-from builder import debs, fsutil, kernel
+from builder import archive, debs, fsutil, kernel
 from builder.definition import DebianSource, DirectorySource, OciSource, TarballSource, TinySource
 from obelisk import tools
+from obelisk.inputs import InputFileError, check_input
 
 DEPENDS: tuple[str, ...] = ()
 CODE = ("builder/debs.py", "builder/kernel.py")
@@ -66,10 +75,11 @@ def run(ctx, out: Path) -> dict:
         tools.run(["cp", "-a", f"{src.path}/.", root], timeout=1800)
     elif isinstance(src, TarballSource):
         root.mkdir()
-        _untar(src.path, root)
+        _untar(src.path, root, ctx.warn)
     elif isinstance(src, OciSource):
         root.mkdir()
-        _oci(src, root)
+        _oci(src, root, ctx.warn)
+    check_layout(root)
     merge_usr(root)
     found = kernel.find_kernel(root)
     if found is None:
@@ -125,62 +135,119 @@ def _tiny(ctx, src: TinySource, root: Path) -> None:
     kernel.install_from_deb(kdeb, root, kept_modules(ctx), initramfs_modules())
 
 
-def _untar(path: Path, root: Path) -> None:
+def _untar(path: Path, root: Path, warn: Callable[[str], None]) -> None:
+    archive.unpack([path], root, oci=False, warn=warn)
+
+
+# An OCI digest: algorithm ":" lowercase hex of the algorithm's length. Nothing else may name a blob
+# (a "../" in a digest would read a file from outside the layout).
+DIGEST_RE = re.compile(r"(sha256:[0-9a-f]{64})|(sha512:[0-9a-f]{128})")
+
+
+def _as(kind: type, value: object, what: str, layout: Path) -> Any:
+    if not isinstance(value, kind):
+        raise archive.ArchiveError(f"{layout}: not a readable OCI image layout: {what} is not a JSON {kind.__name__}")
+    return value
+
+
+def blob_path(layout: Path, desc: object, what: str) -> tuple[Path, str, str]:
+    """(path, algorithm, hex) of the blob a descriptor names, refusing any digest but algorithm:hex."""
+    digest = _as(dict, desc, what, layout).get("digest")
+    if not isinstance(digest, str) or not DIGEST_RE.fullmatch(digest):
+        raise archive.ArchiveError(f"{layout}: {what} has digest {digest!r}: expected sha256: and 64 hex digits")
+    algo, hexd = digest.split(":")
+    path = layout / "blobs" / algo / hexd
     try:
-        with tarfile.open(path, "r:*") as tf:
-            tf.extractall(root, filter="tar")
-    except (tarfile.TarError, OSError) as exc:
-        raise tools.ToolError(f"{path}: cannot unpack: {exc}") from None
+        check_input(path, f"OCI blob ({what})")
+    except InputFileError as exc:
+        raise archive.ArchiveError(f"{layout}: {exc}") from None
+    size = desc.get("size")  # type: ignore[union-attr]
+    if isinstance(size, int) and path.stat().st_size != size:
+        raise archive.ArchiveError(f"{layout}: {what} blob {digest} has {path.stat().st_size} bytes, its descriptor "
+                                   f"says {size}: the layout is damaged")
+    return path, algo, hexd
 
 
-def _oci(src: OciSource, root: Path) -> None:
+def verified_blob(layout: Path, desc: object, what: str) -> Path:
+    """The blob file, after its content was checked against its digest."""
+    path, algo, hexd = blob_path(layout, desc, what)
+    h = hashlib.new(algo)
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    if h.hexdigest() != hexd:
+        raise archive.ArchiveError(f"{layout}: {what} blob {algo}:{hexd[:16]}... does not match its digest (the file "
+                                   f"hashes to {algo}:{h.hexdigest()[:16]}...): the layout is damaged or was tampered "
+                                   "with")
+    return path
+
+
+def _json_blob(layout: Path, desc: object, what: str) -> dict:
+    path = verified_blob(layout, desc, what)
+    try:
+        return _as(dict, json.loads(path.read_bytes()), what, layout)
+    except ValueError as exc:
+        raise archive.ArchiveError(f"{layout}: {what} is not valid JSON: {exc}") from None
+
+
+def oci_layers(src: OciSource) -> list[Path]:
+    """The layer files of the image a layout holds (the one tagged ``src.tag``), each checked by digest."""
     layout = src.path
-
-    def blob(digest: str) -> Path:
-        algo, hexd = digest.split(":", 1)
-        return layout / "blobs" / algo / hexd
-
+    index_path = layout / "index.json"
     try:
-        index = json.loads((layout / "index.json").read_text())
-        manifests = index.get("manifests", [])
-        if src.tag:
-            manifests = [m for m in manifests
-                         if m.get("annotations", {}).get("org.opencontainers.image.ref.name") == src.tag]
-        if len(manifests) != 1:
-            raise tools.ToolError(f"{layout}: found {len(manifests)} matching manifests: set source.tag")
-        man = json.loads(blob(manifests[0]["digest"]).read_text())
-        if "manifests" in man:  # an image index: take linux/amd64
-            pick = [m for m in man["manifests"] if m.get("platform", {}).get("architecture") == "amd64"]
-            if not pick:
-                raise tools.ToolError(f"{layout}: no linux/amd64 image in the index")
-            man = json.loads(blob(pick[0]["digest"]).read_text())
-        layers = man["layers"]
-    except (OSError, KeyError, ValueError) as exc:
-        raise tools.ToolError(f"{layout}: not a readable OCI image layout: {exc}") from None
-    for layer in layers:
-        _apply_layer(blob(layer["digest"]), root)
+        check_input(index_path, "OCI index")
+        index = _as(dict, json.loads(index_path.read_bytes()), "index.json", layout)
+    except InputFileError as exc:
+        raise archive.ArchiveError(f"{layout}: not an OCI image layout: {exc}") from None
+    except ValueError as exc:
+        raise archive.ArchiveError(f"{layout}: index.json is not valid JSON: {exc}") from None
+    manifests = _as(list, index.get("manifests", []), "index.json manifests", layout)
+    if src.tag:
+        manifests = [m for m in manifests if isinstance(m, dict) and isinstance(m.get("annotations"), dict)
+                     and m["annotations"].get("org.opencontainers.image.ref.name") == src.tag]
+    if len(manifests) != 1:
+        raise archive.ArchiveError(f"{layout}: found {len(manifests)} matching manifests: set source.tag")
+    man = _json_blob(layout, manifests[0], "the manifest")
+    if "manifests" in man:  # an image index: take linux/amd64
+        pick = [m for m in _as(list, man["manifests"], "the image index's manifests", layout)
+                if isinstance(m, dict) and isinstance(m.get("platform"), dict)
+                and m["platform"].get("architecture") == "amd64"]
+        if not pick:
+            raise archive.ArchiveError(f"{layout}: no linux/amd64 image in the index")
+        man = _json_blob(layout, pick[0], "the amd64 manifest")
+    layers = _as(list, man.get("layers"), "the manifest's layers", layout)
+    return [verified_blob(layout, layer, f"layer {i + 1}") for i, layer in enumerate(layers)]
 
 
-def _apply_layer(path: Path, root: Path) -> None:
-    """Apply one layer with OCI whiteouts (.wh.NAME deletes NAME, .wh..wh..opq empties the dir)."""
-    try:
-        with tarfile.open(path, "r:*") as tf:
-            members = []
-            for m in tf:
-                name = Path(m.name.lstrip("/"))
-                base = name.name
-                if base == ".wh..wh..opq":
-                    d = root / name.parent
-                    if d.is_dir():
-                        for child in d.iterdir():
-                            fsutil.remove_tree(child)
-                elif base.startswith(".wh."):
-                    fsutil.remove_tree(root / name.parent / base[4:])
-                else:
-                    members.append(m)
-            tf.extractall(root, members=members, filter="tar")
-    except (tarfile.TarError, OSError) as exc:
-        raise tools.ToolError(f"{path.name}: cannot apply layer: {exc}") from None
+def _oci(src: OciSource, root: Path, warn: Callable[[str], None]) -> None:
+    archive.unpack(oci_layers(src), root, oci=True, warn=warn)
+
+
+# Folders later steps of the build write into or read from: a symlink in their place (the source
+# may hold any) would take those writes or reads out of the tree, onto the build host.
+SYSTEM_DIRS = ("usr", "usr/bin", "usr/sbin", "usr/lib", "usr/lib/modules", "usr/lib/systemd", "usr/lib/systemd/system",
+               "usr/lib/tmpfiles.d", "usr/lib/obelisk", "usr/share", "usr/share/obelisk", "usr/share/factory", "etc",
+               "boot")
+
+
+def check_layout(root: Path) -> None:
+    """Refuse a tree whose system folders (or kernel module folders) are symlinks or files."""
+    for rel in SYSTEM_DIRS:
+        p = root
+        for comp in rel.split("/"):
+            p = p / comp
+            if p.is_symlink() or (p.exists() and not p.is_dir()):
+                what = "a symlink" if p.is_symlink() else "not a directory"
+                raise archive.ArchiveError(f"the source tree's /{p.relative_to(root)} is {what}: the build writes "
+                                           "below it; make it a directory in the source")
+            if not p.exists():
+                break
+    mods = root / "usr/lib/modules"
+    if mods.is_dir():
+        for d in sorted(mods.iterdir()):
+            if d.is_symlink() or not d.is_dir():
+                raise archive.ArchiveError(f"the source tree's /{d.relative_to(root)} is not a directory: "
+                                           "/usr/lib/modules holds one directory per kernel version")
 
 
 def merge_usr(root: Path) -> None:

@@ -78,7 +78,7 @@ def test_tarball_and_directory_sources_unpack(tiny: Built, tmp_path: Path) -> No
         tf.add(src, arcname=".")
     root = tmp_path / "root"
     root.mkdir()
-    rootfs._untar(tar, root)
+    rootfs._untar(tar, root, lambda _msg: None)
     rootfs.merge_usr(root)
     assert (root / "bin").is_symlink() and (root / "usr/bin/hello").is_file()
     assert (root / "etc/motd").read_text() == "hi\n"
