@@ -4,6 +4,12 @@ Apply first works out every file it would write (reading through the plan, so a 
 passwd is visible to a later chown) and only then touches the disk. A config that fails at any
 point before commit therefore changes nothing; a config that matches the root plans nothing,
 which is how the second apply knows it is a no-op.
+
+Every path is an absolute path *inside* the target root. Reads and writes resolve it the way the
+kernel would inside a chroot of that root: an absolute link target starts again at the root, so
+an image's `/etc/x -> /usr/lib/x` means the image's file, never this machine's. `..` in a path is
+refused, a link that climbs above the root or loops is an error naming the link, and the last
+component of a write is replaced (a link there is replaced, never followed).
 """
 
 from __future__ import annotations
@@ -16,9 +22,33 @@ from pathlib import Path
 
 from obelisk.errors import ObeliskError
 
+MAX_ID = 2**32 - 2  # uid/gid range of chown(2): (uid_t)-1 means "leave unchanged"
+MAX_LINKS = 40  # as the kernel's ELOOP limit
+MAX_READ = 64 * 1024 * 1024  # a file apply reads from the root (passwd, units, update.conf)
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # a FIFO must not block the read
+
 
 class ConfigApplyError(ObeliskError, ValueError):
     """The config cannot be applied to this root; nothing was changed. One line, for the user."""
+
+
+def norm(path: str) -> str:
+    """'/etc//x/./y' -> '/etc/x/y'; refuses relative paths, '..' and NUL (they could leave the root)."""
+    if not isinstance(path, str) or not path.startswith("/"):
+        raise ConfigApplyError(f"{path!r} is not an absolute path inside the target root")
+    if "\0" in path:
+        raise ConfigApplyError(f"{path!r}: NUL is not allowed in a path")
+    parts = [p for p in path.split("/") if p and p != "."]
+    if ".." in parts:
+        raise ConfigApplyError(f"{path}: '..' is not allowed in a path (it could leave the target root)")
+    return "/" + "/".join(parts)
+
+
+def _kind(mode: int) -> str:
+    return ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
+            else "a socket" if stat.S_ISSOCK(mode) else "a character device" if stat.S_ISCHR(mode)
+            else "a block device" if stat.S_ISBLK(mode) else "a link" if stat.S_ISLNK(mode)
+            else "not a regular file")
 
 
 @dataclass
@@ -48,6 +78,16 @@ class Change:
     def _why(self) -> str:
         return f" [{self.why}]" if self.why else ""
 
+    def check(self) -> None:
+        """Every value chown/chmod/symlink will be given, checked before the first write of the plan."""
+        for what, n in (("uid", self.uid), ("gid", self.gid)):
+            if n is not None and not (isinstance(n, int) and 0 <= n <= MAX_ID):
+                raise ConfigApplyError(f"{self.path}: {what} {n} is out of range (0 to {MAX_ID})")
+        if self.mode is not None and not (isinstance(self.mode, int) and 0 <= self.mode <= 0o7777):
+            raise ConfigApplyError(f"{self.path}: mode {self.mode!r} is not a file mode (0000 to 7777)")
+        if self.op == "symlink" and (not self.target or "\0" in self.target):
+            raise ConfigApplyError(f"{self.path}: bad link target {self.target!r}")
+
 
 @dataclass
 class Plan:
@@ -57,54 +97,112 @@ class Plan:
     commands: list[list[str]] = field(default_factory=list)  # run after commit, live system only
     _pending: dict[str, Change] = field(default_factory=dict)
 
+    # --- where an in-root path lives ------------------------------------------------------------
+    def _resolve(self, path: str, *, follow_last: bool) -> Path:
+        """Host path of ``path`` with links resolved inside the root (see the module docstring)."""
+        todo = norm(path).split("/")[1:][::-1]  # a stack: the next component is last
+        done: list[str] = []
+        hops, link, link_to = 0, "", ""
+        while todo:
+            part = todo.pop()
+            if part in ("", "."):
+                continue
+            if part == "..":  # only from a link target: norm() refused it in the path itself
+                if not done:
+                    raise ConfigApplyError(f"{link} in {self.root} is a link out of the target root ({link_to})")
+                done.pop()
+                continue
+            if not todo and not follow_last:
+                done.append(part)
+                break
+            here = self.root.joinpath(*done, part)
+            try:
+                st = os.lstat(here)
+            except (FileNotFoundError, NotADirectoryError):
+                done.append(part)
+                continue
+            except OSError as exc:
+                raise ConfigApplyError(f"cannot use {path} in {self.root}: {exc.strerror}") from None
+            if not stat.S_ISLNK(st.st_mode):
+                done.append(part)
+                continue
+            hops += 1
+            link = "/" + "/".join([*done, part])
+            if hops > MAX_LINKS:
+                raise ConfigApplyError(f"cannot use {path}: {link} in {self.root} is a link loop "
+                                       f"(more than {MAX_LINKS} links)")
+            link_to = os.readlink(here)
+            if link_to.startswith("/"):
+                done = []  # absolute: from the target root, as inside a chroot
+            todo.extend(reversed(link_to.split("/")))
+        return self.root.joinpath(*done)
+
     def host(self, path: str) -> Path:
-        """Where an absolute in-root path lives on this machine."""
-        rel = path.lstrip("/")
-        return self.root / rel if rel else self.root
+        """Where an absolute in-root path lives on this machine (its last component not followed)."""
+        return self._resolve(path, follow_last=False)
+
+    def link_target(self, path: str) -> str | None:
+        """What the link at ``path`` points to, None when it is not a link."""
+        try:
+            return os.readlink(self.host(path))
+        except OSError:  # not a link, or absent
+            return None
 
     # reads see planned writes first
     def read(self, path: str) -> bytes | None:
+        """Content of a regular file in the root; None when absent or a directory."""
+        path = norm(path)
         ch = self._pending.get(path)
         if ch is not None:
             return ch.data if ch.op == "write" else None
-        try:
-            return self.host(path).read_bytes()
-        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-            return None
+        if self.link_target(path) == "/dev/null":
+            return b""  # a masked unit: systemd reads it as empty, and so do we
+        return _read_host(self._resolve(path, follow_last=True), path, self.root, MAX_READ)
 
     def read_text(self, path: str) -> str | None:
         data = self.read(path)
         return None if data is None else data.decode("utf-8", "replace")
 
     def exists(self, path: str) -> bool:
+        path = norm(path)
         ch = self._pending.get(path)
         if ch is not None:
             return ch.op != "remove"
         return os.path.lexists(self.host(path))
 
+    def is_dir(self, path: str) -> bool:
+        return os.path.isdir(self._resolve(path, follow_last=True))
+
+    def listdir(self, path: str) -> list[str]:
+        """Names in a directory of the root (sorted); [] when it is not one."""
+        try:
+            return sorted(os.listdir(self._resolve(path, follow_last=True)))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        except OSError as exc:
+            raise ConfigApplyError(f"cannot list {path} in {self.root}: {exc.strerror}") from None
+
     def _check_parents(self, path: str) -> None:
-        """Every existing ancestor must be a directory inside the root (a link out of it would escape)."""
-        parts = [p for p in path.split("/") if p]
+        """Every existing ancestor must be a directory of the root (a link must lead to one inside it)."""
+        parts = path.split("/")[1:]
         cur = ""
         for part in parts[:-1]:
             cur = f"{cur}/{part}"
             pend = self._pending.get(cur)
             if pend is not None and pend.op not in ("mkdir", "chmod"):
                 raise ConfigApplyError(f"cannot write {path}: {cur} is planned as a file, not a directory")
-            host = self.host(cur)
             try:
-                st = os.stat(host)
+                st = os.lstat(self._resolve(cur, follow_last=True))
             except FileNotFoundError:
+                target = self.link_target(cur)
+                if target is not None:  # a dangling link: writing through it would create its target
+                    raise ConfigApplyError(f"cannot write {path}: {cur} is a link to {target}, which is not a "
+                                           f"directory inside the target root {self.root}") from None
                 return
             except OSError as exc:
                 raise ConfigApplyError(f"cannot write {path}: {cur}: {exc.strerror}") from None
             if not stat.S_ISDIR(st.st_mode):
                 raise ConfigApplyError(f"cannot write {path}: {cur} exists in {self.root} and is not a directory")
-            if os.path.islink(host):
-                real = Path(os.path.realpath(host))
-                if real != self.root.resolve() and self.root.resolve() not in real.parents and \
-                        self.root.resolve() != Path("/"):
-                    raise ConfigApplyError(f"cannot write {path}: {cur} is a link out of the target root ({real})")
 
     def _lstat(self, path: str) -> os.stat_result | None:
         try:
@@ -114,10 +212,11 @@ class Plan:
         except OSError as exc:
             raise ConfigApplyError(f"cannot use {path}: {exc.strerror}") from None
 
+    # --- planning -------------------------------------------------------------------------------
     def write(self, path: str, data: bytes, mode: int = 0o644, uid: int = 0, gid: int = 0, why: str = "") -> bool:
         """Plan writing a file; nothing is planned when content, mode and owner already match."""
+        path = norm(path)
         self._check_parents(path)
-        host = self.host(path)
         pend = self._pending.get(path)
         if pend is not None and pend.op == "write" and (pend.data, pend.mode, pend.uid, pend.gid) == (data, mode, uid,
                                                                                                      gid):
@@ -126,7 +225,8 @@ class Plan:
         if st is not None and stat.S_ISDIR(st.st_mode):
             raise ConfigApplyError(f"{path} is a directory in {self.root}; cannot write a file there")
         if (st is not None and stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == mode
-                and st.st_uid == uid and st.st_gid == gid and host.read_bytes() == data):
+                and st.st_uid == uid and st.st_gid == gid and st.st_size == len(data)
+                and _read_host(self.host(path), path, self.root, len(data)) == data):
             if pend is not None:  # an earlier entry for this path is overridden by one the disk already matches
                 self.changes.remove(pend)
                 del self._pending[path]
@@ -135,30 +235,34 @@ class Plan:
         return True
 
     def symlink(self, path: str, target: str, why: str = "") -> bool:
+        path = norm(path)
         self._check_parents(path)
-        host = self.host(path)
         pend = self._pending.get(path)
         if pend is not None and pend.op == "symlink" and pend.target == target:
             return False
-        if os.path.islink(host) and os.readlink(host) == target:
+        if self.link_target(path) == target:
             if pend is not None:  # as in write(): an earlier plan overridden by one the disk already matches
                 self.changes.remove(pend)
                 del self._pending[path]
             return False
-        if pend is None and os.path.isdir(host) and not os.path.islink(host):
+        st = self._lstat(path)
+        if pend is None and st is not None and stat.S_ISDIR(st.st_mode):
             raise ConfigApplyError(f"{path} is a directory in {self.root}; cannot replace it with a link")
         self._add(Change("symlink", path, target=target, why=why))
         return True
 
     def remove(self, path: str, why: str = "") -> bool:
+        path = norm(path)
         if not self.exists(path):
             return False
-        if os.path.isdir(self.host(path)) and not os.path.islink(self.host(path)):
+        st = self._lstat(path)
+        if st is not None and stat.S_ISDIR(st.st_mode):
             raise ConfigApplyError(f"{path} is a directory in {self.root}; refusing to remove it")
         self._add(Change("remove", path, why=why))
         return True
 
     def mkdir(self, path: str, mode: int = 0o755, uid: int = 0, gid: int = 0, why: str = "") -> bool:
+        path = norm(path)
         self._check_parents(path)
         if path in self._pending:
             return False
@@ -174,6 +278,7 @@ class Plan:
         return True
 
     def _add(self, ch: Change) -> None:
+        ch.check()  # a bad uid or mode found while planning, not as an OverflowError half-way through commit
         # a later plan for the same path replaces the earlier one (the last write_files entry wins)
         old = self._pending.get(ch.path)
         if old is not None:
@@ -187,47 +292,90 @@ class Plan:
 
     # --- commit ---------------------------------------------------------------------------------
     def commit(self) -> None:
+        """Make every planned change. Values were checked when planned; an OS failure here (disk full,
+        read-only root) names the path, and the changes before it stay made (each one is atomic)."""
+        for ch in self.changes:
+            ch.check()
         if os.geteuid() != 0:
             # chown would fail half-way through; refuse before the first write instead
             foreign = [c for c in self.changes if c.op in ("write", "mkdir", "chmod")
                        and ((c.uid or 0) != os.geteuid() or (c.gid or 0) not in os.getgroups() + [os.getegid()])]
             if foreign:
                 raise ConfigApplyError(f"{foreign[0].path} must be owned by {foreign[0].uid}:{foreign[0].gid}, "
-                                       "which needs "
-                                 "root: run apply as root (nothing was changed)")
-        for ch in self.changes:
-            host = self.host(ch.path)
-            if ch.op in ("write", "symlink"):
-                _make_parents(host.parent, self.root)
-            if ch.op == "write":
-                _atomic_write(host, ch.data or b"", ch.mode or 0o644, ch.uid or 0, ch.gid or 0)
-            elif ch.op == "symlink":
-                tmp = host.with_name(f".{host.name}.obelisk-tmp")
-                if os.path.lexists(tmp):
-                    os.unlink(tmp)
-                os.symlink(ch.target or "", tmp)
-                os.replace(tmp, host)
-            elif ch.op == "remove":
-                os.unlink(host)
-            elif ch.op == "mkdir":
-                _make_parents(host.parent, self.root)
-                os.mkdir(host, ch.mode or 0o755)
-                os.chown(host, ch.uid or 0, ch.gid or 0)
-                os.chmod(host, ch.mode or 0o755)  # mkdir's mode is filtered by the umask
-            elif ch.op == "chmod":
-                os.chown(host, ch.uid or 0, ch.gid or 0)
-                os.chmod(host, ch.mode or 0o755)
+                                       "which needs root: run apply as root (nothing was changed)")
+        for i, ch in enumerate(self.changes):
+            try:
+                self._commit_one(ch)
+            except OSError as exc:
+                done = f"the {i} change(s) listed before it were made; " if i else "nothing was changed; "
+                raise ConfigApplyError(f"cannot {_VERBS[ch.op]} {ch.path} in {self.root}: {exc.strerror or exc}; "
+                                       f"{done}fix it and run apply again") from None
+
+    def _commit_one(self, ch: Change) -> None:
+        host = self.host(ch.path)
+        if ch.op in ("write", "symlink", "mkdir"):
+            _make_parents(host.parent, self.root)
+        if ch.op == "write":
+            _atomic_write(host, ch.data or b"", ch.mode or 0, ch.uid or 0, ch.gid or 0)
+        elif ch.op == "symlink":
+            tmp = host.with_name(f".{host.name}.obelisk-tmp")
+            if os.path.lexists(tmp):
+                os.unlink(tmp)
+            os.symlink(ch.target or "", tmp)
+            os.replace(tmp, host)
+        elif ch.op == "remove":
+            os.unlink(host)
+        elif ch.op == "mkdir":
+            os.mkdir(host, 0o700)  # opened up by _own_dir once the owner is right
+            _own_dir(host, ch.mode or 0, ch.uid or 0, ch.gid or 0)
+        elif ch.op == "chmod":
+            _own_dir(host, ch.mode or 0, ch.uid or 0, ch.gid or 0)
+
+
+_VERBS = {"write": "write", "symlink": "link", "remove": "remove", "mkdir": "create directory",
+          "chmod": "set mode/owner of"}
+
+
+def _read_host(host: Path, path: str, root: Path, limit: int) -> bytes | None:
+    """A regular file's bytes without blocking (FIFO) or following a link; None when absent or a directory."""
+    try:
+        fd = os.open(host, _READ_FLAGS)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        raise ConfigApplyError(f"cannot read {path} in {root}: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            return None
+        if not stat.S_ISREG(mode):
+            raise ConfigApplyError(f"{path} in {root} is {_kind(mode)}, not a regular file: remove it or "
+                                   "replace it with a file")
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ConfigApplyError(f"{path} in {root} is larger than {limit} bytes; refusing to read it")
+    return data
+
+
+def _own_dir(host: Path, mode: int, uid: int, gid: int) -> None:
+    """chown and chmod a directory through a descriptor opened without following a link."""
+    fd = os.open(host, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.fchown(fd, uid, gid)
+        os.fchmod(fd, mode)  # after chown (it clears setgid); explicit, so the umask has no say
+    finally:
+        os.close(fd)
 
 
 def _make_parents(d: Path, root: Path) -> None:
-    """Missing parents are created 0755 root:root (coreos-cloudinit's rule)."""
+    """Missing parents are created 0755 root:root (coreos-cloudinit's rule), whatever the umask."""
     missing = []
-    while not d.exists() and d != root and d != d.parent:
+    while not os.path.lexists(d) and d != root and d != d.parent:
         missing.append(d)
         d = d.parent
     for m in reversed(missing):
-        os.mkdir(m, 0o755)
-        os.chmod(m, 0o755)
+        os.mkdir(m, 0o700)
+        _own_dir(m, 0o755, os.geteuid(), os.getegid())
 
 
 def _atomic_write(dest: Path, data: bytes, mode: int, uid: int, gid: int) -> None:

@@ -65,8 +65,7 @@ def plan_unit(plan: Plan, u: Unit, live: bool) -> None:
         # not masked in this config: undo a mask from an earlier one (in /etc and /run, as systemctl unmask)
         for base in ("/etc", "/run"):
             mpath = f"{base}/{d.split('/', 2)[2]}/{u.name}"
-            host = plan.host(mpath)
-            if host.is_symlink() and str(host.readlink()) == "/dev/null" and (mpath != path or u.content is None):
+            if plan.link_target(mpath) == "/dev/null" and (mpath != path or u.content is None):
                 plan.remove(mpath, why=f"unmask {u.name}")
         if u.content is not None:
             plan.write(path, u.content.encode(), 0o644, why=f"unit {u.name}")

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 
 from cloudconfig.model import User
-from cloudconfig.rootfs import ConfigApplyError, Plan
+from cloudconfig.rootfs import MAX_ID, ConfigApplyError, Plan, norm
 
 KEYS_NAME = "obelisk-cloudconfig"  # file under ~/.ssh/authorized_keys.d/, like update-ssh-keys' coreos-cloudinit
 
@@ -35,18 +35,26 @@ def _render(rows: list[list[str]]) -> bytes:
     return "".join(":".join(r) + "\n" for r in rows).encode()
 
 
+def _id(text: str, where: str) -> int:
+    """A uid/gid from a config or the root's account files, in chown's range, or a clear error."""
+    if not text.isdigit() or int(text) > MAX_ID:
+        raise ConfigApplyError(f"{where}: id {text[:20]!r} is not a number from 0 to {MAX_ID}")
+    return int(text)
+
+
 def lookup_user(plan: Plan, name: str) -> Account | None:
     for r in _table(plan, "/etc/passwd"):
         if len(r) >= 6 and (r[0] == name or (name.isdigit() and r[2] == name)):
-            return Account(r[0], int(r[2]), int(r[3]), r[5])
+            where = f"user {r[0]} in {plan.root}/etc/passwd"
+            return Account(r[0], _id(r[2], where), _id(r[3], where), r[5])
     return None
 
 
 def lookup_group(plan: Plan, name: str) -> int | None:
     for r in _table(plan, "/etc/group"):
         if len(r) >= 3 and (r[0] == name or (name.isdigit() and r[2] == name)):
-            return int(r[2])
-    return int(name) if name.isdigit() else None
+            return _id(r[2], f"group {r[0]} in {plan.root}/etc/group")
+    return _id(name, f"group {name}") if name.isdigit() else None
 
 
 def resolve_owner(plan: Plan, owner: str | None) -> tuple[int, int]:
@@ -59,7 +67,7 @@ def resolve_owner(plan: Plan, owner: str | None) -> tuple[int, int]:
         if not uname.isdigit():
             raise ConfigApplyError(f"owner {owner!r}: user {uname!r} does not exist in {plan.root}/etc/passwd; "
                              "create it under users: or use a numeric uid")
-        uid, gid = int(uname), int(uname)
+        uid = gid = _id(uname, f"owner {owner!r}")
     else:
         uid, gid = acct.uid, acct.gid
     if gname:
@@ -144,16 +152,18 @@ def plan_keys(plan: Plan, user: str, keys: list[str]) -> None:
     acct = lookup_user(plan, user)
     if acct is None:
         raise ConfigApplyError(f"ssh keys for {user}: user does not exist in {plan.root}/etc/passwd")
-    ssh = f"{acct.home.rstrip('/')}/.ssh"
-    plan.mkdir(acct.home, 0o700, acct.uid, acct.gid, why=f"home of {user}") if not plan.exists(acct.home) else None
+    home = _home(plan, acct)
+    ssh = f"{home.rstrip('/')}/.ssh"
+    plan.mkdir(home, 0o700, acct.uid, acct.gid, why=f"home of {user}") if not plan.exists(home) else None
     plan.mkdir(ssh, 0o700, acct.uid, acct.gid)
     plan.mkdir(f"{ssh}/authorized_keys.d", 0o700, acct.uid, acct.gid)
     d_files: dict[str, bytes] = {}
-    ddir = plan.host(f"{ssh}/authorized_keys.d")
-    if ddir.is_dir():
-        for f in sorted(ddir.iterdir()):
-            if f.is_file() and not f.name.startswith("."):
-                d_files[f.name] = f.read_bytes()
+    ddir = f"{ssh}/authorized_keys.d"
+    if plan.is_dir(ddir):
+        for name in plan.listdir(ddir):
+            data = None if name.startswith(".") else plan.read(f"{ddir}/{name}")
+            if data is not None:  # read through the plan: a link in there stays inside the root
+                d_files[name] = data
     elif plan.exists(f"{ssh}/authorized_keys"):
         # keep keys that were there before we managed the file (update-ssh-keys does the same)
         old = plan.read(f"{ssh}/authorized_keys") or b""
@@ -165,6 +175,15 @@ def plan_keys(plan: Plan, user: str, keys: list[str]) -> None:
     joined = b"".join(d_files[n] if d_files[n].endswith(b"\n") or not d_files[n] else d_files[n] + b"\n"
                       for n in sorted(d_files))
     plan.write(f"{ssh}/authorized_keys", joined, 0o600, acct.uid, acct.gid, why=f"ssh keys of {user}")
+
+
+def _home(plan: Plan, acct: Account) -> str:
+    """The home from passwd, refused when it could lead out of the root (relative, '..')."""
+    try:
+        return norm(acct.home)
+    except ConfigApplyError:
+        raise ConfigApplyError(f"user {acct.name}: home {acct.home!r} in {plan.root}/etc/passwd is not an absolute "
+                               "path without '..'; fix the account or its homedir") from None
 
 
 def live_user_commands(u: User, exists: bool) -> list[list[str]]:
