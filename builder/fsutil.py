@@ -11,6 +11,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import BinaryIO
 
+from builder.errors import BuildError
+
 BLOCK = 1 << 20
 
 
@@ -119,6 +121,40 @@ def remove_tree(path: Path) -> None:
         path.unlink()
     elif path.exists():
         shutil.rmtree(path)
+
+
+def _refuse(root: Path, p: Path) -> None:
+    if p.is_symlink() or (p.exists() and not p.is_dir()):
+        what = "a symlink" if p.is_symlink() else "not a directory"
+        raise BuildError(f"the OS tree's /{p.relative_to(root)} is {what}: the build changes files below it; "
+                         "make it a directory in the source")
+
+
+def dirs_inside(root: Path, rel: str | Path) -> Path:
+    """``root/rel`` as a real directory (made when missing), refusing a symlink or a file on the way.
+
+    An OS tree comes from a source that may hold any symlink (``etc/ssh -> /root/.ssh``); following
+    one while adding files would write on the build host instead of into the tree.
+    """
+    p = root
+    for comp in Path(rel).parts:
+        p = p / comp
+        _refuse(root, p)
+        if not p.exists():
+            p.mkdir()
+    return p
+
+
+def path_inside(root: Path, rel: str | Path) -> Path:
+    """``root/rel`` after checking that no folder on the way is a symlink (the last part may be anything)."""
+    p = root
+    parts = Path(rel).parts
+    for comp in parts[:-1]:
+        p = p / comp
+        _refuse(root, p)
+        if not p.exists():
+            break
+    return root.joinpath(*parts)
 
 
 def pid_alive(pid: int) -> bool:

@@ -58,30 +58,30 @@ def run(ctx, out: Path) -> dict:
         raise tools.ToolError("the OS tree has no kernel in /usr/lib/modules/<version>/")
     kver, vmlinuz = found
     if ctx.definition.kernel.exclude:
-        mods = tree / "usr/lib/modules" / kver
         for rel in ctx.definition.kernel.exclude:
-            fsutil.remove_tree(mods / rel)
+            fsutil.remove_tree(fsutil.path_inside(tree, f"usr/lib/modules/{kver}/{rel}"))
         with tempfile.TemporaryDirectory(dir=out, prefix=".depmod-") as base:
             (Path(base) / "lib").symlink_to(tree / "usr/lib")
             tools.run(["depmod", "-b", base, kver], timeout=900)
-    boot = tree / BOOT_DIR
-    boot.mkdir(parents=True, exist_ok=True)
+    fsutil.dirs_inside(tree, Path(BOOT_DIR).parent)
+    fsutil.remove_tree(tree / BOOT_DIR)  # only what this stage puts there: no link of the source's to write through
+    boot = fsutil.dirs_inside(tree, BOOT_DIR)
     shutil.copy2(vmlinuz, boot / "vmlinuz")
     for f in (tree / "boot").glob("*"):  # a slot's boot files live in /usr only
         fsutil.remove_tree(f)
     for d in overlay_dirs(ctx):
         copy_overlay(d, tree)
         enable_units(d, tree)
-    keys = tree / IMAGE_KEYS_DIR
-    keys.mkdir(parents=True, exist_ok=True)
+    keys = fsutil.dirs_inside(tree, IMAGE_KEYS_DIR)
     for name, pem in ctx.trusted_keys:
+        fsutil.remove_tree(keys / name)
         (keys / name).write_bytes(pem)
     write_identity(ctx, tree)
     if ctx["python"].meta.get("installed"):
-        dest = tree / "usr/lib/obelisk/python"
+        dest = fsutil.dirs_inside(tree, "usr/lib/obelisk") / "python"
         fsutil.remove_tree(dest)
         shutil.copytree(ctx["python"].path("python"), dest, symlinks=True)
-        launcher = tree / "usr/bin/obelisk"
+        launcher = fsutil.dirs_inside(tree, "usr/bin") / "obelisk"
         launcher.unlink(missing_ok=True)
         launcher.write_text(LAUNCHER)
         launcher.chmod(0o755)
@@ -104,13 +104,12 @@ def copy_overlay(src: Path, tree: Path) -> None:
         return
     for dirpath, dirnames, filenames in os.walk(src):
         rel = Path(dirpath).relative_to(src)
-        dest_dir = tree / _in_usr(rel)
-        dest_dir.mkdir(parents=True, exist_ok=True)
+        dest_dir = fsutil.dirs_inside(tree, _in_usr(rel))
         for name in [*filenames, *[d for d in dirnames if Path(dirpath, d).is_symlink()]]:
             s, d = Path(dirpath, name), dest_dir / name
             if d.is_symlink() or d.is_file():
                 d.unlink()
-            elif d.is_dir() and s.is_symlink():
+            elif d.is_dir():  # an overlay file or link replaces a folder of the tree
                 shutil.rmtree(d)
             if s.is_symlink():
                 d.symlink_to(os.readlink(s))
@@ -134,8 +133,7 @@ def enable_units(overlay: Path, tree: Path) -> None:
                 section = line
             elif section == "[Install]" and line.startswith("WantedBy="):
                 for target in line.split("=", 1)[1].split():
-                    link = tree / "usr/lib/systemd/system" / f"{target}.wants" / unit.name
-                    link.parent.mkdir(parents=True, exist_ok=True)
+                    link = fsutil.dirs_inside(tree, f"usr/lib/systemd/system/{target}.wants") / unit.name
                     if not link.exists() and not link.is_symlink():
                         link.symlink_to(f"../{unit.name}")
 
@@ -157,17 +155,14 @@ def write_identity(ctx, tree: Path) -> None:
         f"BUILD_ID={ctx.build_id}\nIMAGE_ID={d.name}\nIMAGE_VERSION={ctx.version}\n"
         f'PRETTY_NAME="{pretty}"\nHOME_URL="https://github.com/obelisk-os/obelisk"\n'
     )
-    target = tree / "usr/lib/os-release"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.unlink(missing_ok=True)
+    target = fsutil.dirs_inside(tree, "usr/lib") / "os-release"
+    fsutil.remove_tree(target)
     target.write_text(os_release)
-    etc = tree / "etc/os-release"
-    etc.parent.mkdir(parents=True, exist_ok=True)
-    if etc.is_symlink() or etc.exists():
-        etc.unlink()
+    etc = fsutil.dirs_inside(tree, "etc") / "os-release"
+    fsutil.remove_tree(etc)
     etc.symlink_to("../usr/lib/os-release")
-    rel = tree / "usr/share/obelisk/release"
-    rel.parent.mkdir(parents=True, exist_ok=True)
+    rel = fsutil.dirs_inside(tree, "usr/share/obelisk") / "release"
+    fsutil.remove_tree(rel)
     rel.write_text(f"VERSION={ctx.version}\nAPPID={d.app_id}\nNAME={d.name}\nBUILD_ID={ctx.build_id}\n")
 
 
@@ -175,15 +170,14 @@ def factory_etc(tree: Path) -> None:
     """Keep a copy of /etc in /usr/share/factory/etc and let systemd-tmpfiles copy in whatever
     top-level entry /etc lacks at boot (so a new /usr can bring new configuration)."""
     etc = tree / "etc"
-    factory = tree / "usr/share/factory/etc"
+    factory = fsutil.dirs_inside(tree, "usr/share/factory") / "etc"
     fsutil.remove_tree(factory)
-    factory.parent.mkdir(parents=True, exist_ok=True)
     shutil.copytree(etc, factory, symlinks=True)
     lines = ["# Generated by obelisk image build: populate /etc from /usr/share/factory/etc at boot.\n"]
     for entry in sorted(os.listdir(factory)):
         if entry in ("machine-id", "mtab", "hostname"):
             continue  # systemd makes these per machine
         lines.append(f"C /etc/{entry} - - - - -\n")
-    conf = tree / "usr/lib/tmpfiles.d/obelisk-factory-etc.conf"
-    conf.parent.mkdir(parents=True, exist_ok=True)
+    conf = fsutil.dirs_inside(tree, "usr/lib/tmpfiles.d") / "obelisk-factory-etc.conf"
+    fsutil.remove_tree(conf)
     conf.write_text("".join(lines))

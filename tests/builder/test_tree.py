@@ -85,3 +85,57 @@ def test_ext4_write_time_is_pinned(tmp_path: Path) -> None:
     assert imgs[0] == imgs[1]
     fsck = subprocess.run(["e2fsck", "-fn", str(tmp_path / "0.img")], capture_output=True, text=True)
     assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+
+
+def test_overlay_never_writes_through_a_symlinked_folder_of_the_tree(tmp_path: Path) -> None:
+    """A source tree may hold `etc/ssh -> <host folder>`: the overlay must refuse, not write on the build host."""
+    import pytest
+
+    from builder.errors import BuildError
+
+    host = tmp_path / "host"
+    host.mkdir()
+    (host / "sshd_config").write_text("host's own\n")
+    tree, overlay = tmp_path / "tree", tmp_path / "overlay"
+    (tree / "etc").mkdir(parents=True)
+    (tree / "etc/ssh").symlink_to(host)
+    (overlay / "etc/ssh").mkdir(parents=True)
+    (overlay / "etc/ssh/sshd_config").write_text("overlay\n")
+    with pytest.raises(BuildError, match="the OS tree's /etc/ssh is a symlink"):
+        tree_stage.copy_overlay(overlay, tree)
+    assert (host / "sshd_config").read_text() == "host's own\n"
+    # Units: a symlinked .wants folder is refused the same way.
+    (tree / "usr/lib/systemd/system").mkdir(parents=True)
+    (tree / "usr/lib/systemd/systemd").write_text("")
+    (tree / "usr/lib/systemd/system/multi-user.target.wants").symlink_to(host)
+    units = overlay / "usr/lib/systemd/system"
+    units.mkdir(parents=True)
+    (units / "a.service").write_text("[Install]\nWantedBy=multi-user.target\n")
+    with pytest.raises(BuildError, match="multi-user.target.wants is a symlink"):
+        tree_stage.enable_units(overlay, tree)
+    assert sorted(p.name for p in host.iterdir()) == ["sshd_config"]
+
+
+def test_kernel_files_behind_symlinks_are_not_taken(tmp_path: Path) -> None:
+    """A vmlinuz that is a symlink (to a host file such as a signing key) is never copied into the release."""
+    import pytest
+
+    from builder import fsutil, kernel
+    from builder.errors import BuildError
+
+    secret = tmp_path / "secret.key"
+    secret.write_text("private\n")
+    tree = tmp_path / "tree"
+    (tree / "usr/lib/modules/6.1.0").mkdir(parents=True)
+    (tree / "usr/lib/modules/6.1.0/vmlinuz").symlink_to(secret)
+    (tree / "boot").mkdir()
+    (tree / "boot/vmlinuz-6.1.0").symlink_to(secret)
+    assert kernel.find_kernel(tree) is None
+    (tree / "usr/lib/modules/6.1.0/vmlinuz").unlink()
+    (tree / "usr/lib/modules/6.1.0/vmlinuz").write_bytes(b"kernel")
+    assert kernel.find_kernel(tree) == ("6.1.0", tree / "usr/lib/modules/6.1.0/vmlinuz")
+    # kernel.exclude through a symlinked folder of the tree: refused, the host folder stays.
+    (tree / "usr/lib/modules/6.1.0/kernel").symlink_to(tmp_path)
+    with pytest.raises(BuildError, match="/usr/lib/modules/6.1.0/kernel is a symlink"):
+        fsutil.path_inside(tree, "usr/lib/modules/6.1.0/kernel/sound")
+    assert secret.is_file()
