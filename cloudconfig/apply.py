@@ -26,6 +26,7 @@ from cloudconfig.validate import (
     used_variables,
     validate_text,
 )
+from obelisk.errors import EXIT_FAILED
 
 SCRIPT_PATH = "/var/lib/obelisk/cloudconfig/scripts/user-data"
 CORE_USER = "core"
@@ -34,6 +35,8 @@ CORE_USER_SPEC = User(name=CORE_USER, gecos="obelisk admin")
 
 class InvalidConfig(ConfigApplyError):
     """Validation found errors; ``report`` has them with line numbers. Nothing was changed."""
+
+    exit_code = EXIT_FAILED  # as `validate`: 1 = the config has errors
 
     def __init__(self, message: str, report: Report) -> None:
         super().__init__(message)

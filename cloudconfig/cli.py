@@ -8,8 +8,8 @@ from pathlib import Path
 
 import typer
 
-from cloudconfig.apply import ConfigApplyError, InvalidConfig, apply_userdata
-from cloudconfig.datasources import ORDER, DatasourceError, Settings, environment_addresses, fetch
+from cloudconfig.apply import InvalidConfig, apply_userdata
+from cloudconfig.datasources import ORDER, Settings, environment_addresses, fetch, read_file, read_stream
 from cloudconfig.validate import validate_bytes
 from obelisk.errors import clean_errors, fail
 
@@ -18,17 +18,8 @@ app = typer.Typer(name="cloudconfig", help="Validate and apply #cloud-config use
 
 
 def _read(path: str) -> bytes:
-    if path == "-":
-        return sys.stdin.buffer.read()
-    p = Path(path)
-    try:
-        return p.read_bytes()
-    except FileNotFoundError:
-        fail(f"{path}: no such file")
-    except IsADirectoryError:
-        fail(f"{path} is a directory; give a cloud-config file")
-    except OSError as exc:
-        fail(f"cannot read {path}: {exc.strerror}")
+    """A config named on the command line; a FIFO, directory or oversized file is one clean error."""
+    return read_stream(sys.stdin.buffer) if path == "-" else read_file(path)
 
 
 _KINDS = {"script": "a script (#!)", "ignition": "an Ignition config", "empty": "empty"}
@@ -40,7 +31,8 @@ def validate(
     as_json: bool = typer.Option(False, "--json", help="print a JSON list of {line, column, level, path, message}"),
 ) -> None:
     """Report YAML syntax errors, unknown keys, wrong types and bad values with line numbers; exit 1 on errors."""
-    blobs = [(f, _read(f)) for f in files]  # read all first: an unreadable file is a usage error
+    with clean_errors():
+        blobs = [(f, _read(f)) for f in files]  # read all first: an unreadable file is a usage error
     out: list[dict[str, object]] = []
     errors = 0
     for name, raw in blobs:
@@ -94,22 +86,18 @@ def apply(
 ) -> None:
     """Apply user-data to the target root: users, keys, files, units, etcd/update/lock settings. Idempotent."""
     s = _settings(file, cmdline, ec2_endpoint, configdrive, nocloud, timeout, attempts, by_label)
-    with clean_errors(DatasourceError):
+    with clean_errors():
         got = fetch(s, datasource)
-    if got is None:
-        print(f"no user-data found (looked at: {', '.join(ORDER)}); nothing to do", file=sys.stderr)
-        return
-    try:
-        res = apply_userdata(got.userdata, root, metadata=got.metadata, addresses=environment_addresses(),
-                             dry_run=dry_run, name=file or got.source)
-    except InvalidConfig as exc:
-        for e in exc.report.entries:
-            print(e.text(), file=sys.stderr)
-        fail(str(exc), code=1)
-    except ConfigApplyError as exc:
-        fail(str(exc))
-    except OSError as exc:
-        fail(f"cannot write to {root}: {exc}")
+        if got is None:
+            print(f"no user-data found (looked at: {', '.join(ORDER)}); nothing to do", file=sys.stderr)
+            return
+        try:
+            res = apply_userdata(got.userdata, root, metadata=got.metadata, addresses=environment_addresses(),
+                                 dry_run=dry_run, name=file or got.source)
+        except InvalidConfig as exc:  # the report first, then clean_errors' one line (exit 1)
+            for e in exc.report.entries:
+                print(e.text(), file=sys.stderr)
+            raise
     if as_json:
         print(json.dumps({
             "source": got.source, "kind": res.kind, "root": str(root), "dry_run": dry_run, "changed": res.changed,
@@ -148,7 +136,7 @@ def fetch_cmd(
 ) -> None:
     """Print the user-data (and with --json the metadata) the datasources offer."""
     s = _settings(None, cmdline, ec2_endpoint, configdrive, nocloud, timeout, attempts, by_label)
-    with clean_errors(DatasourceError):
+    with clean_errors():
         got = fetch(s, datasource)
     if got is None:
         fail(f"no user-data found (looked at: {', '.join(ORDER)})", code=1)

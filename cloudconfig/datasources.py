@@ -11,16 +11,21 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import requests
+import urllib3
 import yaml
 
+from cloudconfig.validate import MAX_USERDATA, TooLarge, gunzip
 from obelisk.errors import ObeliskError
+from obelisk.inputs import check_input
 
 ORDER = ("file", "url", "configdrive", "nocloud", "ec2")
 DEFAULT_FILES = ("/var/lib/obelisk/user_data", "/usr/share/oem/cloud-config.yml")
@@ -29,6 +34,9 @@ CONFIGDRIVE_LABELS = ("config-2", "CONFIG-2")
 NOCLOUD_DIRS = ("/var/lib/cloud/seed/nocloud",)
 NOCLOUD_LABELS = ("CIDATA", "cidata")
 EC2_ENDPOINT = "http://169.254.169.254"
+MAX_METADATA = 1024 * 1024  # one metadata answer or file (keys, hostname, meta_data.json)
+MAX_CMDLINE = 64 * 1024
+_CHUNK = 64 * 1024
 
 
 class DatasourceError(ObeliskError, RuntimeError):
@@ -68,7 +76,8 @@ class Settings:
     nocloud_labels: tuple[str, ...] = NOCLOUD_LABELS
     by_label: Path = Path("/dev/disk/by-label")
     ec2_endpoint: str = EC2_ENDPOINT
-    timeout: float = 10.0  # per request
+    timeout: float = 10.0  # per request (connect, and each read of the answer)
+    body_deadline: float = 120.0  # for a whole answer: a server trickling bytes cannot hold apply forever
     attempts: int = 5
     backoff: float = 0.05  # first retry delay; doubles, capped at max_backoff
     max_backoff: float = 5.0
@@ -81,23 +90,58 @@ class _NotFound(Exception):
     pass
 
 
+def _too_large(url: str, limit: int) -> DatasourceError:
+    return DatasourceError(f"{url}: the answer is larger than {limit} bytes (the limit); nothing was applied")
+
+
+def _body(r: requests.Response, url: str, s: Settings, limit: int) -> bytes:
+    """The answer's bytes, read as they arrive and never more than ``limit`` of them (nor of their gunzip)."""
+    declared = r.headers.get("Content-Length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _too_large(url, limit)
+    encoding = r.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in ("", "identity", "gzip", "x-gzip"):
+        raise DatasourceError(f"{url}: the answer is encoded as {encoding[:40]!r}; only gzip or none is read")
+    body = bytearray()
+    deadline = time.monotonic() + s.body_deadline
+    while chunk := r.raw.read1(_CHUNK, decode_content=False):  # read1: whatever has arrived, up to a chunk
+        body += chunk
+        if len(body) > limit:
+            raise _too_large(url, limit)
+        if time.monotonic() > deadline:
+            raise DatasourceError(f"{url}: the answer took more than {s.body_deadline:g} s to arrive; "
+                                  "nothing was applied")
+    if encoding in ("gzip", "x-gzip"):
+        try:
+            return gunzip(bytes(body), limit)
+        except TooLarge:
+            raise _too_large(url, limit) from None
+        except ValueError as exc:
+            raise DatasourceError(f"{url}: the answer says gzip but does not decompress ({exc})") from None
+    return bytes(body)
+
+
 def http_get(url: str, s: Settings, *, headers: dict[str, str] | None = None, method: str = "GET",
-             attempts: int | None = None) -> bytes:
-    """Body of a 2xx answer; _NotFound for 4xx; DatasourceError after the last failed attempt."""
+             attempts: int | None = None, limit: int = MAX_METADATA) -> bytes:
+    """Body of a 2xx answer (at most ``limit`` bytes); _NotFound for 4xx; DatasourceError after the last
+    failed attempt, or at once for an answer over the limit."""
     if not url.startswith(("http://", "https://")):
         raise DatasourceError(f"{url}: only http:// and https:// URLs are fetched")
     delay = s.backoff
     last = ""
     n = attempts or s.attempts
+    # identity: the body is counted as it arrives; a gzip answer anyway is unpacked by gunzip() with the limit
+    headers = {"Accept-Encoding": "identity", **(headers or {})}
     for i in range(n):
         try:
-            r = requests.request(method, url, headers=headers, timeout=s.timeout, allow_redirects=True)
-            if 200 <= r.status_code < 300:
-                return r.content
-            if 400 <= r.status_code < 500:
-                raise _NotFound(f"{url}: HTTP {r.status_code}")
-            last = f"HTTP {r.status_code}"
-        except requests.RequestException as exc:
+            with requests.request(method, url, headers=headers, timeout=s.timeout, allow_redirects=True,
+                                  stream=True) as r:
+                if 200 <= r.status_code < 300:
+                    return _body(r, url, s, limit)
+                if 400 <= r.status_code < 500:
+                    raise _NotFound(f"{url}: HTTP {r.status_code}")
+                last = f"HTTP {r.status_code}"
+        except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:
             last = type(exc).__name__
         s.log(f"{method} {url} failed ({last}), attempt {i + 1} of {n}")
         if i + 1 < n:
@@ -108,18 +152,47 @@ def http_get(url: str, s: Settings, *, headers: dict[str, str] | None = None, me
 
 # --- the sources ---------------------------------------------------------------------------------
 
-def from_file(s: Settings) -> Fetched | None:
-    paths = [str(s.file)] if s.file else list(DEFAULT_FILES)
-    for p in paths:
+def read_file(path: str | os.PathLike[str], what: str = "cloud-config file", limit: int = MAX_USERDATA) -> bytes:
+    """A user-named file: never a FIFO or device (check_input), never more than ``limit`` bytes in memory."""
+    p = check_input(path, what)
+    try:
+        # O_NONBLOCK: a FIFO swapped in after the check still cannot block the open
+        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise DatasourceError(f"cannot read {p}: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise DatasourceError(f"{p}: not a regular file; give a {what}")
         try:
-            return Fetched(f"file ({p})", Path(p).read_bytes())
-        except FileNotFoundError:
-            if s.file:
-                raise DatasourceError(f"{p}: no such file") from None
-        except IsADirectoryError:
-            raise DatasourceError(f"{p} is a directory; give the cloud-config file") from None
+            data = f.read(limit + 1)
         except OSError as exc:
             raise DatasourceError(f"cannot read {p}: {exc.strerror}") from None
+    if len(data) > limit:
+        raise DatasourceError(f"{p}: larger than {limit} bytes (the limit for a {what})")
+    return data
+
+
+def read_stream(stream: BinaryIO, what: str = "standard input", limit: int = MAX_USERDATA) -> bytes:
+    data = stream.read(limit + 1)
+    if len(data) > limit:
+        raise DatasourceError(f"{what}: more than {limit} bytes (the user-data limit)")
+    return data
+
+
+def _optional(path: Path, what: str, limit: int) -> bytes | None:
+    """A file a source may or may not have: None when absent, read_file's errors when it is there but bad."""
+    if not os.path.exists(path):  # a dangling link counts as absent, as before
+        return None
+    return read_file(path, what, limit)
+
+
+def from_file(s: Settings) -> Fetched | None:
+    if s.file:
+        return Fetched(f"file ({s.file})", read_file(s.file))
+    for p in DEFAULT_FILES:
+        data = _optional(Path(p), "cloud-config file", MAX_USERDATA)
+        if data is not None:
+            return Fetched(f"file ({p})", data)
     return None
 
 
@@ -134,15 +207,14 @@ def cmdline_url(text: str) -> str | None:
 
 
 def from_url(s: Settings) -> Fetched | None:
-    try:
-        text = s.cmdline.read_text(errors="replace")
-    except OSError:
+    raw = _optional(s.cmdline, "kernel command line", MAX_CMDLINE)
+    if raw is None:
         return None
-    url = cmdline_url(text)
+    url = cmdline_url(raw.decode("utf-8", "replace"))
     if not url:
         return None
     try:
-        data = http_get(url, s)
+        data = http_get(url, s, limit=MAX_USERDATA)
     except _NotFound:
         data = b""  # coreos-cloudinit: 4xx = empty user-data, not an error
     return Fetched(f"url ({url})", data)
@@ -195,8 +267,8 @@ def read_configdrive(d: Path) -> Fetched | None:
         return None
     md = Metadata()
     try:
-        meta = json.loads((latest / "meta_data.json").read_text())
-    except (OSError, ValueError):
+        meta = json.loads(_optional(latest / "meta_data.json", "meta_data.json", MAX_METADATA) or b"{}")
+    except ValueError:
         meta = {}
     if isinstance(meta, dict):
         md.hostname = meta.get("hostname") if isinstance(meta.get("hostname"), str) else None
@@ -204,10 +276,7 @@ def read_configdrive(d: Path) -> Fetched | None:
         if isinstance(keys, dict):
             md.public_keys = [str(v).strip() for _, v in sorted(keys.items()) if isinstance(v, str)]
         md.instance_id = meta.get("uuid") if isinstance(meta.get("uuid"), str) else None
-    try:
-        data = (latest / "user_data").read_bytes()
-    except OSError:
-        data = b""
+    data = _optional(latest / "user_data", "user_data file", MAX_USERDATA) or b""
     return Fetched(f"configdrive ({d})", data, md)
 
 
@@ -234,8 +303,8 @@ def read_nocloud(d: Path) -> Fetched | None:
         return None
     md = Metadata()
     try:
-        meta = yaml.safe_load((d / "meta-data").read_text())
-    except (OSError, yaml.YAMLError, ValueError):
+        meta = yaml.safe_load(_optional(d / "meta-data", "meta-data file", MAX_METADATA) or b"")
+    except (yaml.YAMLError, ValueError, RecursionError):
         meta = None
     if isinstance(meta, dict):
         host = meta.get("local-hostname") or meta.get("hostname")
@@ -248,10 +317,7 @@ def read_nocloud(d: Path) -> Fetched | None:
             md.public_keys = [str(k) for k in keys if isinstance(k, str)]
         elif isinstance(keys, dict):
             md.public_keys = [str(v) for _, v in sorted(keys.items()) if isinstance(v, str)]
-    try:
-        data = (d / "user-data").read_bytes()
-    except OSError:
-        data = b""
+    data = _optional(d / "user-data", "user-data file", MAX_USERDATA) or b""
     return Fetched(f"nocloud ({d})", data, md)
 
 
@@ -262,10 +328,15 @@ def from_nocloud(s: Settings) -> Fetched | None:
 def _imds_token(s: Settings, base: str) -> str | None:
     """IMDSv2 session token; None when the service only speaks IMDSv1 (PUT refused with 4xx)."""
     try:
-        return http_get(f"{base}/latest/api/token", s, method="PUT",
-                        headers={"X-aws-ec2-metadata-token-ttl-seconds": "21600"}).decode().strip()
+        raw = http_get(f"{base}/latest/api/token", s, method="PUT",
+                       headers={"X-aws-ec2-metadata-token-ttl-seconds": "21600"}, limit=4096)
     except _NotFound:
         return None
+    token = raw.decode("ascii", "replace").strip()
+    if not token or not token.isprintable() or any(c.isspace() for c in token) or "\ufffd" in token:
+        # it goes back into a header: anything else would be refused by requests or split the header
+        raise DatasourceError(f"{base}: the IMDSv2 token is not a printable ASCII word; is this EC2 metadata?")
+    return token
 
 
 def from_ec2(s: Settings) -> Fetched | None:
@@ -296,7 +367,7 @@ def from_ec2(s: Settings) -> Fetched | None:
             if k:
                 md.public_keys.append(k)
     try:
-        data = http_get(f"{base}/latest/user-data", s, headers=headers)
+        data = http_get(f"{base}/latest/user-data", s, headers=headers, limit=MAX_USERDATA)
     except _NotFound:
         data = b""
     return Fetched(f"ec2 ({base}, {'IMDSv2' if token else 'IMDSv1'})", data, md)

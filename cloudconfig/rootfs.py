@@ -20,9 +20,9 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cloudconfig.schema import MAX_ID
 from obelisk.errors import ObeliskError
 
-MAX_ID = 2**32 - 2  # uid/gid range of chown(2): (uid_t)-1 means "leave unchanged"
 MAX_LINKS = 40  # as the kernel's ELOOP limit
 MAX_READ = 64 * 1024 * 1024  # a file apply reads from the root (passwd, units, update.conf)
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # a FIFO must not block the read

@@ -10,8 +10,12 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 from obelisk.update_conf import REBOOT_STRATEGIES
+from obelisk.windows import WEEK, Window, WindowError, parse_duration
+
+MAX_ID = 2**32 - 2  # uid/gid range of chown(2): (uid_t)-1 means "leave unchanged"
 
 Check = Callable[[object], "str | None"]
 
@@ -56,9 +60,6 @@ UNIT_SUFFIXES = (
     "network", "netdev", "link",
 )
 UNIT_NAME_RE = re.compile(r"^[A-Za-z0-9:_.\\-]+(@[A-Za-z0-9:_.\\-]*)?\.(" + "|".join(UNIT_SUFFIXES) + r")$")
-# locksmith's own patterns: optional weekday then H:MM (24 h); a Go duration.
-WINDOW_START_RE = re.compile(r"^(?:(?i:sun|mon|tue|wed|thu|fri|sat) )?0*([0-9]|1[0-9]|2[0-3]):0*([0-9]|[1-5][0-9])$")
-DURATION_RE = re.compile(r"^(?:[0-9]+(?:\.[0-9]*)?(?:ns|us|µs|ms|s|m|h))+$")
 HOSTNAME_LABEL_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 URL_RE = re.compile(r"^https?://[^\s/]+(?:/\S*)?$")
 
@@ -109,15 +110,26 @@ def hostname(v: object) -> str | None:
 
 
 def window_start(v: object) -> str | None:
-    if not WINDOW_START_RE.match(str(v)):
+    """locksmith's `[Day ]HH:MM`, parsed by the reboot windows' own parser (what lock.conf is read with)."""
+    s = str(v)
+    try:
+        if len(s.split()) not in (1, 2):
+            raise WindowError(s)
+        Window.parse(f"{s} 1h")
+    except WindowError:
         return f"invalid value {v!r}: window_start is an optional weekday and a 24 h time, e.g. 'Thu 04:00' or '3:30'"
     return None
 
 
 def duration(v: object) -> str | None:
-    s = str(v)
-    if not DURATION_RE.match(s) or not re.search(r"[1-9]", s):
+    try:
+        d = parse_duration(str(v))
+    except WindowError:
+        d = timedelta(0)
+    if d <= timedelta(0):
         return f"invalid value {v!r}: use a positive duration such as '1h30m' or '45m'"
+    if d > WEEK:
+        return f"invalid value {v!r}: a reboot window is at most 7 days long"
     return None
 
 
@@ -156,6 +168,9 @@ def owner(v: object) -> str | None:
     s = str(v)
     if not re.match(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(:[A-Za-z0-9_][A-Za-z0-9_.-]*)?$", s):
         return f"invalid owner {s!r}: use user, user:group or uid:gid"
+    for part in s.split(":"):
+        if part.isdigit() and int(part) > MAX_ID:
+            return f"invalid owner {s!r}: a uid or gid is at most {MAX_ID}"
     return None
 
 
@@ -175,6 +190,14 @@ def abs_no_colon(v: object) -> str | None:
     if not s.startswith("/") or ":" in s:
         return f"invalid path {s!r}: use an absolute path without ':'"
     return None
+
+
+def home_path(v: object) -> str | None:
+    s = str(v)
+    msg = abs_no_colon(s)
+    if msg is None and any(part == ".." for part in s.split("/")):
+        return f"invalid path {s!r}: '..' is not allowed (a home must stay inside the target root)"
+    return msg
 
 
 def username(v: object) -> str | None:
@@ -264,7 +287,7 @@ USER = M({
     "name": S(username, required=True),
     "gecos": S(no_colon),
     "passwd": S(no_colon),
-    "homedir": S(abs_no_colon),
+    "homedir": S(home_path),
     "no_create_home": B(),
     "primary_group": S(groupname),
     "groups": L(S(groupname)),

@@ -13,7 +13,8 @@ import time
 from dataclasses import dataclass
 
 from cloudconfig.model import User
-from cloudconfig.rootfs import MAX_ID, ConfigApplyError, Plan, norm
+from cloudconfig.rootfs import ConfigApplyError, Plan, norm
+from cloudconfig.schema import MAX_ID
 
 KEYS_NAME = "obelisk-cloudconfig"  # file under ~/.ssh/authorized_keys.d/, like update-ssh-keys' coreos-cloudinit
 

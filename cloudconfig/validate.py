@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import binascii
 import difflib
-import gzip
 import json
 import re
 import zlib
@@ -23,6 +22,11 @@ from cloudconfig import schema
 from cloudconfig.schema import Field
 
 MAX_USERDATA = 16 * 1024 * 1024
+# write_files content after base64/gzip: per file, and all files together (apply holds them in its plan).
+MAX_FILE = 16 * 1024 * 1024
+MAX_FILES_TOTAL = 64 * 1024 * 1024
+# YAML aliases (*a) let a small document stand for a huge tree: at most this many nodes are walked.
+MIN_NODE_BUDGET = 100_000
 HEADER = "#cloud-config"
 SUBST_VARS = ("private_ipv4", "public_ipv4", "private_ipv6", "public_ipv6")
 # Values used when validating without a datasource, so URLs built from $private_ipv4 still check.
@@ -72,7 +76,49 @@ class Report:
         return [asdict(e) for e in self.entries]
 
     def add(self, line: int, column: int, level: str, path: str, message: str) -> None:
+        # a key written as "\ud800" is a lone surrogate: printable only when escaped
+        message = message.encode("utf-8", "backslashreplace").decode("utf-8")
         self.entries.append(Entry(line, column, level, path, message))
+
+
+class TooLarge(ValueError):
+    """Data that would decompress to more than the limit; nothing past the limit was produced."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"more than {limit} bytes")
+        self.limit = limit
+
+
+_GZIP_MAGIC = b"\x1f\x8b"
+_INFLATE_STEP = 1024 * 1024  # output produced per call: memory stays near the limit, never past it
+
+
+def gunzip(data: bytes, limit: int) -> bytes:
+    """gzip (one or several members, as gzip.decompress) with at most ``limit`` bytes of output.
+
+    Raises TooLarge past the limit and ValueError for data that is not gzip or is cut short.
+    """
+    out = bytearray()
+    rest = data
+    while True:
+        d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        buf = rest
+        try:
+            while not d.eof:
+                chunk = d.decompress(buf, min(_INFLATE_STEP, limit + 1 - len(out)))
+                buf = d.unconsumed_tail
+                if not chunk and not buf:
+                    raise ValueError("the gzip data is cut short")
+                out += chunk
+                if len(out) > limit:
+                    raise TooLarge(limit)
+        except zlib.error as exc:
+            raise ValueError(f"not gzip data ({exc})") from None
+        rest = d.unused_data
+        if not rest:
+            return bytes(out)
+        if rest[:2] != _GZIP_MAGIC:
+            raise ValueError("not gzip data (garbage after the end of the stream)")
 
 
 def _line_of_offset(data: bytes, offset: int) -> int:
@@ -83,18 +129,18 @@ def decode_userdata(raw: bytes) -> tuple[str | None, Report | None]:
     """Bytes -> text (gunzipped when it starts with the gzip magic), or a report saying why not."""
     if len(raw) > MAX_USERDATA:
         rep = Report("invalid")
-        rep.add(1, 1, "error", "", f"user-data is {len(raw)} bytes; the limit is {MAX_USERDATA} bytes")
+        rep.add(1, 1, "error", "", f"user-data is more than {MAX_USERDATA} bytes (the limit)")
         return None, rep
-    if raw[:2] == b"\x1f\x8b":
+    if raw[:2] == _GZIP_MAGIC:
         try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as exc:
-            rep = Report("invalid")
-            rep.add(1, 1, "error", "", f"user-data starts like gzip but does not decompress ({exc})")
-            return None, rep
-        if len(raw) > MAX_USERDATA:
+            raw = gunzip(raw, MAX_USERDATA)
+        except TooLarge:
             rep = Report("invalid")
             rep.add(1, 1, "error", "", f"decompressed user-data exceeds {MAX_USERDATA} bytes")
+            return None, rep
+        except ValueError as exc:
+            rep = Report("invalid")
+            rep.add(1, 1, "error", "", f"user-data starts like gzip but does not decompress ({exc})")
             return None, rep
     if raw.startswith(b"\xef\xbb\xbf"):
         raw = raw[3:]
@@ -152,28 +198,38 @@ def _want(spec: Field) -> str:
     return {"str": "string", "bool": "bool (true/false)", "int": "integer", "list": "list", "map": "map"}[spec.kind]
 
 
+class _Expanded(Exception):
+    """The document names more nodes than its size allows: an alias bomb."""
+
+
 class _Walker:
-    def __init__(self, report: Report) -> None:
+    def __init__(self, report: Report, budget: int) -> None:
         self.r = report
         self.marks: dict[str, tuple[int, int]] = {}  # path -> (line, column) of the value
+        self.budget = budget  # nodes left to walk; aliases walk the same node again
 
     def err(self, node: Node, path: str, msg: str, level: str = "error") -> None:
         line, col = _pos(node)
         self.r.add(line, col, level, path, msg)
 
-    def walk(self, node: Node, spec: Field, path: str) -> Any:
+    def walk(self, node: Node, spec: Field, path: str, key: Node | None = None) -> Any:
+        """The checked value of ``node``; type errors go on the line of its ``key`` (coreos-cloudinit's line)."""
+        self.budget -= 1
+        if self.budget < 0:
+            raise _Expanded
         self.marks[path] = _pos(node)
+        at = key or node
         name = path.rsplit(".", 1)[-1] if path else "cloud-config"
         if spec.kind == "any":
             return None
         if spec.kind == "map":
             if not isinstance(node, MappingNode):
-                self.err(node, path, f'incorrect type for "{name}" (want map)')
+                self.err(at, path, f'incorrect type for "{name}" (want map)')
                 return None
             return self._map(node, spec, path)
         if spec.kind == "list":
             if not isinstance(node, SequenceNode):
-                self.err(node, path, f'incorrect type for "{name}" (want list)')
+                self.err(at, path, f'incorrect type for "{name}" (want list)')
                 return None
             out = []
             for i, item in enumerate(node.value):
@@ -185,17 +241,17 @@ class _Walker:
                     out.append(v)
             return out
         if not isinstance(node, ScalarNode):
-            self.err(node, path, f'incorrect type for "{name}" (want {_want(spec)})')
+            self.err(at, path, f'incorrect type for "{name}" (want {_want(spec)})')
             return None
         value: Any
         if spec.kind == "bool":
             if node.tag != _TAG + "bool":
-                self.err(node, path, f'incorrect type for "{name}" (want bool (true/false), got {node.value!r})')
+                self.err(at, path, f'incorrect type for "{name}" (want bool (true/false), got {node.value!r})')
                 return None
             value = node.value.lower() in ("yes", "true", "on", "y")
         elif spec.kind == "int":
             if node.tag != _TAG + "int":
-                self.err(node, path, f'incorrect type for "{name}" (want integer)')
+                self.err(at, path, f'incorrect type for "{name}" (want integer)')
                 return None
             value = int(node.value.replace("_", ""), 0) if node.value.strip("+-").isdigit() else node.value
         else:  # str: any scalar, taken as written (so 0644 stays "0644"), like coreos' lenient strings
@@ -207,6 +263,11 @@ class _Walker:
                     return None
             else:
                 value = node.value
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError:  # "\ud800" in a double-quoted string: no file can hold it
+                    self.err(node, path, f'"{name}" is not valid text: it contains a lone surrogate (\\ud800-\\udfff)')
+                    return None
                 if name not in _MULTILINE:
                     # one-line settings end up in passwd, env files and unit names: a newline would forge lines
                     value = value.strip("\r\n")
@@ -244,7 +305,7 @@ class _Walker:
                 if sub.required:
                     self.err(vnode, kpath, f'"{raw}" needs a value')
                 continue
-            v = self.walk(vnode, sub, kpath)
+            v = self.walk(vnode, sub, kpath, knode)
             if v is not None:
                 out[key] = v
             else:
@@ -309,12 +370,20 @@ def validate_text(text: str) -> Report:
     if node is None or _is_null(node):
         report.value = {}
         return report
-    w = _Walker(report)
+    budget = max(MIN_NODE_BUDGET, len(text))
+    w = _Walker(report, budget)
     if not isinstance(node, MappingNode):
         line, col = _pos(node)
         report.add(line, col, "error", "", "a cloud-config must be a map of keys (hostname:, users:, coreos:, ...)")
         return report
-    value = w.walk(node, schema.ROOT, "")
+    try:
+        value = w.walk(node, schema.ROOT, "")
+    except _Expanded:
+        report.entries = [e for e in report.entries if e.level == "error"][:20]
+        report.add(1, 1, "error", "", f"the config expands to more than {budget} "
+                   "values through YAML aliases (*name); write the values out or use fewer aliases")
+        report.value = {}
+        return report
     report.value = value if isinstance(value, dict) else {}
     _cross_checks(report, report.value, w.marks)
     report.entries.sort(key=lambda e: (e.line, e.column))
@@ -339,7 +408,7 @@ def validate_bytes(raw: bytes, values: dict[str, str] | None = None) -> Report:
 # --- checks that need more than one key -----------------------------------------------------------
 
 def decode_content(content: str | bytes, encoding: str | None) -> bytes:
-    """write_files content -> bytes; raises ValueError naming what failed."""
+    """write_files content -> bytes (at most MAX_FILE); raises ValueError naming what failed."""
     if isinstance(content, bytes):
         data = bytes(content)
         if encoding in (None, "b64", "base64"):
@@ -354,9 +423,14 @@ def decode_content(content: str | bytes, encoding: str | None) -> bytes:
             raise ValueError(f"content cannot be decoded as {enc}: not valid base64") from exc
     if enc.startswith("gz"):
         try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError, zlib.error) as exc:
+            data = gunzip(data, MAX_FILE)
+        except TooLarge:
+            raise ValueError(f"content cannot be decoded as {enc}: it exceeds {MAX_FILE} bytes when decompressed "
+                             "(the limit per file)") from None
+        except ValueError as exc:
             raise ValueError(f"content cannot be decoded as {enc}: not gzip data") from exc
+    elif len(data) > MAX_FILE:
+        raise ValueError(f"content is {len(data)} bytes; the limit per file is {MAX_FILE} bytes")
     return data
 
 
@@ -371,13 +445,17 @@ def _cross_checks(rep: Report, cfg: dict[str, Any], marks: dict[str, tuple[int, 
 
     files = cfg.get("write_files", [])
     by_path: dict[str, int] = {}
+    total = 0
     for i, wf in enumerate(files):
         p = f"write_files[{i}]"
-        if "content" in wf:
+        if "content" in wf and total <= MAX_FILES_TOTAL:
             try:
-                decode_content(wf["content"], wf.get("encoding"))
+                total += len(decode_content(wf["content"], wf.get("encoding")))
             except ValueError as exc:
                 at(f"{p}.content", "error", str(exc))
+            if total > MAX_FILES_TOTAL:
+                at(f"{p}.content", "error", f"write_files decode to more than {MAX_FILES_TOTAL} bytes by this entry "
+                   f"({total} bytes so far); the limit for all files together is {MAX_FILES_TOTAL} bytes")
         if wf.get("path") in by_path:
             at(f"{p}.path", "warning", f"{wf['path']} is also written by write_files[{by_path[wf['path']]}]; "
                "the last one wins")
