@@ -30,9 +30,11 @@ from obelisk.lock_conf import LockConfig, load
 from obelisk.update_conf import REBOOT_STRATEGIES
 from obelisk.windows import WindowSet
 
+from .endpoints import EtcdEndpoints
+from .errors import LockError, SlotsFull
 from .fleetlock import FleetLockClient
 from .identity import host_id as machine_host_id
-from .semaphore import EtcdEndpoints, EtcdSemaphore, LockError, SlotsFull
+from .semaphore import EtcdSemaphore
 
 log = logging.getLogger("obelisk.reboot")
 

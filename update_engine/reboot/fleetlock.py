@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import requests
 
-from .semaphore import EtcdUnavailable, LockError, SlotsFull
+from .errors import EtcdUnavailable, LockError, SlotsFull
 
 HEADERS = {"fleet-lock-protocol": "true"}
 

@@ -24,228 +24,36 @@ from __future__ import annotations
 
 import base64
 import copy
-import json
 import logging
-import os
 import random
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
-from urllib.parse import quote_plus, urlsplit
+from typing import Any
 
-import requests
-from etcd3gw import exceptions as etcd_exc
-from etcd3gw.client import Etcd3Client
+from .endpoints import EtcdEndpoints
+from .errors import (
+    CorruptSemaphore,
+    EtcdRefused,
+    EtcdUnavailable,
+    LockError,
+    SemaphoreConflict,
+    SemaphoreTooBig,
+    SlotsFull,
+)
+from .keys import b64, sem_key, taken_key, waiting_key, waiting_prefix_range
+from .limits import ETCD_MAX_REQUEST_BYTES, TXN_OVERHEAD, check_holder_id, check_slots
+from .state import SemaphoreState, iso, load_taken, parse_semaphore
+from .watch import TurnWatcher
 
-from obelisk.errors import ObeliskError
+# The names the lock's users import from here (the FleetLock server, the CLI, tests).
+__all__ = [
+    "CorruptSemaphore", "EtcdEndpoints", "EtcdSemaphore", "EtcdUnavailable", "LockError", "SemaphoreState",
+    "SlotsFull", "parse_semaphore", "sem_key", "taken_key",
+]
 
 log = logging.getLogger("obelisk.reboot.lock")
-
-SEM_KEY = "com.coreos.airlock/groups/{group}/v1/semaphore"
-TAKEN_KEY = "com.coreos.airlock/groups/{group}/v1/obelisk-taken"
-RECLAIMS_KEPT = 20
-T = TypeVar("T")
-
-
-class LockError(ObeliskError, RuntimeError):
-    """A lock operation failed; str() is one line for the user."""
-
-    kind = "failed_lock"
-
-
-class EtcdUnavailable(LockError):
-    kind = "etcd_unavailable"
-
-
-class CorruptSemaphore(LockError):
-    kind = "corrupt_semaphore"
-
-
-class SlotsFull(LockError):
-    kind = "failed_lock"
-
-
-class SemaphoreConflict(LockError):
-    kind = "conflict"
-
-
-def sem_key(group: str) -> str:
-    # Go's url.QueryEscape, as Airlock uses: quote_plus with nothing kept but unreserved chars.
-    return SEM_KEY.format(group=quote_plus(group, safe=""))
-
-
-def taken_key(group: str) -> str:
-    return TAKEN_KEY.format(group=quote_plus(group, safe=""))
-
-
-def _b64(s: str | bytes) -> str:
-    return base64.b64encode(s.encode() if isinstance(s, str) else s).decode()
-
-
-def _iso(t: datetime) -> str:
-    return t.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def _parse_iso(s: Any) -> datetime | None:
-    try:
-        return datetime.fromisoformat(str(s).replace("Z", "+00:00")).astimezone(UTC)
-    except ValueError:
-        return None
-
-
-@dataclass
-class SemaphoreState:
-    group: str
-    exists: bool
-    total_slots: int = 0
-    holders: list[str] = field(default_factory=list)
-    taken: dict[str, datetime] = field(default_factory=dict)
-    reclaims: list[dict[str, Any]] = field(default_factory=list)
-    mod_revision: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)  # fields we do not know: kept as they are
-    queued: int = 0  # obelisk hosts waiting in the group's queue (watch.py); never written back
-
-    @property
-    def free(self) -> int:
-        return max(0, self.total_slots - len(self.holders))
-
-    def value(self) -> str:
-        doc: dict[str, Any] = {"total_slots": self.total_slots, "holders": sorted(self.holders)}
-        doc.update(self.extra)
-        return json.dumps(doc, separators=(",", ":"))
-
-    def taken_value(self) -> str:
-        taken = {h: _iso(self.taken[h]) for h in sorted(self.holders) if h in self.taken}
-        return json.dumps({"taken": taken, "reclaims": self.reclaims[-RECLAIMS_KEPT:]}, separators=(",", ":"))
-
-    def to_json(self, now: datetime, stale_after: timedelta | None) -> dict[str, Any]:
-        holders = []
-        for h in sorted(self.holders):
-            t = self.taken.get(h)
-            holders.append({
-                "id": h,
-                "taken": _iso(t) if t else None,
-                "held_seconds": round((now - t).total_seconds(), 1) if t else None,
-                "stale": bool(t and stale_after and now - t >= stale_after),
-            })
-        return {"group": self.group, "key": sem_key(self.group), "initialized": self.exists,
-                "total_slots": self.total_slots, "available": self.free, "holders": holders,
-                "reclaims": self.reclaims, "mod_revision": self.mod_revision, "queued": self.queued}
-
-
-def parse_semaphore(group: str, raw: bytes, mod_revision: int) -> SemaphoreState:
-    """Decode the semaphore value; anything Airlock could not read is CorruptSemaphore."""
-    key = sem_key(group)
-    fix = f"fix or delete it ('etcdctl del {key}') and retry; obelisk refuses to overwrite it"
-    try:
-        doc = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise CorruptSemaphore(f"semaphore {key} is not valid JSON ({exc.__class__.__name__}: {exc}); {fix}") from None
-    if not isinstance(doc, dict):
-        raise CorruptSemaphore(f"semaphore {key} is not a JSON object; {fix}")
-    total = doc.pop("total_slots", None)
-    holders = doc.pop("holders", None)
-    if not isinstance(total, int) or isinstance(total, bool) or total < 0:
-        raise CorruptSemaphore(f"semaphore {key}: total_slots is {total!r}, not a whole number >= 0; {fix}")
-    if holders is None:
-        holders = []  # Go marshals a nil slice as null
-    if not isinstance(holders, list) or not all(isinstance(h, str) for h in holders):
-        raise CorruptSemaphore(f"semaphore {key}: holders is not a list of strings; {fix}")
-    return SemaphoreState(group, True, total, list(holders), mod_revision=mod_revision, extra=doc)
-
-
-class EtcdEndpoints:
-    """etcd3gw clients for a comma list of URLs, one set per thread, failing over on errors.
-
-    etcd3gw talks to one host; a cluster client needs to move on when a member is down, so this
-    tries the members in turn (starting with the last that answered) and raises EtcdUnavailable
-    naming them all when none answers. etcd answers 503 ("no leader", "request timed out") when
-    quorum is lost; that is treated like a dead member, so without quorum nothing succeeds.
-    """
-
-    def __init__(self, urls: list[str] | str, *, cafile: str | None = None, certfile: str | None = None,
-                 keyfile: str | None = None, timeout: float = 5.0) -> None:
-        if isinstance(urls, str):
-            urls = [u.strip() for u in urls.split(",") if u.strip()]
-        if not urls:
-            raise LockError("no etcd endpoint given: pass --endpoint http://HOST:2379 or set ENDPOINT in lock.conf")
-        self.urls = list(urls)
-        for what, path in (("CA file", cafile), ("client certificate", certfile), ("client key", keyfile)):
-            if path and not os.access(path, os.R_OK):
-                raise LockError(f"{what} {path} is missing or unreadable: check --cafile/--certfile/--keyfile "
-                                "(CAFILE/CERTFILE/KEYFILE in lock.conf)")
-        self.cafile, self.certfile, self.keyfile = cafile, certfile, keyfile
-        self.timeout = timeout
-        self._local = threading.local()
-        self._preferred = 0
-
-    def _clients(self) -> list[Etcd3Client]:
-        clients = getattr(self._local, "clients", None)
-        if clients is None:
-            clients = [self._make(u) for u in self.urls]
-            self._local.clients = clients
-        return clients
-
-    def _make(self, url: str) -> Etcd3Client:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise LockError(f"bad etcd URL {url!r}: expected http://HOST:PORT or https://HOST:PORT")
-        # api_path fixed to /v3/ (etcd >= 3.4) so no client spends a round trip on /version discovery.
-        session = requests.Session()
-        if self.cafile:
-            session.verify = self.cafile
-            # requests lets REQUESTS_CA_BUNDLE/CURL_CA_BUNDLE override a session's verify (psf/requests#3829):
-            # with our own CA we must not read the environment, or the etcd CA is silently ignored.
-            session.trust_env = False
-        if self.certfile and self.keyfile:
-            session.cert = (self.certfile, self.keyfile)
-        return Etcd3Client(host=parts.hostname, port=parts.port or 2379, protocol=parts.scheme,
-                           timeout=self.timeout, api_path="/v3/", session=session)
-
-    def call(self, fn: Callable[[Etcd3Client], T]) -> T:
-        clients = self._clients()
-        errors = []
-        start = self._preferred
-        for i in range(len(clients)):
-            idx = (start + i) % len(clients)
-            try:
-                result = fn(clients[idx])
-            except (etcd_exc.Etcd3Exception, OSError) as exc:
-                detail = getattr(exc, "detail_text", None) or str(exc) or exc.__class__.__name__
-                errors.append(f"{self.urls[idx]}: {_short(detail)}")
-                continue
-            self._preferred = idx
-            return result
-        raise EtcdUnavailable(
-            "etcd unavailable (no member answered or the cluster has no quorum): " + "; ".join(errors)
-            + "; check the etcd members and retry"
-        )
-
-
-def _short(text: str) -> str:
-    text = " ".join(str(text).split())
-    try:
-        doc = json.loads(text)
-        if isinstance(doc, dict):
-            text = doc.get("error") or doc.get("message") or text
-    except ValueError:
-        pass
-    if "Connection refused" in text:
-        return "connection refused"
-    if "certificate verify failed" in text:
-        why = text.split("certificate verify failed:")[-1].split("(_ssl")[0].strip(" ')(\"")
-        return f"TLS: etcd's certificate is not trusted ({why[:80]}): pass --cafile / set CAFILE to the etcd CA"
-    if "SSLEOFError" in text or "certificate required" in text or ("alert" in text.lower() and "SSL" in text):
-        return ("TLS handshake refused by etcd: it probably requires a client certificate "
-                "(--certfile/--keyfile, CERTFILE/KEYFILE)")
-    if "SSLError" in text:
-        return "TLS failed: " + text[text.find("SSLError"):][:140]
-    if "timed out" in text.lower() or "timeout" in text.lower():
-        return "timed out" if "etcdserver" not in text else text[:120]
-    return text[:160]
 
 
 class EtcdSemaphore:
@@ -262,21 +70,19 @@ class EtcdSemaphore:
         # server and the CLI, whose callers (Zincati, an operator) are not in the queue.
         self.queue = queue
         self.stale_after = stale_after
-        self.default_slots = default_slots
+        self.default_slots = check_slots(default_slots)
         self.clock = clock
         self.key = sem_key(group)
         self.tkey = taken_key(group)
-        self._watchers: dict[str, Any] = {}  # holder -> TurnWatcher while that holder waits for a slot
+        self._watchers: dict[str, TurnWatcher] = {}  # holder -> TurnWatcher while that holder waits for a slot
         self._watch_lock = threading.Lock()
         self._cached: SemaphoreState | None = None  # the last state seen: the next CAS starts from it
 
     # -- reading -------------------------------------------------------------------------------
 
     def _range_ops(self) -> list[dict[str, Any]]:
-        from .watch import waiting_prefix_range
-
         wkey, wend = waiting_prefix_range(self.group)
-        return [{"request_range": {"key": _b64(self.key)}}, {"request_range": {"key": _b64(self.tkey)}},
+        return [{"request_range": {"key": b64(self.key)}}, {"request_range": {"key": b64(self.tkey)}},
                 {"request_range": {"key": wkey, "range_end": wend, "count_only": True}}]
 
     def read(self) -> SemaphoreState:
@@ -295,26 +101,10 @@ class EtcdSemaphore:
             kv = sem_kvs[0]
             state = parse_semaphore(self.group, base64.b64decode(kv.get("value", "")), int(kv["mod_revision"]))
         if taken_kvs:
-            self._load_taken(state, base64.b64decode(taken_kvs[0].get("value", "")))
+            load_taken(state, base64.b64decode(taken_kvs[0].get("value", "")))
         state.queued = int(responses[2].get("response_range", {}).get("count") or 0)
         self._cached = state
         return state
-
-    def _load_taken(self, state: SemaphoreState, raw: bytes) -> None:
-        try:
-            doc = json.loads(raw)
-            taken = doc.get("taken") or {}
-            reclaims = doc.get("reclaims") or []
-        except (ValueError, AttributeError):
-            # Our own advisory key: a broken one costs only take times, so note it and restamp.
-            log.warning("ignoring unreadable %s; holders get a fresh take time", self.tkey)
-            return
-        for h, t in taken.items() if isinstance(taken, dict) else []:
-            ts = _parse_iso(t)
-            if ts and h in state.holders:
-                state.taken[h] = ts
-        if isinstance(reclaims, list):
-            state.reclaims = [r for r in reclaims if isinstance(r, dict)]
 
     # -- writing -------------------------------------------------------------------------------
 
@@ -322,24 +112,43 @@ class EtcdSemaphore:
         """CAS on the semaphore's mod_revision (0 = the key must not exist). None if it won, else
         the current state, read by the same txn's failure branch (no second round trip).
         `delete`: a key removed in the same txn (the winner's waiting key, see watch.py)."""
+        value, taken = new.value(), new.taken_value()
+        self._check_size(value, taken)
         success: list[dict[str, Any]] = [
-            {"request_put": {"key": _b64(self.key), "value": _b64(new.value())}},
-            {"request_put": {"key": _b64(self.tkey), "value": _b64(new.taken_value())}}]
+            {"request_put": {"key": b64(self.key), "value": b64(value)}},
+            {"request_put": {"key": b64(self.tkey), "value": b64(taken)}}]
         if delete:
-            success.append({"request_delete_range": {"key": _b64(delete)}})
+            success.append({"request_delete_range": {"key": b64(delete)}})
         txn = {
-            "compare": [{"key": _b64(self.key), "target": "MOD", "result": "EQUAL",
+            "compare": [{"key": b64(self.key), "target": "MOD", "result": "EQUAL",
                          "mod_revision": str(old.mod_revision)}],
             "success": success,
             "failure": self._range_ops(),
         }
-        resp = self.etcd.call(lambda c: c.transaction(txn))
+        try:
+            resp = self.etcd.call(lambda c: c.transaction(txn))
+        except EtcdRefused as exc:
+            if "too large" not in str(exc):
+                raise
+            # A cluster run with a smaller --max-request-bytes than etcd's default.
+            raise SemaphoreTooBig(f"semaphore {self.key} is too big for etcd's request size limit ({exc}); "
+                                  f"{self._too_big_fix()}") from None
         if resp.get("succeeded"):  # the gateway omits "succeeded" when it is false
             # The txn's revision is the new mod_revision of the key, so the next CAS can start from it.
             new.mod_revision = int((resp.get("header") or {}).get("revision") or 0)
             self._cached = copy.deepcopy(new) if new.mod_revision else None
             return None
         return self._parse_ranges(resp)
+
+    def _check_size(self, value: str, taken: str) -> None:
+        size = len(value.encode()) + len(taken.encode()) + len(self.key) + len(self.tkey) + TXN_OVERHEAD
+        if size > ETCD_MAX_REQUEST_BYTES:
+            raise SemaphoreTooBig(f"semaphore {self.key} would exceed etcd's request size limit "
+                                  f"({size} of {ETCD_MAX_REQUEST_BYTES} bytes); {self._too_big_fix()}")
+
+    def _too_big_fix(self) -> str:
+        return (f"remove stale holders with 'obelisk lock unlock --group {self.group} --id ID' "
+                "(see 'obelisk lock status')")
 
     def _update(self, plan: Callable[[SemaphoreState], SemaphoreState | None], attempts: int = 50,
                 delete: str | None = None) -> SemaphoreState:
@@ -376,17 +185,18 @@ class EtcdSemaphore:
 
     def ensure(self, slots: int | None = None) -> SemaphoreState:
         """Create the semaphore if absent (Airlock's create-if-absent); never changes an existing one."""
+        total = self.default_slots if slots is None else check_slots(slots)
+
         def plan(s: SemaphoreState) -> SemaphoreState | None:
             if s.exists:
                 return None
-            return SemaphoreState(self.group, True, slots if slots is not None else self.default_slots)
+            return SemaphoreState(self.group, True, total)
         return self._update(plan)
 
     def lock(self, holder: str) -> SemaphoreState:
         """Take a slot for `holder` (re-entrant). Raises SlotsFull when every slot is held by others
         and none is stale; reclaims the oldest stale holder's slot when stale_after allows."""
-        if not holder:
-            raise LockError("empty holder id")
+        check_holder_id(holder)
 
         full: list[str] = []
 
@@ -416,14 +226,12 @@ class EtcdSemaphore:
                     return new if unstamped and self.stale_after is not None else None
                 new.holders.remove(victim)
                 since = new.taken.pop(victim)
-                new.reclaims.append({"id": victim, "taken": _iso(since), "reclaimed": _iso(now), "by": holder})
+                new.reclaims.append({"id": victim, "taken": iso(since), "reclaimed": iso(now), "by": holder})
                 log.warning("reclaimed stale reboot slot of %s in group %s: held since %s "
-                            "(stale after %s), taken by %s", victim, self.group, _iso(since), self.stale_after, holder)
+                            "(stale after %s), taken by %s", victim, self.group, iso(since), self.stale_after, holder)
             new.holders = sorted(new.holders + [holder])
             new.taken[holder] = now
             return new
-
-        from .watch import waiting_key
 
         state = self._update(plan, delete=waiting_key(self.group, holder))
         if full:
@@ -460,8 +268,7 @@ class EtcdSemaphore:
 
     def set_max(self, slots: int) -> tuple[int, int]:
         """Set total_slots (creating the semaphore if needed). Returns (old, new)."""
-        if slots < 0:
-            raise LockError(f"slot count must be 0 or more, not {slots}")
+        check_slots(slots)
         old_total = 0
 
         def plan(s: SemaphoreState) -> SemaphoreState | None:
@@ -480,8 +287,6 @@ class EtcdSemaphore:
         """After SlotsFull: block until a slot is worth trying for `holder` ("turn"), up to timeout
         ("timeout"), or until the watch is lost ("lost": the caller backs off and polls; the next
         call opens a new watch) or should_stop ("stopped"). Joins the group's waiting queue."""
-        from .watch import TurnWatcher
-
         with self._watch_lock:
             w = self._watchers.get(holder)
         if w is None or not w.alive:
@@ -499,7 +304,7 @@ class EtcdSemaphore:
         result = w.wait(timeout, should_stop, step)
         if result == "turn":
             hub = w.hub
-            seen = hub.state(self._load_taken) if hub is not None else None
+            seen = hub.state() if hub is not None else None
             if seen is not None:
                 self._cached = seen
             time.sleep(random.uniform(0, 0.002))  # two waiters woken by one event should not CAS in lockstep

@@ -33,37 +33,15 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from urllib.parse import quote_plus
 
-from .semaphore import EtcdEndpoints, LockError, SemaphoreState, parse_semaphore, sem_key, taken_key
+from .endpoints import EtcdEndpoints
+from .errors import LockError
+from .keys import b64, group_prefix, prefix_end, sem_key, taken_key, waiting_key, waiting_prefix
+from .state import SemaphoreState, load_taken, parse_semaphore
 
 log = logging.getLogger("obelisk.reboot.watch")
 
-WAIT_PREFIX = "com.coreos.airlock/groups/{group}/v1/"
 LEASE_TTL = 30  # seconds a dead process's waiting keys stay in the queue
-
-
-def group_prefix(group: str) -> str:
-    return WAIT_PREFIX.format(group=quote_plus(group, safe=""))
-
-
-def waiting_key(group: str, holder: str) -> str:
-    return group_prefix(group) + "obelisk-waiting/" + quote_plus(holder, safe="")
-
-
-def waiting_prefix_range(group: str) -> tuple[str, str]:
-    """(key, range_end) of the group's waiting keys, base64 as the gateway wants them."""
-    prefix = group_prefix(group) + "obelisk-waiting/"
-    return _b64(prefix), _prefix_end(prefix)
-
-
-def _b64(s: str) -> str:
-    return base64.b64encode(s.encode()).decode()
-
-
-def _prefix_end(prefix: str) -> str:
-    raw = prefix.encode()
-    return base64.b64encode(raw[:-1] + bytes([raw[-1] + 1])).decode()
 
 
 _hubs: dict[tuple, GroupWatch] = {}
@@ -79,7 +57,7 @@ class GroupWatch:
         self.group = group
         self.prefix = group_prefix(group)
         self.skey = sem_key(group)
-        self.waiting_prefix = self.prefix + "obelisk-waiting/"
+        self.waiting_prefix = waiting_prefix(group)
         self.lock = threading.Lock()
         self.sem: SemaphoreState | None = None
         self.tkey = taken_key(group)
@@ -133,7 +111,7 @@ class GroupWatch:
 
     def start(self) -> None:
         """Read the group's keys and open the stream after them. Raises LockError if etcd fails."""
-        body = {"key": _b64(self.prefix), "range_end": _prefix_end(self.prefix)}
+        body = {"key": b64(self.prefix), "range_end": prefix_end(self.prefix)}
         resp = self.etcd.call(lambda c: c.post(c.get_url("/kv/range"), json=body))
         with self.lock:
             self.waiting.clear()
@@ -147,7 +125,7 @@ class GroupWatch:
             raise LockError(f"could not open a watch on {self.prefix}")
 
     def _stream(self, start_revision: int, ready: threading.Event) -> None:
-        body = {"create_request": {"key": _b64(self.prefix), "range_end": _prefix_end(self.prefix),
+        body = {"create_request": {"key": b64(self.prefix), "range_end": prefix_end(self.prefix),
                                    "start_revision": str(start_revision)}}
         try:
             def open_stream(c):
@@ -202,7 +180,7 @@ class GroupWatch:
             else:
                 self.waiting[key] = int(kv["create_revision"])
 
-    def state(self, load_taken: Callable[[SemaphoreState, bytes], None]) -> SemaphoreState | None:
+    def state(self) -> SemaphoreState | None:
         """The group's state as of the last event (a copy), so a woken waiter's CAS can start from
         it instead of from a read: one round trip for the hand-over, not two or three."""
         with self.lock:
@@ -303,7 +281,7 @@ class TurnWatcher:
         assert self.hub is not None
         lease_id, self._generation = self.hub.lease()
         # A put on an existing key keeps its create_revision: a waiter that re-registers keeps its place.
-        body = {"key": _b64(self.wkey), "value": _b64(str(time.time())), "lease": lease_id}
+        body = {"key": b64(self.wkey), "value": b64(str(time.time())), "lease": lease_id}
         self.etcd.call(lambda c: c.post(c.get_url("/kv/put"), json=body))
         self._queued = True
 
