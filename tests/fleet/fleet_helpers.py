@@ -1,0 +1,129 @@
+"""Fleet test helpers: a real PostgreSQL on a Unix socket, stores on SQLite and on it, simulated hosts."""
+
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from update_server.db.store import Store
+
+PG_USER = "obelisk"  # the cluster's superuser (initdb -U); the OS user running the server is `nobody`
+
+
+def pg_bin(tool: str) -> str:
+    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{tool}"))
+    if not found:
+        pytest.fail("PostgreSQL is missing: run 'make setup' (Debian package postgresql)")
+    return found[-1]
+
+
+def _as_nobody(argv: list[str], **kw) -> subprocess.CompletedProcess:
+    """initdb and postgres refuse to run as root: run them as nobody (only when we are root)."""
+    if os.geteuid() == 0:
+        argv = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", *argv]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=120, **kw)
+
+
+@dataclass
+class PgServer:
+    root: Path
+    sock: Path
+
+    def url(self, db: str = "postgres") -> str:
+        return f"postgresql://{PG_USER}@/{db}?host={self.sock}"
+
+    def admin(self) -> sa.Engine:
+        return sa.create_engine(f"postgresql+psycopg://{PG_USER}@/postgres?host={self.sock}",
+                                isolation_level="AUTOCOMMIT")
+
+    def create_db(self) -> str:
+        name = "t_" + uuid.uuid4().hex[:12]
+        eng = self.admin()
+        with eng.connect() as c:
+            c.exec_driver_sql(f'CREATE DATABASE "{name}"')
+        eng.dispose()
+        return name
+
+    def drop_db(self, name: str) -> None:
+        eng = self.admin()
+        with eng.connect() as c:
+            c.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        eng.dispose()
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    """A throwaway PostgreSQL cluster: initdb in a temp folder, listening on a Unix socket only (no TCP)."""
+    initdb, pg_ctl = pg_bin("initdb"), pg_bin("pg_ctl")
+    root = Path(tempfile.mkdtemp(prefix="obelisk-pg-"))
+    data, sock = root / "data", root / "sock"
+    sock.mkdir()
+    if os.geteuid() == 0:
+        nobody = pwd.getpwnam("nobody")
+        for p in (root, sock):
+            os.chown(p, nobody.pw_uid, nobody.pw_gid)
+    started = False
+    try:
+        r = _as_nobody([initdb, "-D", str(data), "-U", PG_USER, "-A", "trust", "-E", "UTF8", "--no-sync"])
+        assert r.returncode == 0, f"initdb failed: {r.stderr}"
+        opts = f"-k {sock} -c listen_addresses='' -c fsync=off -c max_connections=100"
+        r = _as_nobody([pg_ctl, "-D", str(data), "-o", opts, "-l", str(root / "log"), "-w", "-t", "60", "start"])
+        assert r.returncode == 0, f"pg_ctl start failed: {r.stderr} {(root / 'log').read_text()[-2000:]}"
+        started = True
+        yield PgServer(root, sock)
+    finally:
+        if started:
+            _as_nobody([pg_ctl, "-D", str(data), "-m", "immediate", "-w", "-t", "30", "stop"])
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty database of each kind (the PostgreSQL one is dropped after the test)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'fleet.sqlite'}"
+        return
+    pg: PgServer = request.getfixturevalue("pg_server")
+    name = pg.create_db()
+    try:
+        yield pg.url(name)
+    finally:
+        pg.drop_db(name)
+
+
+@pytest.fixture
+def store(db_url: str) -> Iterator[Store]:
+    from update_server.db.store import url_for
+
+    s = Store(url_for(db_url, None))
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def machine_ids(n: int, prefix: str = "") -> list[str]:
+    """Stable fake machine ids (32 hex digits, like /etc/machine-id)."""
+    return [uuid.uuid5(uuid.NAMESPACE_OID, f"{prefix}{i}").hex for i in range(n)]
+
+
+def wait_for(pred, timeout: float, what: str, step: float = 0.05):  # noqa: ANN001 - any predicate
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        v = pred()
+        if v:
+            return v
+        time.sleep(step)
+    raise AssertionError(f"timed out waiting for {what}")

@@ -1,0 +1,1 @@
+"""Alembic scripts for the fleet schema; applied programmatically by update_server.db.store (no alembic.ini)."""
