@@ -18,6 +18,7 @@ Starts a throw-away single-member etcd on loopback, then:
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import threading
 import time
@@ -25,9 +26,13 @@ from pathlib import Path
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from update_engine.reboot.etcd_local import LocalEtcd
 from update_engine.reboot.semaphore import EtcdEndpoints, EtcdSemaphore
-from update_engine.reboot.simulate import HostResult, holders_history, median, percentile, run_fleet
+
+# The local etcd and the simulated fleet are test helpers (tests/etcdlib.py, tests/fleetsim.py): they
+# do not ship in the package. The tests import them by these top-level names, and so does the bench.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from etcdlib import LocalEtcd  # noqa: E402
+from fleetsim import HostResult, holders_history, median, percentile, run_fleet  # noqa: E402
 
 
 def round_trips(endpoints: str, cycles: int) -> float:
@@ -65,7 +70,7 @@ def roll(endpoints: str, group: str, args: argparse.Namespace, *, watch: bool, l
         t = time.perf_counter()
         results, tracker = run_fleet(endpoints, group, args.hosts, args.reboot, retry_min=0.05,
                                      retry_max=args.retry_max, timeout=5.0, watch=watch,
-                                     watch_fallback=args.watch_fallback,
+                                     watch_fallback=args.watch_fallback, deadline=args.deadline,
                                      on_progress=lambda n: progress.update(task, completed=n))
         total = time.perf_counter() - t
     history = holders_history(endpoints, group)
@@ -103,9 +108,13 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--watch-fallback", type=float, default=10.0, help="longest wait on the watch before a re-read")
     ap.add_argument("--cycles", type=int, default=200, help="lock+unlock cycles for the round-trip figure")
     ap.add_argument("--no-baseline", action="store_true", help="skip the polling fleet (halves the run time)")
+    ap.add_argument("--deadline", type=float, default=None,
+                    help="give up on a roll after this many seconds (default: 20x the ideal roll time, at least 120)")
     args = ap.parse_args(argv)
 
     ideal = args.hosts / args.slots * args.reboot
+    if args.deadline is None:
+        args.deadline = max(120.0, 20 * ideal)
     with tempfile.TemporaryDirectory(prefix="obelisk-bench-fleet-") as tmp, LocalEtcd(Path(tmp), 1) as etcd:
         rtt = round_trips(etcd.endpoints, args.cycles)
         print(f"lock round trips: {rtt:.0f}/s (one client, lock+unlock back to back, one etcd member)")

@@ -2,6 +2,13 @@
 RebootCoordinator (etcd-lock) with a "reboot" that is a short sleep. Used by the safety tests and
 `bench/fleet.py`. Each host records enter/leave of its reboot while holding the slot, so the
 largest number of simultaneous reboots is measured directly (and by the caller from etcd history).
+
+Every run has a deadline: past it every host stops waiting and stops retrying (its lock calls
+fail at once, its naps end), and run_fleet raises FleetTimeout naming how many hosts never
+rebooted and their last error, so a cluster that lost quorum fails a test in seconds instead of
+leaving 50 threads retrying for ever.
+
+Kept free of pytest and of the other test helpers: bench/fleet.py imports it too.
 """
 
 from __future__ import annotations
@@ -12,8 +19,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .coordinator import RebootCoordinator
-from .semaphore import EtcdEndpoints, EtcdSemaphore
+from update_engine.reboot.coordinator import RebootCoordinator
+from update_engine.reboot.errors import LockError
+from update_engine.reboot.semaphore import EtcdEndpoints, EtcdSemaphore, parse_semaphore, sem_key
+
+
+class FleetTimeout(AssertionError):
+    """The fleet did not finish by its deadline."""
 
 
 @dataclass
@@ -45,19 +57,26 @@ class HostResult:
     lock_call: float = 0.0  # the successful lock round trip(s)
     release_call: float = 0.0
     lock_attempts: int = 0
+    released: bool = False
     last_error: str | None = None
 
 
 class _TimedSemaphore(EtcdSemaphore):
     """Counts attempts and times the successful lock and the release (the latency locking adds)."""
 
-    def __init__(self, *a, **kw) -> None:
+    def __init__(self, *a, stop_at: float, **kw) -> None:
         super().__init__(*a, **kw)
+        self.stop_at = stop_at
         self.attempts = 0
         self.lock_call = 0.0
         self.release_call = 0.0
 
+    def _check_deadline(self) -> None:
+        if time.monotonic() > self.stop_at:
+            raise LockError("the fleet's deadline passed")
+
     def lock(self, holder: str):
+        self._check_deadline()
         self.attempts += 1
         t = time.monotonic()
         state = super().lock(holder)
@@ -65,6 +84,7 @@ class _TimedSemaphore(EtcdSemaphore):
         return state
 
     def unlock(self, holder: str) -> bool:
+        self._check_deadline()
         t = time.monotonic()
         try:
             return super().unlock(holder)
@@ -75,18 +95,29 @@ class _TimedSemaphore(EtcdSemaphore):
 def run_fleet(endpoints: str, group: str, hosts: int, reboot_time: float, *,
               should_stop: Callable[[], bool] = lambda: False, retry_min: float = 0.02, retry_max: float = 0.3,
               timeout: float = 1.0, tracker: Tracker | None = None, watch: bool = True, watch_fallback: float = 5.0,
-              on_progress: Callable[[int], None] | None = None) -> tuple[list[HostResult], Tracker]:
+              on_progress: Callable[[int], None] | None = None,
+              deadline: float = 120.0) -> tuple[list[HostResult], Tracker]:
+    """Roll `hosts` hosts through the group; returns when every host rebooted and released, or
+    was stopped by should_stop. Raises FleetTimeout when `deadline` seconds pass first."""
     tracker = tracker or Tracker()
+    stop_at = time.monotonic() + deadline
+
+    def stop() -> bool:
+        return time.monotonic() > stop_at or should_stop()
+
+    def nap(seconds: float) -> None:
+        time.sleep(max(0.0, min(seconds, stop_at - time.monotonic())))
+
     results: list[HostResult] = [HostResult(f"host-{i:03d}", False) for i in range(hosts)]
     done = [0]
     done_lock = threading.Lock()
 
     def host(i: int) -> None:
         res = results[i]
-        sem = _TimedSemaphore(EtcdEndpoints(endpoints, timeout=timeout), group, queue=watch)
+        sem = _TimedSemaphore(EtcdEndpoints(endpoints, timeout=timeout), group, queue=watch, stop_at=stop_at)
         coord = RebootCoordinator("etcd-lock", res.host, lock=sem, courtesy_delay=0, retry_min=retry_min,
                                   retry_max=retry_max, poll=0.05, release_attempts=50, watch=watch,
-                                  watch_fallback=watch_fallback)
+                                  watch_fallback=watch_fallback, sleep=nap)
         start = time.monotonic()
         won = [0.0]
 
@@ -96,10 +127,14 @@ def run_fleet(endpoints: str, group: str, hosts: int, reboot_time: float, *,
             time.sleep(reboot_time)
             tracker.leave(res.host)
 
-        res.rebooted = coord.wait_and_reboot(reboot, should_stop)
+        res.rebooted = coord.wait_and_reboot(reboot, stop)
         if res.rebooted:
-            coord.release_after_boot()  # the host is "back and marked good"
             res.wait = won[0] - start
+            try:
+                coord.release_after_boot()  # the host is "back and marked good"
+                res.released = True
+            except LockError:
+                pass  # last_error says why; the caller's checks see released=False
         res.lock_call, res.release_call, res.lock_attempts = sem.lock_call, sem.release_call, sem.attempts
         res.last_error = coord.last_error
         with done_lock:
@@ -111,7 +146,12 @@ def run_fleet(endpoints: str, group: str, hosts: int, reboot_time: float, *,
     for t in threads:
         t.start()
     for t in threads:
-        t.join()
+        t.join(max(0.0, stop_at - time.monotonic()) + 10)  # the grace: a host's last etcd call
+    late = [r for r in results if not r.rebooted or not r.released]
+    if time.monotonic() > stop_at and late:
+        errors = sorted({r.last_error or "none" for r in late})
+        raise FleetTimeout(f"fleet of {hosts} did not finish in {deadline:.0f}s: {len(late)} host(s) never "
+                           f"rebooted or released; last errors: {'; '.join(errors)[:600]}")
     return results, tracker
 
 
@@ -119,8 +159,6 @@ def holders_history(endpoints: str, group: str, from_revision: int = 1) -> list[
     """(revision, total_slots, holders) for every version of the semaphore since from_revision,
     read back from etcd's MVCC history (nothing compacts it in a test cluster)."""
     sem = EtcdSemaphore(EtcdEndpoints(endpoints), group)
-    from .semaphore import parse_semaphore, sem_key
-
     key = sem_key(group)
     out = []
     rev = sem.read().mod_revision

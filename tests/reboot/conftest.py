@@ -1,6 +1,8 @@
-"""Real etcd members (Debian etcd-server) on loopback ports picked per test run.
+"""Real etcd members (Debian etcd-server) on loopback ports never handed out twice (tests/ports.py).
 
-Every cluster is killed in the fixture's finally block, so a failing test leaves no etcd behind.
+A fixture returns a cluster only once every member is healthy and listed as started
+(LocalEtcd.start, which also retries a start that lost a port to another process). Every cluster
+is killed in the fixture's finally block, so a failing test leaves no etcd behind.
 """
 
 from __future__ import annotations
@@ -9,9 +11,8 @@ import itertools
 from collections.abc import Iterator
 
 import pytest
+from etcdlib import LocalEtcd
 from testlib import need_tools
-
-from update_engine.reboot.etcd_local import LocalEtcd
 
 _groups = itertools.count()
 

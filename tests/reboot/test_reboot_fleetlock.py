@@ -12,11 +12,11 @@ from contextlib import contextmanager
 
 import pytest
 import requests
+from ports import free_port
 from testlib import stop_process
 
 from obelisk.lock_conf import LockConfig
 from update_engine.reboot import coordinator_from_config
-from update_engine.reboot.etcd_local import free_port
 from update_engine.reboot.fleetlock import FleetLockClient
 from update_engine.reboot.semaphore import SlotsFull, sem_key
 

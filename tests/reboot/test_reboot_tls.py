@@ -6,11 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from etcdlib import LocalEtcd, Tls
 from testlib import make_pki
 from typer.testing import CliRunner
 
 from update_engine.reboot.cli import app
-from update_engine.reboot.etcd_local import LocalEtcd, Tls
 
 pytestmark = pytest.mark.etcd
 

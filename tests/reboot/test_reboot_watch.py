@@ -11,8 +11,9 @@ import time
 import pytest
 
 from update_engine.reboot import RebootCoordinator
+from update_engine.reboot.keys import waiting_key
 from update_engine.reboot.semaphore import EtcdEndpoints, EtcdSemaphore, SlotsFull
-from update_engine.reboot.watch import GroupWatch, waiting_key
+from update_engine.reboot.watch import GroupWatch
 
 pytestmark = pytest.mark.etcd
 LONG = 60.0  # a wait that ends by timeout instead of by the event would fail the test, not slow it
