@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import socket
 import subprocess
 import time
 import uuid
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 import requests
 from cloudconfig_helpers import make_root
+from ports import free_ports
 from typer.testing import CliRunner
 
 from cloudconfig.cli import app
@@ -24,18 +24,6 @@ from obelisk.tools import ToolError, require, run
 
 pytestmark = pytest.mark.etcd
 runner = CliRunner()
-
-
-def free_ports(n: int) -> list[int]:
-    socks = []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def host_config(i: int, root: Path, peers: list[int], clients: list[int], token: str, discovery: str | None) -> str:
@@ -115,6 +103,7 @@ def _discovery_service(tmp_path: Path, procs: list[subprocess.Popen], size: int)
         time.sleep(0.2)
 
 
+@pytest.mark.timeout(150)  # the health wait below has its own 60 s deadline
 @pytest.mark.parametrize("bootstrap", ["static", "discovery"])
 def test_three_hosts_form_a_healthy_cluster(tmp_path: Path, etcd_procs: list[subprocess.Popen],
                                             bootstrap: str) -> None:
