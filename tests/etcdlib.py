@@ -132,7 +132,7 @@ class LocalEtcd:
 
     def _plan(self) -> None:
         """Fresh ports and empty data dirs for every member."""
-        for m in self.members:  # a failed attempt: its logs kept aside, its data thrown away
+        for m in self.members:  # a failed attempt: its logs kept aside (m0.log.try1, ...), its data thrown away
             shutil.rmtree(m.data_dir, ignore_errors=True)
             if m.log_path.exists():
                 m.log_path.replace(m.log_path.with_suffix(f".log.try{self.clashes}"))

@@ -7,7 +7,7 @@ import threading
 import time
 
 import pytest
-from fleetsim import Tracker, holders_history, run_fleet
+from fleetsim import FleetTimeout, Tracker, holders_history, run_fleet
 from typer.testing import CliRunner
 
 from update_engine.reboot.cli import app
@@ -81,3 +81,16 @@ def test_quorum_lost_nobody_reboots_then_locking_resumes(etcd3, group) -> None:
     results, tracker = run_fleet(etcd3.endpoints, group, 10, REBOOT, deadline=FLEET_DEADLINE)
     assert all(r.rebooted for r in results)
     assert tracker.peak <= SLOTS
+
+
+@pytest.mark.timeout(60)
+def test_fleet_without_quorum_fails_fast_with_a_message(etcd3, group) -> None:
+    """What a 3-member cluster started with 2 members did once (two members on one port), then
+    one killed: no quorum, and 50 hosts retried for over 10 minutes. Now the run's deadline ends it."""
+    EtcdSemaphore(EtcdEndpoints(etcd3.endpoints), group).set_max(SLOTS)
+    etcd3.members[0].kill()
+    etcd3.members[1].kill()
+    t = time.monotonic()
+    with pytest.raises(FleetTimeout, match=r"fleet of 50 did not finish in 5s: 50 host\(s\).*etcd unavailable"):
+        run_fleet(etcd3.endpoints, group, HOSTS, REBOOT, timeout=0.5, deadline=5)
+    assert time.monotonic() - t < 5 + 15  # the deadline, plus the grace for calls under way
