@@ -12,16 +12,19 @@ from rich.console import Console
 from rich.table import Table
 
 from bootloader import gpt, slots
+from bootloader.layout import SLOT_NAMES, USR_A, USR_B
 from obelisk.errors import clean_errors
+from obelisk.inputs import check_input
 
 app = typer.Typer(help="Show and change A/B slot state in the GPT.", no_args_is_help=True)
 
 DiskOpt = typer.Option(None, "--disk", help="Disk image or block device (default: the disk holding the booted /usr).")
-ERRORS = (gpt.GptError, slots.SlotError)
+SLOT_HELP = f"partition index ({USR_A}, {USR_B}) or {' / '.join(SLOT_NAMES)}"
 
 
 def _disk(disk: Path | None) -> Path:
-    return disk if disk is not None else slots.find_boot_disk()
+    """The disk to act on, refused before any open when it is not a file or block device (a FIFO would hang)."""
+    return check_input(disk if disk is not None else slots.find_boot_disk(), "disk", block_device=True)
 
 
 def _warn_if_damaged(disk: Path) -> None:
@@ -42,7 +45,7 @@ def status(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """Every USR slot with its priority, tries and successful flag, and which would boot next."""
-    with clean_errors(*ERRORS):
+    with clean_errors():
         d = _disk(disk)
         found = slots.read_slots(d)
         _warn_if_damaged(d)
@@ -83,14 +86,14 @@ def _successful(value: str | None) -> bool | None:
 
 @app.command("set")
 def set_cmd(
-    index: str = typer.Argument(..., metavar="INDEX", help="Slot: partition index (3, 4) or A / B."),
+    index: str = typer.Argument(..., metavar="INDEX", help=f"Slot: {SLOT_HELP}."),
     priority: str | None = typer.Option(None, "--priority", "-P", metavar="0-15", help="Priority (0: never boots)."),
     tries: str | None = typer.Option(None, "--tries", "-T", metavar="0-15", help="Tries left."),
     successful: str | None = typer.Option(None, "--successful", "-S", metavar="0|1", help="1: booted well."),
     disk: Path | None = DiskOpt,
 ) -> None:
     """Set a slot's attributes, like `cgpt add -i INDEX -P -T -S`."""
-    with clean_errors(*ERRORS):
+    with clean_errors():
         ok = _successful(successful)
         prio, left = _number("--priority", priority, "0..15"), _number("--tries", tries, "0..15")
         slots.check_range(priority=prio, tries=left)
@@ -100,13 +103,13 @@ def set_cmd(
 
 @app.command()
 def prioritize(
-    index: str = typer.Argument(..., metavar="INDEX", help="Slot to put on top: partition index (3, 4) or A / B."),
+    index: str = typer.Argument(..., metavar="INDEX", help=f"Slot to put on top: {SLOT_HELP}."),
     max_priority: str | None = typer.Option(None, "--max", "-P", metavar="1-15", help="Highest priority to use."),
     friends: bool = typer.Option(False, "--friends", "-f", help="Also raise slots that had the same priority."),
     disk: Path | None = DiskOpt,
 ) -> None:
     """Make a slot the highest priority, keeping the others' order (`cgpt prioritize`)."""
-    with clean_errors(*ERRORS):
+    with clean_errors():
         top = _number("--max", max_priority, "1..15")
         slots.check_range(max_priority=top)
         for s in slots.prioritize(_disk(disk), slots.parse_slot(index), max_priority=top, friends=friends):
@@ -119,7 +122,7 @@ def next_cmd(
     disk: Path | None = DiskOpt,
 ) -> None:
     """The boot-time choice (GRUB gptprio.next): burn one try of the chosen slot, print its GUID."""
-    with clean_errors(*ERRORS):
+    with clean_errors():
         s = slots.boot_next(_disk(disk), dry_run=dry_run)
         if s is None:
             raise slots.SlotError("no USR slot is bootable (each has priority 0, or no tries left and is not "
@@ -133,7 +136,7 @@ def mark_good(
     disk: Path | None = DiskOpt,
 ) -> None:
     """After a healthy boot: successful=1, tries=0, and keep it on top."""
-    with clean_errors(*ERRORS):
+    with clean_errors():
         d = _disk(disk)
         index = slots.parse_slot(slot) if slot is not None else slots.running_index(d)
         if index is None:
@@ -144,7 +147,7 @@ def mark_good(
 @app.command()
 def rollback(disk: Path | None = DiskOpt) -> None:
     """Make the other slot the next boot, if it is marked successful."""
-    with clean_errors(*ERRORS):
+    with clean_errors():
         s = slots.rollback(_disk(disk))
     print(f"next boot: slot {s.name} (partition {s.index})")
 
@@ -155,7 +158,7 @@ def repair(
     move_backup: bool = typer.Option(False, "--move-backup", help="Move the backup GPT to the end of a grown disk."),
 ) -> None:
     """Rewrite a damaged primary or backup GPT from the intact copy (like `cgpt repair`)."""
-    with clean_errors(*ERRORS):
+    with clean_errors():
         d = _disk(disk)
         fixed = gpt.repair(d, move_backup=move_backup)
     print("\n".join(f"repaired: {p}" for p in fixed) if fixed else f"{d}: both GPT copies are intact")

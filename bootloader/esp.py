@@ -18,6 +18,7 @@ from pathlib import Path
 
 from bootloader import grub
 from bootloader.gpt import read_table
+from bootloader.layout import USR_A, USR_B, name_of
 from obelisk.errors import ObeliskError
 from obelisk.tools import run
 
@@ -38,10 +39,10 @@ class EspError(ObeliskError, ValueError):
 def initial_env(usr_a: SlotBoot, usr_b: SlotBoot | None = None) -> grub.LoaderEnv:
     """A fresh disk: USR-A P=1 T=0 S=1, USR-B P=0 T=0 S=0 (the builder's GPT)."""
     env = grub.LoaderEnv()
-    env.slots["A"] = grub.SlotEnv(prio=1, tries=0, ok=True, base=(1, 0, 1), hash=usr_a.root_hash,
+    env.slots[name_of(USR_A)] = grub.SlotEnv(prio=1, tries=0, ok=True, base=(1, 0, 1), hash=usr_a.root_hash,
                                   hashoff=usr_a.hash_offset, version=usr_a.version)
     if usr_b is not None:
-        env.slots["B"] = grub.SlotEnv(hash=usr_b.root_hash, hashoff=usr_b.hash_offset, version=usr_b.version)
+        env.slots[name_of(USR_B)] = grub.SlotEnv(hash=usr_b.root_hash, hashoff=usr_b.hash_offset, version=usr_b.version)
     return env
 
 

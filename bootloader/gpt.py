@@ -38,6 +38,9 @@ NAME_UNITS = 36
 DEFAULT_ENTRIES = 128
 # An entry array larger than this is not a GPT anyone wrote on purpose (cgpt allows 1024 x 128).
 MAX_ENTRY_BYTES = 1024 * 1024
+# UEFI reserves at least this much for the entry array; sgdisk and cgpt read only 128-byte entries.
+STANDARD_ARRAY_BYTES = DEFAULT_ENTRIES * ENTRY_MIN
+SECTOR_SIZES = (512, 4096)  # what an image file's headers may have been written with
 BLKSSZGET = 0x1268  # ioctl: logical sector size of a block device
 ZERO_GUID = uuid.UUID(int=0)
 _ZERO16 = bytes(16)
@@ -93,6 +96,7 @@ class GptTable:
     # Health of the copies as read; a write_table() fixes both.
     primary_ok: bool = True
     backup_ok: bool = True
+    mbr_ok: bool = True  # LBA 0 holds a protective (or hybrid) MBR
     problems: list[str] = field(default_factory=list)
     # Every entry slot's bytes as read (empty ones too), so unowned bytes survive a rewrite.
     raw_entries: list[bytes] = field(default_factory=list, repr=False, compare=False)
@@ -102,7 +106,7 @@ class GptTable:
 
     @property
     def needs_repair(self) -> bool:
-        return not (self.primary_ok and self.backup_ok)
+        return not (self.primary_ok and self.backup_ok and self.mbr_ok)
 
 
 @dataclass
@@ -121,10 +125,24 @@ class _Copy:
     entry_size: int
     extra: bytes
     entries: bytes
+    entry_sectors: int
+
+    @property
+    def entries_span(self) -> tuple[int, int]:
+        return self.entries_lba, self.entries_lba + self.entry_sectors - 1
+
+    @property
+    def standard(self) -> bool:
+        """The entry array's shape is one every tool reads (128-byte entries, at least 16 KiB)."""
+        return self.entry_size == ENTRY_MIN and self.num_entries * self.entry_size >= STANDARD_ARRAY_BYTES
 
 
 class _Bad(Exception):
     """Why one copy is unusable (internal; becomes part of a GptError or a problem line)."""
+
+
+class _Beyond(_Bad):
+    """The copy describes a disk larger than this one (a truncated image, when no backup is found)."""
 
 
 # ---------------------------------------------------------------- low-level I/O
@@ -149,8 +167,19 @@ def _pread(fd: int, size: int, offset: int) -> bytes:
     return bytes(out)
 
 
+def _check_kind(disk: Path) -> None:
+    """Refuse a FIFO, socket or character device before opening it: open() of a FIFO blocks forever."""
+    try:
+        mode = os.stat(disk).st_mode
+    except OSError:
+        return  # os.open below names the problem
+    if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode) or stat.S_ISDIR(mode)):
+        raise GptError(f"{disk}: is neither a disk image file nor a block device — pass a GPT disk")
+
+
 @contextlib.contextmanager
 def _open(disk: Path, write: bool) -> Iterator[int]:
+    _check_kind(disk)
     try:
         fd = os.open(disk, (os.O_RDWR if write else os.O_RDONLY) | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -180,19 +209,33 @@ def _disk_bytes(fd: int) -> int:
     return os.lseek(fd, 0, os.SEEK_END)
 
 
-def _sector_size(fd: int) -> int:
-    """512 for image files (what the builder and cgpt use), the device's logical size otherwise."""
+def _sector_size(fd: int, size: int) -> int:
+    """The device's logical sector size; for an image file, the one its GPT headers were written with.
+
+    An image copied from a 4Kn disk keeps its primary header at byte 4096. When the primary is
+    damaged, the backup in the file's last sector tells the size: its self-pointer times the
+    sector size is its byte offset. Neither found: 512 (what the builder and cgpt use).
+    """
     if stat.S_ISBLK(os.fstat(fd).st_mode):
         buf = fcntl.ioctl(fd, BLKSSZGET, b"\0\0\0\0")
         return struct.unpack("<I", buf)[0]
-    # An image copied from a 4Kn disk keeps its header at byte 4096.
-    if _pread(fd, 8, 512) != SIGNATURE and _pread(fd, 8, 4096) == SIGNATURE:
-        return 4096
+    for ss in SECTOR_SIZES:
+        if _pread(fd, 8, ss) == SIGNATURE:
+            return ss
+    for ss in SECTOR_SIZES:
+        if size % ss == 0 and size >= 3 * ss:
+            raw = _pread(fd, 32, size - ss)
+            if raw[:8] == SIGNATURE and struct.unpack_from("<Q", raw, 24)[0] == size // ss - 1:
+                return ss
     return 512
 
 
 def _crc(data: bytes) -> int:
     return zlib.crc32(data) & 0xFFFFFFFF
+
+
+def _overlap(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    return a[0] <= b[1] and b[0] <= a[1]
 
 
 # ---------------------------------------------------------------- parsing
@@ -218,6 +261,7 @@ def _parse_entry(index: int, raw: bytes) -> GptPartition | None:
 
 
 def _read_copy(fd: int, lba: int, sector: int, disk_lbas: int) -> _Copy:
+    """The header at ``lba`` with its entry array, or _Bad saying why that copy cannot be trusted."""
     if lba < 1 or lba >= disk_lbas:
         raise _Bad(f"header LBA {lba} is outside the disk")
     raw = _pread(fd, sector, lba * sector)
@@ -232,20 +276,44 @@ def _read_copy(fd: int, lba: int, sector: int, disk_lbas: int) -> _Copy:
     check[16:20] = b"\0\0\0\0"
     if _crc(bytes(check)) != hcrc:
         raise _Bad("header CRC mismatch")
+    if rev != REVISION:  # sgdisk and cgpt refuse any other revision: so do we, or a repair would keep it
+        raise _Bad(f"unknown GPT revision {rev:#010x} (only 1.0 exists)")
     if my_lba != lba:
         raise _Bad(f"header says it is at LBA {my_lba}, found at {lba}")
     if ent_size < ENTRY_MIN or ent_size % 8 or n_ent < 1 or n_ent * ent_size > MAX_ENTRY_BYTES:
         raise _Bad(f"entry array of {n_ent} x {ent_size} bytes is invalid")
-    ent_sectors = -(-n_ent * ent_size // sector)
-    if not (first <= last + 1 and ent_lba >= 1 and ent_lba + ent_sectors <= disk_lbas):
-        raise _Bad("header geometry is inconsistent")
-    entries = _pread(fd, n_ent * ent_size, ent_lba * sector)
-    if len(entries) != n_ent * ent_size or _crc(entries) != ent_crc:
-        raise _Bad("entry array CRC mismatch")
     copy = _Copy(lba, rev, hsize, alt, first, last, uuid.UUID(bytes_le=guid_b), ent_lba, n_ent, ent_size,
-                 raw[HEADER_SIZE:hsize], entries)
+                 raw[HEADER_SIZE:hsize], b"", -(-n_ent * ent_size // sector))
+    _check_geometry(copy, disk_lbas)
+    copy.entries = _pread(fd, n_ent * ent_size, ent_lba * sector)
+    if len(copy.entries) != n_ent * ent_size or _crc(copy.entries) != ent_crc:
+        raise _Bad("entry array CRC mismatch")
     _check_entries(copy)
     return copy
+
+
+def _check_geometry(copy: _Copy, disk_lbas: int) -> None:
+    """A CRC-valid header can still place its parts where a write would destroy data: refuse it.
+
+    Its entry array must lie on the disk, off the protective MBR, its own header and the usable
+    area (a write of the entries would otherwise land inside a partition).
+    """
+    first, last = copy.first_usable_lba, copy.last_usable_lba
+    e0, e1 = copy.entries_span
+    if last >= disk_lbas:
+        raise _Beyond(f"its usable area ends at sector {last}, past the disk's end ({disk_lbas} sectors)")
+    if first > last + 1:
+        raise _Bad(f"its usable area {first}..{last} is inverted")
+    if e1 >= disk_lbas:
+        raise _Bad(f"its entry array (sectors {e0}..{e1}) runs past the disk's end ({disk_lbas} sectors)")
+    if e0 < 2 or e0 <= copy.lba <= e1:
+        raise _Bad(f"its entry array (sectors {e0}..{e1}) covers a header or the protective MBR")
+    if first <= last:
+        if _overlap((first, last), (e0, e1)):
+            raise _Bad(f"its entry array (sectors {e0}..{e1}) lies in the usable area {first}..{last}, "
+                       "where the partitions are")
+        if first <= copy.lba <= last or first == 0:
+            raise _Bad(f"its usable area {first}..{last} covers its own header or the protective MBR")
 
 
 def _check_entries(copy: _Copy) -> None:
@@ -264,82 +332,249 @@ def _check_entries(copy: _Copy) -> None:
             raise _Bad(f"partitions {ia} and {ib} overlap")
 
 
-def _same_table(a: _Copy, b: _Copy) -> bool:
-    keys = ("first_usable_lba", "last_usable_lba", "disk_guid", "num_entries", "entry_size", "entries")
-    return all(getattr(a, k) == getattr(b, k) for k in keys)
+def _try_copy(fd: int, lba: int, sector: int, disk_lbas: int) -> tuple[_Copy | None, _Bad | None]:
+    try:
+        return _read_copy(fd, lba, sector, disk_lbas), None
+    except _Bad as exc:
+        return None, exc
+
+
+def _find_backup(fd: int, primary: _Copy | None, sector: int, disk_lbas: int) -> tuple[_Copy | None, str]:
+    """The backup where the primary says it is, else in the disk's last sector (where every tool
+    puts it, so a damaged pointer or a lost primary does not hide an intact backup)."""
+    end = disk_lbas - 1
+    alt = primary.alternate_lba if primary is not None else end
+    if alt == end:
+        backup, err = _try_copy(fd, end, sector, disk_lbas)
+        return backup, str(err or "")
+    if primary is not None and primary.last_usable_lba < alt < end:
+        backup, err = _try_copy(fd, alt, sector, disk_lbas)
+        if backup is not None:
+            return backup, ""
+        where = f"at sector {alt}, where the primary points: {err}"
+    else:
+        where = f"the primary points to sector {alt}, which cannot hold it"
+    backup, err = _try_copy(fd, end, sector, disk_lbas)
+    return backup, "" if backup is not None else f"{where}; at the disk's end: {err}"
+
+
+def _structures(copy: _Copy) -> list[tuple[tuple[int, int], str]]:
+    return [((copy.lba, copy.lba), "header"), (copy.entries_span, "entry array")]
+
+
+def _clash(primary: _Copy, backup: _Copy) -> tuple[str, str]:
+    """(copy, why) when one copy's layout runs over the other's header or entries, else ("", "").
+
+    A copy whose usable area covers the other's parts is the bad one (a write of a partition
+    there would destroy it); when the two only share sectors, the one whose entry array is not
+    where the standard puts it.
+    """
+    for copy, other, name in ((primary, backup, "primary"), (backup, primary, "backup")):
+        first, last = copy.first_usable_lba, copy.last_usable_lba
+        for span, what in _structures(other):
+            if first <= last and _overlap((first, last), span):
+                return name, f"its usable area {first}..{last} covers the other copy's {what} at {span[0]}..{span[1]}"
+    for span, what in _structures(primary):
+        for other_span, other_what in _structures(backup):
+            if _overlap(span, other_span):
+                blame = "backup" if primary.entries_lba == 2 else "primary"
+                return blame, f"the primary's {what} and the backup's {other_what} share sectors"
+    return "", ""
+
+
+def _difference(a: _Copy, b: _Copy) -> str:
+    """What differs between two valid copies, in a few words ("" when they hold the same table)."""
+    if (a.num_entries, a.entry_size) != (b.num_entries, b.entry_size):
+        return f"{a.num_entries} x {a.entry_size}-byte entries against {b.num_entries} x {b.entry_size}"
+    if (a.first_usable_lba, a.last_usable_lba) != (b.first_usable_lba, b.last_usable_lba):
+        return (f"usable area {a.first_usable_lba}..{a.last_usable_lba} against "
+                f"{b.first_usable_lba}..{b.last_usable_lba}")
+    if a.disk_guid != b.disk_guid:
+        return "disk GUID"
+    if (a.revision, a.header_size, a.extra) != (b.revision, b.header_size, b.extra):
+        return "header size"
+    size = a.entry_size
+    changed = [str(i + 1) for i in range(a.num_entries)
+               if a.entries[i * size : (i + 1) * size] != b.entries[i * size : (i + 1) * size]]
+    if changed:
+        return "partition entr" + ("y " if len(changed) == 1 else "ies ") + ", ".join(changed[:8]) + (
+            ", ..." if len(changed) > 8 else "")
+    return ""
+
+
+def _pmbr_problem(fd: int) -> str:
+    """"" unless LBA 0 is blank or garbage (no MBR signature, or four empty records): GRUB finds no
+    GPT without the protective record. An MBR partition table is left alone: it is not ours to drop."""
+    mbr = _pread(fd, 512, 0)
+    if mbr[510:512] == b"\x55\xaa" and mbr[446:510] != bytes(64):
+        return ""
+    return "protective MBR is missing (GRUB needs it to find the partitions)"
+
+
+@dataclass
+class _Scan:
+    """Both copies as found on the disk and what was wrong with each."""
+
+    primary: _Copy | None
+    backup: _Copy | None
+    p_err: _Bad | None
+    b_err: str
+    mbr: str
+    intact_arrays: list[int] = field(default_factory=list)
+
+
+def _scan(fd: int, sector: int, disk_lbas: int) -> _Scan:
+    primary, p_err = _try_copy(fd, 1, sector, disk_lbas)
+    backup, b_err = _find_backup(fd, primary, sector, disk_lbas)
+    scan = _Scan(primary, backup, p_err, b_err, _pmbr_problem(fd))
+    if primary is None and backup is None:
+        scan.intact_arrays = _intact_arrays(fd, sector, disk_lbas)
+    return scan
+
+
+def _intact_arrays(fd: int, sector: int, disk_lbas: int) -> list[int]:
+    """Sectors where a standard entry array (128 x 128 bytes) still lists sane partitions."""
+    found = []
+    size = DEFAULT_ENTRIES * ENTRY_MIN
+    for lba in (2, disk_lbas - 1 - -(-size // sector)):
+        raw = _pread(fd, size, lba * sector)
+        spans = [struct.unpack_from("<QQ", raw, off + 32) for off in range(0, len(raw), ENTRY_MIN)
+                 if raw[off : off + 16] != _ZERO16]
+        if spans and all(2 <= a <= b < disk_lbas for a, b in spans):
+            found.append(lba)
+    return found
+
+
+def _resolve(scan: _Scan) -> tuple[_Copy, list[str], bool, bool]:
+    """The copy to read from, the problems found, and whether the primary and backup can stay."""
+    primary, backup = scan.primary, scan.backup
+    if primary is not None and backup is not None:
+        blame, why = _clash(primary, backup)
+        if blame == "primary":
+            primary, scan.p_err = None, _Bad(why)
+        elif blame == "backup":
+            backup, scan.b_err = None, why
+    problems: list[str] = []
+    if primary is None:
+        problems.append(f"primary GPT is corrupt ({scan.p_err}); the backup is intact")
+    if backup is None:
+        problems.append(f"backup GPT is corrupt ({scan.b_err}); the primary is intact")
+    p_ok, b_ok = primary is not None, backup is not None
+    src = primary or backup
+    assert src is not None
+    if primary is not None and backup is not None:
+        if primary.alternate_lba != backup.lba:
+            problems.append(f"primary GPT points to its backup at sector {primary.alternate_lba}, "
+                            f"but the backup is at sector {backup.lba}")
+            p_ok = False
+        if backup.alternate_lba != primary.lba:
+            problems.append(f"backup GPT points to the primary at sector {backup.alternate_lba}, not 1")
+            b_ok = False
+        if what := _difference(primary, backup):
+            # Copies that disagree on the entry array's shape cannot come from an interrupted write;
+            # trust the one sgdisk and cgpt can read too. Otherwise the primary, as both tools do.
+            if backup.standard and not primary.standard:
+                src, p_ok = backup, False
+                problems.append(f"primary GPT differs from the backup ({what}); using the backup, whose "
+                                f"{backup.num_entries} x {backup.entry_size}-byte entry array is the standard shape")
+            else:
+                b_ok = False
+                problems.append(f"backup GPT differs from the primary ({what}: an interrupted write?); "
+                                "using the primary")
+    if scan.mbr:
+        problems.append(scan.mbr)
+    scan.primary, scan.backup = primary, backup
+    return src, problems, p_ok, b_ok
+
+
+def _unreadable(disk: Path, scan: _Scan, disk_lbas: int) -> GptError:
+    """The error when neither copy can be used."""
+    p_err, b_err = str(scan.p_err), scan.b_err
+    if p_err == b_err == "no GPT signature":
+        return GptError(f"{disk}: not a GPT disk (no GPT header found) — pass a disk image or device with a GPT")
+    if isinstance(scan.p_err, _Beyond):
+        return GptError(f"{disk}: the GPT describes a disk larger than its {disk_lbas} sectors ({p_err}) and no "
+                        "backup GPT is at its end: the image is truncated — re-create or re-download it")
+    if scan.intact_arrays:
+        where = ("sector " if len(scan.intact_arrays) == 1 else "sectors ") + " and ".join(map(str, scan.intact_arrays))
+        return GptError(
+            f"{disk}: both GPT headers are unusable (primary: {p_err}; backup: {b_err}); the partition entries "
+            f"at {where} still look intact, but a header's geometry cannot be guessed safely — restore "
+            "the disk from a known-good image, or re-create the same partitions with sgdisk"
+        )
+    return GptError(
+        f"{disk}: both GPT copies are unusable (primary: {p_err}; backup: {b_err}) — "
+        "the disk may be truncated or overwritten; restore it from a known-good image"
+    )
 
 
 def read_table(disk: Path) -> GptTable:
     """The disk's GPT, from the primary copy or, when that is bad, from the backup.
 
-    ``primary_ok``/``backup_ok``/``problems`` say what is wrong; nothing is written here
-    (repair with :func:`repair` or any :func:`write_table`).
+    ``primary_ok``/``backup_ok``/``mbr_ok``/``problems`` say what is wrong; nothing is written
+    here (repair with :func:`repair` or any :func:`write_table`). A damaged disk that a write
+    could not repair raises GptError saying why, so no command ever suggests a repair that
+    then refuses.
     """
     disk = Path(disk)
     with _open(disk, write=False) as fd:
         size = _disk_bytes(fd)
-        sector = _sector_size(fd)
+        sector = _sector_size(fd, size)
         disk_lbas = size // sector
         if disk_lbas < 3:
             raise GptError(f"{disk}: not a GPT disk (only {size} bytes) — pass a GPT disk image; is it truncated?")
-        try:
-            primary: _Copy | None = _read_copy(fd, 1, sector, disk_lbas)
-            p_err = ""
-        except _Bad as exc:
-            primary, p_err = None, str(exc)
-        if primary is not None and primary.alternate_lba <= primary.last_usable_lba:
-            primary, p_err = None, f"backup LBA {primary.alternate_lba} lies inside the usable area"
-        if primary is not None and max(primary.alternate_lba, primary.last_usable_lba) >= disk_lbas:
-            need = max(primary.alternate_lba, primary.last_usable_lba) + 1
-            raise GptError(
-                f"{disk}: the GPT describes a disk of {need} sectors but it has only {disk_lbas}: "
-                "the image is truncated — re-create or re-download it"
-            )
-        backup_lba = primary.alternate_lba if primary is not None else disk_lbas - 1
-        try:
-            backup: _Copy | None = _read_copy(fd, backup_lba, sector, disk_lbas)
-            b_err = ""
-        except _Bad as exc:
-            backup, b_err = None, str(exc)
+        scan = _scan(fd, sector, disk_lbas)
+    if scan.primary is None and scan.backup is None:
+        raise _unreadable(disk, scan, disk_lbas)
+    src, problems, p_ok, b_ok = _resolve(scan)
+    table = _table_from(src, scan, sector, disk_lbas)
+    table.problems, table.primary_ok, table.backup_ok, table.mbr_ok = problems, p_ok, b_ok, not scan.mbr
+    if table.needs_repair:
+        _check_repairable(disk, table, scan.backup is None)
+    return table
 
-    if primary is None and backup is None:
-        if p_err == b_err == "no GPT signature":
-            raise GptError(f"{disk}: not a GPT disk (no GPT header found) — pass a disk image or device with a GPT")
-        raise GptError(
-            f"{disk}: both GPT copies are unusable (primary: {p_err}; backup: {b_err}) — "
-            "the disk may be truncated or overwritten; restore it from a known-good image"
-        )
-    problems: list[str] = []
-    if primary is None:
-        problems.append(f"primary GPT is corrupt ({p_err}); the backup is intact")
-    if backup is None:
-        problems.append(f"backup GPT is corrupt ({b_err}); the primary is intact")
-    elif primary is not None and not _same_table(primary, backup):
-        problems.append("backup GPT differs from the primary (an interrupted write?); using the primary")
-    src = primary or backup
-    assert src is not None
-    ent_sectors = -(-src.num_entries * src.entry_size // sector)
+
+def _table_from(src: _Copy, scan: _Scan, sector: int, disk_lbas: int) -> GptTable:
+    """``src``'s table, laid out where a write puts both copies: where each valid copy is, else
+    where the standard puts it (primary entries at LBA 2, backup at the primary's pointer when
+    that can hold it, else the disk's last sector)."""
+    primary, backup = scan.primary, scan.backup
+    n = src.entry_sectors
+    p_ent = 2
+    if primary is not None and primary.entries_lba >= 2 and primary.entries_lba + n <= src.first_usable_lba:
+        p_ent = primary.entries_lba
+    if backup is not None:
+        b_lba = backup.lba
+    elif primary is not None and src.last_usable_lba + n < primary.alternate_lba < disk_lbas:
+        b_lba = primary.alternate_lba
+    else:
+        b_lba = disk_lbas - 1
+    b_ent = b_lba - n
+    if backup is not None and src.last_usable_lba < backup.entries_lba and backup.entries_lba + n <= b_lba:
+        b_ent = backup.entries_lba
     raw_entries = [src.entries[i * src.entry_size : (i + 1) * src.entry_size] for i in range(src.num_entries)]
     parts = [p for i, raw in enumerate(raw_entries) if (p := _parse_entry(i + 1, raw)) is not None]
-    return GptTable(
-        disk_guid=src.disk_guid,
-        sector_size=sector,
-        partitions=parts,
-        disk_lbas=disk_lbas,
-        first_usable_lba=src.first_usable_lba,
-        last_usable_lba=src.last_usable_lba,
-        num_entries=src.num_entries,
-        entry_size=src.entry_size,
-        primary_entries_lba=primary.entries_lba if primary else 2,
-        backup_lba=backup_lba,
-        backup_entries_lba=backup.entries_lba if backup else backup_lba - ent_sectors,
-        revision=src.revision,
-        header_extra=src.extra,
-        primary_ok=primary is not None,
-        backup_ok=backup is not None and (primary is None or _same_table(primary, backup)),
-        problems=problems,
-        raw_entries=raw_entries,
-    )
+    return GptTable(disk_guid=src.disk_guid, sector_size=sector, partitions=parts, disk_lbas=disk_lbas,
+                    first_usable_lba=src.first_usable_lba, last_usable_lba=src.last_usable_lba,
+                    num_entries=src.num_entries, entry_size=src.entry_size, primary_entries_lba=p_ent,
+                    backup_lba=b_lba, backup_entries_lba=b_ent, revision=src.revision, header_extra=src.extra,
+                    raw_entries=raw_entries)
+
+
+def _check_repairable(disk: Path, table: GptTable, backup_lost: bool) -> None:
+    """Raise the reason when writing ``table`` (what a repair does) would be refused."""
+    try:
+        _validate(disk, table, table.disk_lbas)
+    except GptError as exc:
+        if backup_lost and table.backup_entries_lba <= table.last_usable_lba:
+            raise GptError(
+                f"{disk}: the backup GPT is missing and the disk ({table.disk_lbas} sectors) has no room for one "
+                f"after the usable area, which ends at sector {table.last_usable_lba}: the image is truncated — "
+                "re-create or re-download it"
+            ) from None
+        reason = str(exc).removeprefix(f"{disk}: ")
+        raise GptError(f"{disk}: the GPT is damaged ({'; '.join(table.problems)}) and cannot be rewritten "
+                       f"({reason}) — restore the disk from a known-good image") from None
 
 
 # ---------------------------------------------------------------- writing
@@ -424,11 +659,15 @@ def write_table(disk: Path, table: GptTable) -> None:
     """Write both copies of ``table`` (backup first), which also repairs a damaged copy."""
     disk = Path(disk)
     with _open(disk, write=True) as fd:
-        disk_lbas = _disk_bytes(fd) // table.sector_size
-        if _sector_size(fd) != table.sector_size:
+        size = _disk_bytes(fd)
+        disk_lbas = size // table.sector_size
+        if _sector_size(fd, size) != table.sector_size:
             raise GptError(f"{disk}: sector size changed since the table was read — read it again")
         _validate(disk, table, disk_lbas)
         _write_copies(fd, table)
+        if not table.mbr_ok:  # after both copies: the PMBR holds no table state
+            _pwrite(fd, _pmbr_keeping_boot_code(fd, disk_lbas), 0)
+            os.fsync(fd)
 
 
 def moved_to_end(table: GptTable) -> GptTable:
@@ -467,6 +706,11 @@ def protective_mbr(disk_lbas: int) -> bytes:
     # status, CHS start (0/0/2), type, CHS end (maxed: sgdisk writes the same), first LBA, size
     record = struct.pack("<B3sB3sII", 0, b"\x00\x02\x00", 0xEE, b"\xff\xff\xff", 1, size)
     return bytes(446) + record + bytes(48) + b"\x55\xaa"
+
+
+def _pmbr_keeping_boot_code(fd: int, disk_lbas: int) -> bytes:
+    """A protective MBR that keeps the 440 bytes of boot code LBA 0 had (a BIOS loader's, if any)."""
+    return _pread(fd, 440, 0).ljust(440, b"\0") + protective_mbr(disk_lbas)[440:]
 
 
 def create_table(disk: Path, size_bytes: int, parts: list[PartitionSpec], disk_guid: uuid.UUID) -> GptTable:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from bootloader import esp, gpt, grub
 from bootloader.layout import INDEX_NAME as _NAMES
-from bootloader.layout import USR_TYPE
+from bootloader.layout import USR_A, USR_B, USR_TYPE
 from bootloader.layout import decode_bits as _decode
 from bootloader.layout import encode_bits as _encode
 
@@ -120,7 +120,8 @@ def stage(disk: Path, index: int, *, root_hash: str, hash_offset: int, version: 
     if env is None:
         return
     if index not in _NAMES:
-        raise LoaderError(f"partition {index} is not a USR slot: use 3 (A) or 4 (B)")
+        raise LoaderError(f"partition {index} is not a USR slot: "
+                          f"use {USR_A} ({_NAMES[USR_A]}) or {USR_B} ({_NAMES[USR_B]})")
     if not root_hash or any(c not in "0123456789abcdef" for c in root_hash.lower()):
         raise LoaderError(f"root hash {root_hash!r} is not hex: pass the slot's verity root hash")
     table = gpt.read_table(disk)

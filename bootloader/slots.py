@@ -13,13 +13,14 @@ import fcntl
 import functools
 import os
 import re
+import stat
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ParamSpec, TypeVar
 
-from bootloader import gpt, loader
+from bootloader import gpt, layout, loader
 from bootloader.layout import (  # noqa: F401  (re-exported: the slot identity's users read it from here too)
     CHROMEOS_KERNEL_TYPE,
     ESP_TYPE,
@@ -28,6 +29,7 @@ from bootloader.layout import (  # noqa: F401  (re-exported: the slot identity's
     PRIORITY_MASK,
     PRIORITY_SHIFT,
     ROOT_TYPE,
+    SLOT_NAMES,
     SUCCESSFUL_MASK,
     SUCCESSFUL_SHIFT,
     TRIES_MASK,
@@ -71,8 +73,8 @@ class Slot:
 
 def decode(attributes: int) -> tuple[int, int, bool]:
     """(priority, tries, successful) of a 64-bit attribute value."""
-    return ((attributes >> PRIORITY_SHIFT) & 0xF, (attributes >> TRIES_SHIFT) & 0xF,
-            bool((attributes >> SUCCESSFUL_SHIFT) & 1))
+    priority, tries, successful = layout.decode_bits(attributes)
+    return priority, tries, bool(successful)
 
 
 def encode(attributes: int, *, priority: int | None = None, tries: int | None = None,
@@ -143,14 +145,14 @@ def prioritized(priorities: dict[int, int], index: int | None = None, *, max_pri
 
 
 def parse_slot(text: str) -> int:
-    """A slot as the user names it: 3, 4, A, B, USR-A, USR-B."""
-    t = text.strip().upper()
-    named = {"A": USR_A, "B": USR_B, "USR-A": USR_A, "USR-B": USR_B}
-    if t in named:
-        return named[t]
-    if t.isdigit():
-        return int(t)
-    raise SlotError(f"{text!r} is not a slot — use an index (3, 4) or A / B")
+    """A slot as the user names it (3, 4, A, B, USR-A, USR-B), or any other partition number,
+    which the disk-level functions then refuse naming the disk's USR slots."""
+    index = layout.parse_slot(text)
+    if index is not None:
+        return index
+    if text.strip().isdigit():
+        return int(text.strip())
+    raise SlotError(f"{text!r} is not a slot — use an index ({USR_A}, {USR_B}) or {' / '.join(SLOT_NAMES)}")
 
 
 # ---------------------------------------------------------------- disk level
@@ -174,8 +176,12 @@ def _exclusive(disk: Path) -> Iterator[None]:
             _held[key] -= 1
         return
     try:
-        fd = os.open(key, os.O_RDONLY | os.O_CLOEXEC)
+        mode = os.stat(key).st_mode
+        # Only a file or block device is opened: open() of a FIFO would block before any check.
+        fd = os.open(key, os.O_RDONLY | os.O_CLOEXEC) if stat.S_ISREG(mode) or stat.S_ISBLK(mode) else -1
     except OSError:  # missing or unreadable: the read that follows gives the one-line error
+        fd = -1
+    if fd < 0:
         yield
         return
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 from pathlib import Path
 
@@ -84,8 +85,39 @@ def test_bad_disks_exit_2_with_one_line_and_nothing_written(tmp_path: Path) -> N
             assert sha(path) == before, what
     assert "truncated" in obelisk_inproc("boot", "status", "--disk", disks["truncated"]).err
     assert "not a GPT disk" in obelisk_inproc("boot", "status", "--disk", disks["zeros"]).err
-    assert "no such file" in obelisk_inproc("boot", "status", "--disk", disks["missing"]).err
+    assert "no such disk" in obelisk_inproc("boot", "status", "--disk", disks["missing"]).err
     assert tried == 49
+
+
+COMMANDS = [["status"], ["status", "--json"], ["set", "3", "--priority", "2"], ["prioritize", "B"], ["next"],
+            ["next", "--dry-run"], ["mark-good", "--slot", "A"], ["mark-good"], ["rollback"], ["repair"],
+            ["repair", "--move-backup"]]
+
+
+@pytest.mark.timeout(30)
+def test_fifo_socket_or_char_device_as_disk_is_refused_without_hanging(tmp_path: Path) -> None:
+    """A FIFO given as --disk blocked open() forever. Every command (and the library calls) now
+    refuses it, a socket and a character device at once, naming the path."""
+    fifo = tmp_path / "disk.fifo"
+    os.mkfifo(fifo)
+    sock_path = tmp_path / "disk.sock"
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(sock_path))
+    link = tmp_path / "link.raw"
+    link.symlink_to(fifo)
+    try:
+        for path, kind in ((fifo, "a FIFO"), (sock_path, "a socket"), (Path("/dev/null"), "a character device"),
+                           (link, "a FIFO")):
+            for i, args in enumerate(COMMANDS):
+                run = obelisk if i == 0 else obelisk_inproc
+                r = run("boot", *args, "--disk", path)
+                _check_one_line_exit_2(r, f"{path}: {args}")
+                assert f"{path}: is {kind}, not a disk" in r.err, r.err
+            for call in (gpt.read_table, slots.read_slots, gpt.repair, lambda d: slots.set_attrs(d, 3, priority=1)):
+                with pytest.raises(gpt.GptError, match="neither a disk image file nor a block device"):
+                    call(path)
+    finally:
+        sock.close()
 
 
 def test_bad_requests_exit_2_with_one_line_and_nothing_written(disk: Path) -> None:

@@ -63,6 +63,7 @@ def test_reads_tables_made_by_sgdisk_and_by_cgpt_and_rewrites_them_byte_for_byte
          "-u", str(slots.USR_A_UUID), "-P", "2", "-T", "5", "-S", "0", cg])
     run(["cgpt", "add", "-i", "4", "-b", "6144", "-s", "4096", "-t", str(slots.USR_TYPE), "-l", "USR-B",
          "-P", "1", "-S", "1", "-B", "1", cg])
+    run(["cgpt", "boot", "-p", cg])  # cgpt create writes no protective MBR; a boot disk has one
     for path in (sg, cg):
         table = gpt.read_table(path)
         assert not table.needs_repair, table.problems
@@ -226,6 +227,12 @@ def test_both_copies_corrupt(disk: Path) -> None:
         for off in (512 + 30, t.backup_lba * 512 + 30):
             f.seek(off)
             f.write(b"\xff")
+    with pytest.raises(gpt.GptError, match="both GPT headers are unusable.*entries at sectors 2 and 32735 still look"):
+        gpt.read_table(disk)
+    with open(disk, "r+b") as f:  # the entry arrays too: nothing left to point at
+        for lba in (2, t.backup_entries_lba):
+            f.seek(lba * 512)
+            f.write(b"\xff" * 512)
     with pytest.raises(gpt.GptError, match="both GPT copies are unusable"):
         gpt.read_table(disk)
 
