@@ -1,11 +1,13 @@
 """The FleetLock server (`obelisk lock serve`, a real uvicorn process) over real etcd, driven by
-requests shaped exactly as Zincati sends them, and by obelisk's own fleetlock strategy."""
+requests shaped exactly as Zincati sends them, and by obelisk's own fleetlock strategy.
+
+`serve` is fleetlock_server/cli.py's command, mounted into `obelisk lock` by the root CLI, so the
+server runs as the installed `obelisk` command does."""
 
 from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,7 +15,7 @@ from contextlib import contextmanager
 import pytest
 import requests
 from ports import free_port
-from testlib import stop_process
+from testlib import OBELISK, stop_process
 
 from obelisk.lock_conf import LockConfig
 from update_engine.reboot import coordinator_from_config
@@ -21,7 +23,6 @@ from update_engine.reboot.fleetlock import FleetLockClient
 from update_engine.reboot.semaphore import SlotsFull, sem_key
 
 pytestmark = pytest.mark.etcd
-SERVE = "from update_engine.reboot.cli import app; app(prog_name='obelisk lock')"
 
 
 @contextmanager
@@ -29,7 +30,7 @@ def serving(etcd_urls: str, *groups: str) -> Iterator[str]:
     port = free_port()
     args = [a for g in groups for a in ("--group", g)]
     proc = subprocess.Popen(
-        [sys.executable, "-c", SERVE, "serve", "--etcd", etcd_urls, "--listen", f"127.0.0.1:{port}", *args],
+        [OBELISK, "lock", "serve", "--etcd", etcd_urls, "--listen", f"127.0.0.1:{port}", *args],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
     base = f"http://127.0.0.1:{port}"

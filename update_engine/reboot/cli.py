@@ -1,7 +1,9 @@
-"""`obelisk lock`: locksmithctl's commands against the etcd semaphore, and the FleetLock server.
+"""`obelisk lock`: locksmithctl's commands against the etcd semaphore.
 
 Connection settings come from the flags, else from lock.conf (/etc/obelisk/lock.conf over
-/usr/share/obelisk/lock.conf, or --config FILE).
+/usr/share/obelisk/lock.conf, or --config FILE). `obelisk lock serve` (the FleetLock server) is
+fleetlock_server/cli.py's command, mounted into this group by the root CLI (obelisk/cli.py), so
+the host's lock commands never load the server (starlette, uvicorn).
 """
 
 from __future__ import annotations
@@ -15,15 +17,18 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from obelisk.errors import clean_errors, fail
+from obelisk.errors import clean_errors
+from obelisk.inputs import check_input
 from obelisk.lock_conf import GROUP_RE, LockConfig, LockConfigError, load
-from obelisk.windows import WindowError, parse_duration
+from obelisk.windows import parse_duration
 
-from .identity import IdentityError, host_id
-from .semaphore import EtcdEndpoints, EtcdSemaphore, LockError
+from .endpoints import EtcdEndpoints
+from .errors import LockError
+from .identity import host_id
+from .limits import check_slots
+from .semaphore import EtcdSemaphore
 
 app = typer.Typer(help="Reboot lock (etcd semaphore, Airlock-compatible) and FleetLock server.", no_args_is_help=True)
-ERRORS = (LockError, LockConfigError, IdentityError, WindowError)
 
 EndpointOpt = typer.Option(None, "--endpoint", help="etcd URLs, comma-separated (default: ENDPOINT in lock.conf)")
 GroupOpt = typer.Option(None, "--group", help="reboot group (default: GROUP in lock.conf, else 'default')")
@@ -36,6 +41,7 @@ StaleOpt = typer.Option(None, "--stale-after", help="holders older than this may
 
 def _conf(config: Path | None) -> LockConfig:
     if config is not None:
+        check_input(config, "lock config")  # a FIFO would block the read for ever
         try:
             text = config.read_text()
         except OSError as exc:
@@ -68,7 +74,7 @@ def status(
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:
     """Slots, holders (with when they took the slot) and recent reclaims of a group."""
-    with clean_errors(*ERRORS):
+    with clean_errors():
         sem = _semaphore(endpoint, group, cafile, certfile, keyfile, config, stale_after)
         doc = sem.read().to_json(datetime.now(UTC), sem.stale_after)
     if as_json:
@@ -97,7 +103,7 @@ def lock_cmd(
     keyfile: str = KeyOpt, config: Path = ConfigOpt, stale_after: str = StaleOpt,
 ) -> None:
     """Take a slot (re-entrant: taking it again as the same id succeeds)."""
-    with clean_errors(*ERRORS):
+    with clean_errors():
         sem = _semaphore(endpoint, group, cafile, certfile, keyfile, config, stale_after)
         holder = id or host_id()
         state = sem.lock(holder)
@@ -111,7 +117,7 @@ def unlock(
     keyfile: str = KeyOpt, config: Path = ConfigOpt,
 ) -> None:
     """Give back a slot (an operator may release any holder's slot with --id)."""
-    with clean_errors(*ERRORS):
+    with clean_errors():
         sem = _semaphore(endpoint, group, cafile, certfile, keyfile, config)
         holder = id or host_id()
         released = sem.unlock(holder)
@@ -129,43 +135,8 @@ def set_max(
     keyfile: str = KeyOpt, config: Path = ConfigOpt,
 ) -> None:
     """Set the group's slot count (creates the semaphore if needed). Prints Old/New like locksmithctl."""
-    with clean_errors(*ERRORS):
-        if slots < 0:
-            fail(f"slot count must be 0 or more, not {slots}")
+    with clean_errors():
+        check_slots(slots)  # before connecting: a bad count needs no etcd to refuse
         sem = _semaphore(endpoint, group, cafile, certfile, keyfile, config)
         old, new = sem.set_max(slots)
     print(f"Old: {old}\nNew: {new}")
-
-
-@app.command()
-def serve(
-    etcd: str = typer.Option(..., "--etcd", help="etcd URLs, comma-separated"),
-    listen: str = typer.Option("127.0.0.1:3333", "--listen", help="HOST:PORT to serve FleetLock on"),
-    groups: list[str] = typer.Option(["default=1"], "--group", help="GROUP=SLOTS served (repeatable)"),
-    cafile: str = CaOpt, certfile: str = CertOpt, keyfile: str = KeyOpt,
-    stale_after: str = typer.Option(None, "--stale-after", help="reclaim slots held longer than this"),
-) -> None:
-    """Run a FleetLock server (Zincati's fleet_lock strategy, obelisk's fleetlock) over the etcd semaphore."""
-    import uvicorn
-
-    from fleetlock_server.app import make_app
-
-    with clean_errors(*ERRORS):
-        host, _, port = listen.rpartition(":")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            fail(f"bad --listen {listen!r}: expected HOST:PORT, e.g. 127.0.0.1:3333")
-        served: dict[str, int] = {}
-        for g in groups:
-            name, _, n = g.partition("=")
-            if not GROUP_RE.match(name) or (n and not n.isdigit()):
-                fail(f"bad --group {g!r}: expected NAME=SLOTS, e.g. default=2")
-            served[name] = int(n or 1)
-        if bool(certfile) != bool(keyfile):
-            fail("--certfile and --keyfile go together: give both or neither")
-        stale = parse_duration(stale_after) if stale_after else None
-        endpoints = EtcdEndpoints(etcd, cafile=cafile, certfile=certfile, keyfile=keyfile)
-        for u in endpoints.urls:
-            endpoints._make(u)  # validate URLs before binding the port
-        web = make_app(endpoints, served, stale_after=stale)
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    uvicorn.run(web, host=host.strip("[]"), port=int(port), log_level="info")

@@ -67,8 +67,17 @@ def json_depth(doc: Any, stop: int = MAX_JSON_DEPTH) -> int:
 def check_slots(slots: Any) -> int:
     """A slot count to write: a whole number 0..MAX_SLOTS."""
     if not isinstance(slots, int) or isinstance(slots, bool) or not 0 <= slots <= MAX_SLOTS:
-        raise BadSlotCount(f"slot count must be a whole number from 0 to {MAX_SLOTS}, not {slots!r}")
+        raise BadSlotCount(f"slot count must be a whole number, 0 or more and at most {MAX_SLOTS}, "
+                           f"not {shown(slots)}")
     return slots
+
+
+def shown(value: Any) -> str:
+    """A value for an error message, short (a huge int has no repr past 4300 digits)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
+        return f"a {value.bit_length()}-bit number"
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def check_holder_id(ident: Any, what: str = "lock id") -> str:

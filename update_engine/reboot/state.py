@@ -15,7 +15,7 @@ from typing import Any
 
 from .errors import BadJson, CorruptSemaphore
 from .keys import sem_key, taken_key
-from .limits import MAX_SLOTS, parse_json_bounded
+from .limits import MAX_SLOTS, parse_json_bounded, shown
 
 log = logging.getLogger("obelisk.reboot.lock")
 
@@ -86,8 +86,7 @@ def parse_semaphore(group: str, raw: bytes, mod_revision: int) -> SemaphoreState
     total = doc.pop("total_slots", None)
     holders = doc.pop("holders", None)
     if not isinstance(total, int) or isinstance(total, bool) or not 0 <= total <= MAX_SLOTS:
-        shown = repr(total) if len(repr(total)) <= 40 else f"a {len(str(total))}-digit number"
-        raise CorruptSemaphore(f"semaphore {key}: total_slots is {shown}, not a whole number from 0 to "
+        raise CorruptSemaphore(f"semaphore {key}: total_slots is {shown(total)}, not a whole number from 0 to "
                                f"{MAX_SLOTS}; {fix}")
     if holders is None:
         holders = []  # Go marshals a nil slice as null
