@@ -15,6 +15,7 @@ What a policy can say (Nebraska's group policy, plus waves, soak, floors and hal
   seeds may start (Bottlerocket: seeds 0..2047, each wave includes the earlier ones).
 - ``soak``: a release becomes eligible only this long after the server first saw it.
 - ``safe_mode``: the first host of a release goes alone; the rest wait for its success.
+- ``retry_after``: a host whose update failed is offered the same version again only this much later.
 - ``halt_failure_share`` / ``halt_window`` / ``update_timeout``: when the failed attempts (error
   events, rollbacks with code 44, attempts not finished within the timeout) among the last
   `halt_window` finished attempts reach the share, the group halts until an operator resumes it.
@@ -95,6 +96,7 @@ class Policy:
     soak: str = "0s"
     safe_mode: bool = False
     update_timeout: str = "2h"
+    retry_after: str = "1h"  # a host whose update to V failed is offered V again only this much later
     halt_failure_share: float | None = None  # None: never halt by itself
     halt_window: int = 20
 
@@ -140,6 +142,10 @@ class Policy:
     @property
     def soak_s(self) -> float:
         return parse_duration(self.soak).total_seconds()
+
+    @property
+    def retry_s(self) -> float:
+        return parse_duration(self.retry_after).total_seconds()
 
     @property
     def timeout_s(self) -> float:
@@ -227,6 +233,7 @@ _FIELD_CHECKS = {
     "soak": lambda v: _duration("soak", v, allow_zero=True),
     "safe_mode": lambda v: _bool("safe_mode", v),
     "update_timeout": lambda v: _duration("update_timeout", v, allow_zero=False),
+    "retry_after": lambda v: _duration("retry_after", v, allow_zero=True),
     "halt_failure_share": _check_share,
     "halt_window": _check_window,
 }
@@ -273,6 +280,8 @@ class InstanceView:
     machine_id: str
     version: str
     pending_version: str | None = None  # version of its update in progress (granted, not finished)
+    failed_version: str | None = None   # version of its last attempt, when that attempt failed
+    failed_at: float | None = None
 
     @property
     def seed(self) -> int:
@@ -300,8 +309,8 @@ class GroupState:
 @dataclass(frozen=True)
 class Decision:
     offer: bool
-    code: str              # offer | resume | up_to_date | no_release | disabled | paused | halted | soak | wave
-    reason: str            # | window | safe_mode | rate: one line for the console and the log
+    code: str              # offer | resume | up_to_date | no_release | disabled | paused | halted | retry_later
+    reason: str            # | soak | wave | window | safe_mode | rate: one line for the console and the log
     version: str | None = None      # what is (or would be) offered
     retry_at: float | None = None   # earliest time the answer may change by itself (None: needs an event)
     new_start: bool = False         # True when this offer starts a new attempt (counts against the rate)
@@ -329,6 +338,11 @@ def decide(instance: InstanceView, state: GroupState, policy: Policy, now: float
         return hold
     if instance.pending_version is not None and compare_versions(instance.pending_version, version) == 0:
         return Decision(True, "resume", f"update to {version} already started", version)
+    if (instance.failed_version is not None and instance.failed_at is not None
+            and compare_versions(instance.failed_version, version) == 0 and now < instance.failed_at + policy.retry_s):
+        again = instance.failed_at + policy.retry_s
+        return Decision(False, "retry_later", f"the update to {version} failed here; offered again at {_ts(again)}",
+                        version, again)
     return _gates(instance, state, policy, now, version)
 
 

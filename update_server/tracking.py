@@ -24,6 +24,7 @@ own grant sets `granted` (`Store.grant`).
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 
@@ -35,6 +36,7 @@ from obelisk.errors import ObeliskError
 from obelisk.versions import compare_versions
 from update_server.db import models as m
 from update_server.db.store import Store
+from update_server.policy import Decision
 
 DEFAULT_HISTORY = 200  # events kept per instance
 ERR_ROLLBACK = 44
@@ -106,59 +108,91 @@ def status_of(ev: CheckEvent, current_version: str) -> str | None:
     return None
 
 
-def _upsert(c: sa.Connection, ci: CheckIn, now: float) -> None:
-    values = {"group_name": ci.group, "app_id": clean(ci.app_id, m.NAME_LEN), "version": clean(ci.version, 64),
-              "arch": clean(ci.arch, 32), "alias": clean(ci.alias, m.NAME_LEN), "oem": clean(ci.oem, m.NAME_LEN),
-              "boot_id": clean(ci.boot_id, m.MACHINE_ID_LEN), "ip": clean(ci.ip, 64), "last_checkin": now,
-              "updated_at": now}
-    dialect = sa.dialects.postgresql if c.dialect.name == "postgresql" else sa.dialects.sqlite
-    ins = dialect.insert(m.instances).values(machine_id=ci.machine_id, first_seen=now, status="checking", **values)
-    c.execute(ins.on_conflict_do_update(index_elements=[m.instances.c.machine_id], set_=values))
+@dataclass
+class Outcome:
+    decision: Decision | None  # None for a request without an updatecheck
+    halted: str | None         # the group this request halted, if it did
+    status: str                # the instance's status after the request
 
 
-def record(store: Store, ci: CheckIn, now: float, *, history: int = DEFAULT_HISTORY) -> str | None:
-    """Record one request; returns the group that halted because of it, if one did."""
+_UPSERT_COLS = ("group_name", "app_id", "version", "arch", "alias", "oem", "boot_id", "ip", "last_checkin",
+                "updated_at")
+
+
+@functools.lru_cache(maxsize=4)
+def _upsert_stmt(dialect_name: str) -> sa.Insert:
+    """INSERT ... ON CONFLICT DO UPDATE ... RETURNING, built once per dialect."""
+    dialect = sa.dialects.postgresql if dialect_name == "postgresql" else sa.dialects.sqlite
+    ins = dialect.insert(m.instances).values(machine_id=sa.bindparam("machine_id"), first_seen=sa.bindparam("now"),
+                                             status="checking", **{k: sa.bindparam(k) for k in _UPSERT_COLS})
+    ins = ins.on_conflict_do_update(index_elements=[m.instances.c.machine_id],
+                                    set_={k: getattr(ins.excluded, k) for k in _UPSERT_COLS})
+    return ins.returning(m.instances.c.status, m.instances.c.target_version)
+
+
+def _upsert(c: sa.Connection, ci: CheckIn, now: float) -> sa.Row:
+    """Insert or refresh the instance row; returns its (status, target_version) after the write."""
+    values = {"machine_id": ci.machine_id, "now": now, "group_name": ci.group, "app_id": clean(ci.app_id, m.NAME_LEN),
+              "version": clean(ci.version, 64), "arch": clean(ci.arch, 32), "alias": clean(ci.alias, m.NAME_LEN),
+              "oem": clean(ci.oem, m.NAME_LEN), "boot_id": clean(ci.boot_id, m.MACHINE_ID_LEN),
+              "ip": clean(ci.ip, 64), "last_checkin": now, "updated_at": now}
+    return c.execute(_upsert_stmt(c.dialect.name), values).one()
+
+
+def record(store: Store, ci: CheckIn, now: float, *, history: int = DEFAULT_HISTORY) -> Outcome:
+    """Record one request (no update decision); see `check_in` for the Omaha handler's call."""
+    return check_in(store, ci, now, offer=False, history=history)
+
+
+def check_in(store: Store, ci: CheckIn, now: float, *, target: str | None = None, published_at: float | None = None,
+             offer: bool = True, history: int = DEFAULT_HISTORY) -> Outcome:
+    """Everything one Omaha request does to the state, in one transaction.
+
+    Upsert the instance, store its events, move its status and its attempt, and, for an
+    updatecheck, run the rollout guard (`Store.grant_in`) against `target` (the release its
+    group's channel offers it). Instance row first, then the group's: the one lock order.
+    """
     validate(ci)
-    halted = None
     with store.write() as c:
-        _upsert(c, ci, now)  # first: the instance row lock comes before the group's (see Store.grant)
-        status: str | None = None
-        for ev in ci.events:
-            new = status_of(ev, ci.version)
-            reason = clean(ev.reason, m.TEXT_LEN)
-            c.execute(sa.insert(m.events).values(
-                machine_id=ci.machine_id, at=now, event_type=ev.type, event_result=ev.result,
-                error_code=ev.error_code, previous_version=clean(ev.previous_version, 64) if ev.previous_version
-                is not None else None, version=clean(ci.version, 64), status=new or "", reason=reason))
-            if new is None:
-                continue
-            status = new
-            fields: dict = {"status": new}
-            if new in ("error", "rolled_back"):
-                fields.update(error_code=ev.error_code, reason=reason)
-                halted = store.finish_attempt(c, ci.machine_id, "failed", now, error_code=ev.error_code,
-                                              reason=reason) or halted
-            elif new == "complete":
-                fields.update(error_code=None, reason="")
-                store.finish_attempt(c, ci.machine_id, "success", now, reached=ci.version)
-            c.execute(sa.update(m.instances).where(m.instances.c.machine_id == ci.machine_id).values(**fields))
-        if status is None:
-            _implicit_success(store, c, ci, now)
+        row = _upsert(c, ci, now)
+        status, halted = _apply_events(store, c, ci, now, row.status)
+        if status == row.status and row.target_version and status not in ("complete", "error", "rolled_back") \
+                and compare_versions(ci.version, row.target_version) >= 0:
+            # On (or past) the granted version: finished, even if its 3/2 event was lost.
+            store.finish_attempt(c, ci.machine_id, "success", now, reached=ci.version)
+            status = "complete"
+            c.execute(_SET_STATUS, {"m": ci.machine_id, "status": status, "code": None, "reason": ""})
         if ci.events:
             _trim(c, ci.machine_id, history)
-    return halted
+        decision = None
+        if offer and ci.updatecheck:
+            decision = store.grant_in(c, ci.group, ci.machine_id, clean(ci.version, 64), target, now,
+                                      published_at=published_at)
+            if decision.new_start:
+                status = "granted"
+    return Outcome(decision, halted, status)
 
 
-def _implicit_success(store: Store, c: sa.Connection, ci: CheckIn, now: float) -> None:
-    """A host that checks in on (or past) its granted version finished, even if its 3/2 event was lost."""
-    row = c.execute(sa.select(m.instances.c.status, m.instances.c.target_version)
-                    .where(m.instances.c.machine_id == ci.machine_id)).first()
-    if row is None or not row.target_version or row.status in ("complete", "error", "rolled_back"):
-        return
-    if compare_versions(ci.version, row.target_version) >= 0:
-        store.finish_attempt(c, ci.machine_id, "success", now, reached=ci.version)
-        c.execute(sa.update(m.instances).where(m.instances.c.machine_id == ci.machine_id)
-                  .values(status="complete", error_code=None, reason=""))
+def _apply_events(store: Store, c: sa.Connection, ci: CheckIn, now: float, status: str) -> tuple[str, str | None]:
+    halted = None
+    for ev in ci.events:
+        new = status_of(ev, ci.version)
+        reason = clean(ev.reason, m.TEXT_LEN)
+        prev = clean(ev.previous_version, 64) if ev.previous_version is not None else None
+        c.execute(_EVENT, {"m": ci.machine_id, "at": now, "t": ev.type, "r": ev.result, "code": ev.error_code,
+                           "prev": prev, "v": clean(ci.version, 64), "status": new or "", "reason": reason})
+        if new is None:
+            continue
+        status = new
+        code, text = None, ""
+        if new in ("error", "rolled_back"):
+            code, text = ev.error_code, reason
+            halted = store.finish_attempt(c, ci.machine_id, "failed", now, error_code=ev.error_code,
+                                          reason=reason) or halted
+        elif new == "complete":
+            store.finish_attempt(c, ci.machine_id, "success", now, reached=ci.version)
+        c.execute(_SET_STATUS, {"m": ci.machine_id, "status": new, "code": code, "reason": text})
+    return status, halted
 
 
 def _trim(c: sa.Connection, machine_id: str, keep: int) -> None:
@@ -166,3 +200,11 @@ def _trim(c: sa.Connection, machine_id: str, keep: int) -> None:
     cutoff = (sa.select(m.events.c.id).where(m.events.c.machine_id == machine_id)
               .order_by(m.events.c.id.desc()).limit(1).offset(keep - 1).scalar_subquery())
     c.execute(sa.delete(m.events).where((m.events.c.machine_id == machine_id) & (m.events.c.id < cutoff)))
+
+
+_EVENT = sa.insert(m.events).values(
+    machine_id=sa.bindparam("m"), at=sa.bindparam("at"), event_type=sa.bindparam("t"),
+    event_result=sa.bindparam("r"), error_code=sa.bindparam("code"), previous_version=sa.bindparam("prev"),
+    version=sa.bindparam("v"), status=sa.bindparam("status"), reason=sa.bindparam("reason"))
+_SET_STATUS = sa.update(m.instances).where(m.instances.c.machine_id == sa.bindparam("m")).values(
+    status=sa.bindparam("status"), error_code=sa.bindparam("code"), reason=sa.bindparam("reason"))

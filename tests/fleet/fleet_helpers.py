@@ -127,3 +127,57 @@ def wait_for(pred, timeout: float, what: str, step: float = 0.05):  # noqa: ANN0
             return v
         time.sleep(step)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+class Sim:
+    """Simulated hosts driving the real tracking and guard (time injected by the caller, never slept).
+
+    A host granted an update reports it done at its next check-in (3/2 with its previous version),
+    or failed with `fail_code` when it is in `failing`.
+    """
+
+    def __init__(self, store: Store, group: str, target: str, *, published_at: float | None = None,
+                 failing: set[str] | None = None, fail_code: int = 10) -> None:
+        self.store, self.group, self.target = store, group, target
+        self.published_at = published_at
+        self.failing = failing or set()
+        self.fail_code = fail_code
+        self.version: dict[str, str] = {}
+        self.granted: dict[str, str] = {}   # machine id -> version being applied
+        self.starts: list[tuple[float, str]] = []  # (time, machine id) of every new start
+
+    def add(self, ids: list[str], version: str = "1.0.0") -> None:
+        for mid in ids:
+            self.version[mid] = version
+
+    def checkin(self, mid: str, now: float):  # noqa: ANN201 - a policy.Decision
+        from update_server import tracking
+
+        events: list[tracking.CheckEvent] = []
+        new = self.granted.pop(mid, None)
+        if new is not None:
+            if mid in self.failing:
+                events.append(tracking.CheckEvent(3, 0, self.fail_code, reason="payload hash mismatch"))
+            else:
+                events.append(tracking.CheckEvent(3, 2, previous_version=self.version[mid]))
+                self.version[mid] = new
+        out = tracking.check_in(self.store, tracking.CheckIn(mid, self.group, self.version[mid], app_id="app",
+                                                             updatecheck=True, events=events), now,
+                                target=self.target, published_at=self.published_at)
+        d = out.decision
+        if d.offer:
+            self.granted[mid] = d.version
+            if d.new_start:
+                self.starts.append((now, mid))
+        return d
+
+
+def max_in_any_window(times: list[float], period: float) -> int:
+    """The most starts inside any half-open window (t - period, t] (sliding, as the guard counts)."""
+    times = sorted(times)
+    best, lo = 0, 0
+    for hi, t in enumerate(times):
+        while times[lo] <= t - period:
+            lo += 1
+        best = max(best, hi - lo + 1)
+    return best

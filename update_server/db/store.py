@@ -10,6 +10,7 @@ across server processes and SQLite takes its write lock), reads the counts, asks
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Iterator
@@ -255,7 +256,7 @@ class Store:
             raise PolicyError("policy: expected a JSON object of fields to change")
         with self.write() as c:
             row = c.execute(sa.select(m.groups).where(m.groups.c.name == name)).first()
-            base = Policy.from_dict(json.loads(row.policy)) if row is not None else Policy()
+            base = policy_from_json(row.policy) if row is not None else Policy()
             new = base.updated(changes)  # raises before any write in this transaction
             if row is None:
                 c.execute(sa.insert(m.groups).values(name=name, channel=name, policy=json.dumps(new.to_dict()),
@@ -276,13 +277,6 @@ class Store:
     def groups(self) -> list[GroupInfo]:
         with self.read() as c:
             return [_group(r) for r in c.execute(_group_query().order_by(m.groups.c.name))]
-
-    def policy_of(self, c: Connection, name: str) -> tuple[Policy, str]:
-        """(policy, channel) of a group; a group nobody configured gets the default policy and its own channel."""
-        row = c.execute(sa.select(m.groups.c.policy, m.groups.c.channel).where(m.groups.c.name == name)).first()
-        if row is None:
-            return Policy(), name
-        return Policy.from_dict(json.loads(row.policy)), row.channel
 
     def pause(self, name: str, now: float) -> GroupInfo:
         self.group(name)
@@ -328,63 +322,70 @@ class Store:
     # ---------------------------------------------------------------- the guard
 
     def grant(self, group: str, machine_id: str, version: str, target: str | None, now: float, *,
-              app_id: str = "", published_at: float | None = None) -> Decision:
+              published_at: float | None = None) -> Decision:
         """Decide and, when an update starts, record it, atomically under the group's row lock.
 
-        `target` is the release the group's channel offers this host (None: none). Instances already
-        on it never take the lock, so the common check-in stays a cheap read.
+        `target` is the release the group's channel offers this host (None: none). The Omaha handler
+        uses `tracking.check_in`, which runs the same guard inside its own transaction.
         """
-        if target is None or compare_versions(version, target) >= 0:
-            with self.read() as c:
-                policy, _ = self.policy_of(c, group)
-            return decide(InstanceView(machine_id, version), GroupState(group, target), policy, now)
+        if _no_update(version, target):
+            return decide(InstanceView(machine_id, version), GroupState(group, target), Policy(), now)
         with self.write() as c:
             # Lock order everywhere: the instance row, then the group's state row (no deadlock with tracking).
-            c.execute(sa.update(m.instances).where(m.instances.c.machine_id == machine_id).values(updated_at=now))
-            _ensure_state(c, group, now)
-            st = c.execute(sa.update(m.rollout_state).where(m.rollout_state.c.group_name == group)
-                           .values(seq=m.rollout_state.c.seq + 1)
-                           .returning(m.rollout_state.c.paused, m.rollout_state.c.halted,
-                                      m.rollout_state.c.halt_reason, m.rollout_state.c.failures_since)).one()
-            policy, channel = self.policy_of(c, group)
-            floors, channel_set_at = _channel_floors(c, channel)
-            offered = next_version(version, target, floors)
-            self._expire(c, group, policy, now)
-            canary, canary_id = _canary(c, group, offered, st.failures_since) if policy.safe_mode else ("none", "")
-            halted, reason = st.halted, st.halt_reason
-            if not halted:
-                why = _safe_mode_halt(canary, canary_id, offered) or self._halt_check(c, group, policy,
-                                                                                     st.failures_since)
-                if why is not None:
-                    _halt(c, group, why, now)
-                    halted, reason = True, why
-            pending = c.execute(sa.select(m.attempts.c.version).where(
-                (m.attempts.c.machine_id == machine_id) & (m.attempts.c.outcome == "pending"))
-                .order_by(m.attempts.c.id.desc()).limit(1)).scalar()
-            since = now - policy.period_s
-            in_period = c.execute(sa.select(sa.func.count(), sa.func.min(m.attempts.c.started_at)).where(
-                (m.attempts.c.group_name == group) & (m.attempts.c.started_at > since))).one()
-            state = GroupState(group, target, floors, published_at, channel_set_at, st.paused, halted, reason,
-                               int(in_period[0]), in_period[1], canary, canary_id)
-            d = decide(InstanceView(machine_id, version, pending), state, policy, now)
-            if d.offer and d.new_start:
-                # An older grant the host never finished (the channel moved on) no longer counts either way.
-                c.execute(sa.update(m.attempts).where((m.attempts.c.machine_id == machine_id)
-                                                      & (m.attempts.c.outcome == "pending"))
-                          .values(outcome="superseded", finished_at=now))
-                c.execute(sa.insert(m.attempts).values(group_name=group, machine_id=machine_id, from_version=version,
-                                                       version=d.version, started_at=now))
-            c.execute(sa.update(m.instances).where(m.instances.c.machine_id == machine_id).values(
-                note=d.reason[:m.TEXT_LEN],
-                **({"status": "granted", "target_version": d.version} if d.new_start else {})))
+            c.execute(_TOUCH, {"m": machine_id, "now": now})
+            return self.grant_in(c, group, machine_id, version, target, now, published_at=published_at)
+
+    def grant_in(self, c: Connection, group: str, machine_id: str, version: str, target: str | None, now: float,
+                 *, published_at: float | None = None) -> Decision:
+        """`grant` inside the caller's transaction (which has already locked the instance row)."""
+        if _no_update(version, target):
+            return decide(InstanceView(machine_id, version), GroupState(group, target), Policy(), now)
+        assert target is not None
+        st = self._lock_state(c, group, now)
+        policy, floors, channel_set_at = self._group_setup(c, group)
+        offered = next_version(version, target, floors)
+        if policy.timeout_s:
+            c.execute(_EXPIRE, {"g": group, "cutoff": now - policy.timeout_s, "now": now})
+        canary, canary_id = _canary(c, group, offered, st.failures_since) if policy.safe_mode else ("none", "")
+        halted, reason = st.halted, st.halt_reason
+        if not halted:
+            why = _safe_mode_halt(canary, canary_id, offered) or self._halt_check(c, group, policy, st.failures_since)
+            if why is not None:
+                _halt(c, group, why, now)
+                halted, reason = True, why
+        last = c.execute(_LAST_ATTEMPT, {"m": machine_id}).first()
+        counted = c.execute(_IN_PERIOD, {"g": group, "since": now - policy.period_s}).one()
+        pending = last.version if last is not None and last.outcome == "pending" else None
+        failed = last is not None and last.outcome in ("failed", "timeout")
+        inst = InstanceView(machine_id, version, pending, last.version if failed else None,
+                            last.finished_at if failed else None)
+        state = GroupState(group, target, floors, published_at, channel_set_at, st.paused, halted, reason,
+                           int(counted[0]), counted[1], canary, canary_id)
+        d = decide(inst, state, policy, now)
+        if d.offer and d.new_start:
+            if pending is not None:  # an older grant the host never finished (the channel moved on)
+                c.execute(_SUPERSEDE, {"m": machine_id, "now": now})
+            c.execute(_NEW_ATTEMPT, {"g": group, "m": machine_id, "from": version, "v": d.version, "now": now})
+            c.execute(_GRANTED, {"m": machine_id, "note": d.reason[:m.TEXT_LEN], "v": d.version})
+        else:
+            c.execute(_NOTE, {"m": machine_id, "note": d.reason[:m.TEXT_LEN]})
         return d
 
-    def _expire(self, c: Connection, group: str, policy: Policy, now: float) -> None:
-        """Attempts pending longer than the policy's update_timeout count as failed (Nebraska: timed out)."""
-        c.execute(sa.update(m.attempts).where(
-            (m.attempts.c.group_name == group) & (m.attempts.c.outcome == "pending")
-            & (m.attempts.c.started_at < now - policy.timeout_s))
-            .values(outcome="timeout", finished_at=now, reason="did not finish within update_timeout"))
+    def _lock_state(self, c: Connection, group: str, now: float) -> Any:
+        """Lock the group's state row (an UPDATE: PostgreSQL row lock, SQLite write lock) and read it."""
+        st = c.execute(_LOCK_STATE, {"g": group}).first()
+        if st is None:
+            _ensure_state(c, group, now)
+            st = c.execute(_LOCK_STATE, {"g": group}).one()
+        return st
+
+    def _group_setup(self, c: Connection, group: str) -> tuple[Policy, tuple[str, ...], float]:
+        """(policy, channel floors, when the channel last moved); an unconfigured group: defaults, own channel."""
+        row = c.execute(_GROUP_SETUP, {"g": group}).first()
+        if row is None:
+            ch = c.execute(_CHANNEL_SETUP, {"c": group}).first()
+            return Policy(), _floors(ch.floors if ch else None), ch.updated_at if ch else 0.0
+        return policy_from_json(row.policy), _floors(row.floors), row.ch_updated or 0.0
 
     def _halt_check(self, c: Connection, group: str, policy: Policy, since: float) -> str | None:
         if policy.halt_failure_share is None:
@@ -405,10 +406,8 @@ class Store:
         `reached`: the version the host now runs; a success needs it at or past the attempt's version.
         Returns the group that halted, if one did.
         """
-        row = c.execute(sa.select(m.attempts.c.id, m.attempts.c.group_name, m.attempts.c.version).where(
-            (m.attempts.c.machine_id == machine_id) & (m.attempts.c.outcome == "pending"))
-            .order_by(m.attempts.c.id.desc()).limit(1)).first()
-        if row is None:
+        row = c.execute(_LAST_ATTEMPT, {"m": machine_id}).first()
+        if row is None or row.outcome != "pending":
             return None
         if outcome == "success" and (reached is None or compare_versions(reached, row.version) < 0):
             return None
@@ -417,12 +416,10 @@ class Store:
         if outcome == "success":
             return None
         # Lock order as in grant: the state row first, so a halt and a grant never interleave.
-        st = c.execute(sa.update(m.rollout_state).where(m.rollout_state.c.group_name == row.group_name)
-                       .values(seq=m.rollout_state.c.seq + 1)
-                       .returning(m.rollout_state.c.halted, m.rollout_state.c.failures_since)).first()
+        st = c.execute(_LOCK_STATE, {"g": row.group_name}).first()
         if st is None or st.halted:
             return None
-        policy, _ = self.policy_of(c, row.group_name)
+        policy, _, _ = self._group_setup(c, row.group_name)
         why = None
         if policy.safe_mode:
             why = _safe_mode_halt(*_canary(c, row.group_name, row.version, st.failures_since), row.version)
@@ -500,6 +497,48 @@ class Store:
 # ---------------------------------------------------------------- helpers
 
 
+@functools.lru_cache(maxsize=512)
+def policy_from_json(text: str) -> Policy:
+    """A stored policy (validated when it was written; parsed once per distinct text)."""
+    return Policy.from_dict(json.loads(text))
+
+
+@functools.lru_cache(maxsize=512)
+def _floors(text: str | None) -> tuple[str, ...]:
+    return tuple(json.loads(text)) if text else ()
+
+
+def _no_update(version: str, target: str | None) -> bool:
+    return target is None or compare_versions(version, target) >= 0
+
+
+# The guard's statements, built once (building Core constructs per request cost more than running them).
+_a, _r, _i = m.attempts.c, m.rollout_state.c, m.instances.c
+_TOUCH = sa.update(m.instances).where(_i.machine_id == sa.bindparam("m")).values(updated_at=sa.bindparam("now"))
+_LOCK_STATE = (sa.update(m.rollout_state).where(_r.group_name == sa.bindparam("g")).values(seq=_r.seq + 1)
+               .returning(_r.paused, _r.halted, _r.halt_reason, _r.failures_since))
+_GROUP_SETUP = (sa.select(m.groups.c.policy, m.groups.c.channel, m.channels.c.floors,
+                          m.channels.c.updated_at.label("ch_updated"))
+                .select_from(m.groups.outerjoin(m.channels, m.channels.c.name == m.groups.c.channel))
+                .where(m.groups.c.name == sa.bindparam("g")))
+_CHANNEL_SETUP = sa.select(m.channels.c.floors, m.channels.c.updated_at).where(m.channels.c.name == sa.bindparam("c"))
+_EXPIRE = (sa.update(m.attempts).where((_a.group_name == sa.bindparam("g")) & (_a.outcome == "pending")
+                                       & (_a.started_at < sa.bindparam("cutoff")))
+           .values(outcome="timeout", finished_at=sa.bindparam("now"), reason="did not finish within update_timeout"))
+_LAST_ATTEMPT = (sa.select(_a.id, _a.group_name, _a.version, _a.outcome, _a.finished_at)
+                 .where(_a.machine_id == sa.bindparam("m")).order_by(_a.id.desc()).limit(1))
+_IN_PERIOD = sa.select(sa.func.count(), sa.func.min(_a.started_at)).where(
+    (_a.group_name == sa.bindparam("g")) & (_a.started_at > sa.bindparam("since")))
+_SUPERSEDE = (sa.update(m.attempts).where((_a.machine_id == sa.bindparam("m")) & (_a.outcome == "pending"))
+              .values(outcome="superseded", finished_at=sa.bindparam("now")))
+_NEW_ATTEMPT = sa.insert(m.attempts).values(group_name=sa.bindparam("g"), machine_id=sa.bindparam("m"),
+                                            from_version=sa.bindparam("from"), version=sa.bindparam("v"),
+                                            started_at=sa.bindparam("now"))
+_GRANTED = sa.update(m.instances).where(_i.machine_id == sa.bindparam("m")).values(
+    note=sa.bindparam("note"), status="granted", target_version=sa.bindparam("v"))
+_NOTE = sa.update(m.instances).where(_i.machine_id == sa.bindparam("m")).values(note=sa.bindparam("note"))
+
+
 def _ensure_state(c: Connection, group: str, now: float) -> None:
     ins = (sa.dialects.postgresql.insert if c.dialect.name == "postgresql" else sa.dialects.sqlite.insert)(
         m.rollout_state).values(group_name=group, updated_at=now).on_conflict_do_nothing()
@@ -548,7 +587,7 @@ def _group_query() -> sa.Select:
 
 
 def _group(row: Any) -> GroupInfo:
-    return GroupInfo(row.name, row.channel, Policy.from_dict(json.loads(row.policy)), bool(row.paused),
+    return GroupInfo(row.name, row.channel, policy_from_json(row.policy), bool(row.paused),
                      bool(row.halted), row.halt_reason or "", row.halted_at, row.updated_at)
 
 
