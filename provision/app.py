@@ -6,19 +6,16 @@ a bearer token file or a mutual-TLS listener; see provision/write_api.py.
 
 Every failure answers one line naming the cause (and logs it): 404 when something is missing (no
 group, profile, template or release), 400 when a template needs a request label the request did not
-give (or gave malformed), 500 when something is broken (an invalid file in the data folder, a
-template that fails strictly on the group's data, a cloud-config that does not validate). A host is
-never handed a half-rendered or unvalidated config.
+give (or gave malformed) or a label's value holds a control character or a line break, 500 when
+something is broken (an invalid file in the data folder, a template that fails strictly on the
+group's data, a cloud-config that does not validate). A host is never handed a half-rendered or
+unvalidated config.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import logging
-import re
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -26,73 +23,18 @@ from starlette.responses import FileResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from provision import render, write_api
-from provision.releases import AssetError, Releases
-from provision.select import Labels, NoMatch, labels_from_query, select
-from provision.store import NotFound, Store, StoreError
+from provision.model import BadLabel
+from provision.releases import AssetError
+from provision.select import NoMatch
+from provision.service import Host, Provision, Settings
+from provision.store import NotFound, StoreError
 
+__all__ = ["Settings", "make_app"]
 log = logging.getLogger("obelisk.provision")
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-_HOST = re.compile(r"^[A-Za-z0-9.\-]+(:\d{1,5})?$|^\[[0-9A-Fa-f:.]+\](:\d{1,5})?$")
 
 
 class AssetResponse(FileResponse):
     chunk_size = 1024 * 1024  # kernels and /usr images: 64 KiB chunks cost a lot of CPU per GiB
-
-
-@dataclass
-class Settings:
-    data: Path
-    assets: Path | None = None
-    public_url: str | None = None
-    allow: list[Network] = field(default_factory=list)  # empty: every client may read
-    write_token: str | None = None  # bearer token that opens the write API on every listener
-    mtls_ports: set[int] = field(default_factory=set)  # listeners whose TLS handshake verified the client
-
-
-@dataclass
-class Host:
-    """What one request resolved to: labels, group, profile, template data."""
-
-    labels: Labels
-    ctx: render.Context
-    profile_id: str
-
-
-class Provision:
-    def __init__(self, settings: Settings) -> None:
-        self.s = settings
-        self.store = Store(settings.data)
-        self.releases = Releases(settings.assets)
-        self.assets_root = settings.assets.resolve() if settings.assets is not None else None
-
-    def server_url(self, request: Request) -> str:
-        if self.s.public_url:
-            return self.s.public_url.rstrip("/")
-        host = request.headers.get("host", "")
-        m = _HOST.match(host)
-        port = m.group(1) or m.group(2) if m else None
-        # Never echo a hostile Host header into a boot script; a port out of range would also make
-        # the URL unparseable further on (GRUB's device syntax needs the port split out).
-        if m is None or (port is not None and not 0 < int(port[1:]) < 65536):
-            h, p = request.scope.get("server") or ("127.0.0.1", 80)
-            host = f"[{h}]:{p}" if ":" in h else f"{h}:{p}"
-        return f"{request.url.scheme}://{host}"
-
-    def allowed(self, request: Request) -> bool:
-        if not self.s.allow:
-            return True
-        client = request.client.host if request.client else ""
-        try:
-            ip = ipaddress.ip_address(client)
-        except ValueError:
-            return False
-        return any(ip in net for net in self.s.allow)
-
-    def resolve(self, request: Request) -> Host:
-        labels = labels_from_query(request.query_params.multi_items())
-        group = select(self.store.groups(), labels)
-        ctx = render.Context(group, labels, request.url.query, self.server_url(request))
-        return Host(labels, ctx, group.profile)
 
 
 def _one_line(text: str) -> str:
@@ -120,7 +62,7 @@ def make_app(settings: Settings) -> Starlette:
                 return await res if not isinstance(res, Response) else res
             except (NoMatch, NotFound, AssetError) as exc:
                 return _fail(404, str(exc), request)
-            except render.LabelMissing as exc:  # before RenderError, which it is a kind of
+            except (render.LabelMissing, BadLabel) as exc:  # LabelMissing before RenderError, its base
                 return _fail(400, str(exc), request)
             except (StoreError, render.RenderError, render.TemplateSyntax) as exc:
                 return _fail(500, str(exc), request)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from obelisk.inputs import InputFileError, check_input
 from provision import render
 from provision.model import TEMPLATE_KINDS, Group
 from provision.releases import AssetError, Releases
@@ -55,6 +56,14 @@ def check(data: Path, assets: Path | None = None) -> Report:
             for f in sorted(d.iterdir()):
                 name = f.name[:-5] if sub in ("profiles", "groups") and f.name.endswith(".json") else f.name
                 if f.name.startswith("."):
+                    continue
+                if f.exists() and not f.is_file() and not f.is_dir():
+                    # A FIFO or socket: the server lists only files, so hosts needing it get a 404 or
+                    # a less specific group; reading it would block. Named here, never opened.
+                    try:
+                        check_input(f, "data file")
+                    except InputFileError as exc:
+                        rep.add("error", f"{sub}/{f.name}", str(exc).partition(": ")[2])
                     continue
                 if f.is_file() and name not in valid:
                     # A profile or group the server skips for its name is one the operator meant to

@@ -36,6 +36,11 @@ class ModelError(ObeliskError, ValueError):
     """A profile, group or label that cannot be used; the message names the field."""
 
 
+class BadLabel(ModelError):
+    """A request label whose value no template may see: a control character or a line break in it.
+    The server answers 400 naming the label, never drops it silently (the host would get another group)."""
+
+
 def valid_id(ident: str) -> bool:
     return bool(_ID.fullmatch(ident))  # match() would let a trailing newline through
 
@@ -67,6 +72,26 @@ def normalize_uuid(value: str) -> str | None:
     if m is None or ("-" in m.group(2) and m.group(2).count("-") != 4):  # all four hyphens or none
         return None
     return str(uuid.UUID(m.group(2)))
+
+
+# C0 and C1 controls (tab, LF, CR, NEL U+0085 among them), the Unicode line and paragraph separators
+# (YAML breaks lines at NEL and U+2028/9 too), and surrogates. The same set as LABEL_VALUE_PATTERN.
+_LABEL_VALUE_BAD = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+LABEL_VALUE_PATTERN = "^[^\\x00-\\x1f\\x7f-\\x9f\\u2028\\u2029\\ud800-\\udfff]*$"
+
+
+def check_label_text(key: str, value: str) -> None:
+    """Refuse a value that is not one line of text: BadLabel names the label and the character.
+
+    Templates paste labels into YAML, shell and boot scripts: a newline (``%0a``), a carriage return,
+    a tab, NEL (U+0085) or a Unicode line or paragraph separator (U+2028/9) would let a request add
+    lines (keys, units, ssh keys) to its own cloud-config.
+    """
+    m = _LABEL_VALUE_BAD.search(value)
+    if m is None:
+        return
+    raise BadLabel(f"label {key!r} has a control character or line break (U+{ord(m.group()):04X} at position "
+                   f"{m.start()}) in its value; a label must be one line of text")
 
 
 def normalize_label(key: str, value: str) -> str | None:

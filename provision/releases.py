@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from obelisk.errors import ObeliskError
+from obelisk.inputs import InputFileError, check_input
 from obelisk.versions import compare_versions
 
 PXE_FILES = ("vmlinuz", "initrd")
@@ -66,10 +67,15 @@ class Releases:
                                    f"'obelisk image build images/{name}.toml --format raw,pxe'")
             version = max(found, key=_VersionKey)
         d = base / version
+        if not (d / "release.json").exists():
+            raise AssetError(f"release {name}/{version} is not under the assets folder")
         try:
+            check_input(d / "release.json", "release.json")  # a FIFO would hang every request behind it
             meta = json.loads((d / "release.json").read_text())
         except FileNotFoundError:
             raise AssetError(f"release {name}/{version} is not under the assets folder") from None
+        except InputFileError as exc:
+            raise AssetError(f"{name}/{version}/release.json cannot be read: {str(exc).partition(': ')[2]}") from None
         except (OSError, ValueError) as exc:
             raise AssetError(f"{name}/{version}/release.json cannot be read: {exc}") from None
         missing = [f for f in PXE_FILES if not (d / f).is_file()]

@@ -1,10 +1,11 @@
 """What the server answers: iPXE and GRUB scripts, templates rendered strictly, metadata as env lines.
 
 Templates are jinja2 in a sandbox with StrictUndefined: a missing variable is an error, never an
-empty string in a host's config. Their data is the group's metadata, then the group's selector
-(over metadata of the same name), then `request.query` (the normalised labels) and
-`request.raw_query`. Kernel arguments are rendered the same way (so `{{ server_url }}` works in
-them); iPXE's own `${mac:hexhyp}` and the like pass through for the firmware to expand.
+empty string in a host's config. `{{ value | yaml }}` inserts a value as a quoted YAML scalar.
+Their data is the group's metadata, then the group's selector (over metadata of the same name),
+then `request.query` (the normalised labels) and `request.raw_query`. Kernel arguments are
+rendered the same way (so `{{ server_url }}` works in them); iPXE's own `${mac:hexhyp}` and the
+like pass through for the firmware to expand.
 """
 
 from __future__ import annotations
@@ -67,7 +68,39 @@ class _Undefined(jinja2.StrictUndefined):
         super().__init__(hint, obj, name, exc)
 
 
+_SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}  # YAML has these too; easier to read than \\x0a
+
+
+def yaml_quote(value: Any) -> str:
+    """``{{ value | yaml }}``: ``value`` as one double-quoted YAML scalar, safe wherever a scalar may
+    stand (after ``key:``, as a list item, in a flow ``[...]``/``{...}``), whatever it holds.
+
+    ``"`` and ``\\`` are escaped, and so is every character that is not printable (line breaks of
+    any kind: \\n, \\r, NEL, U+2028/9; tabs; controls; format characters), as YAML's own escapes
+    (``\\x..``, ``\\u....``, ``\\U........``), so the value can neither end the scalar nor start a
+    line. Parsed back (YAML 1.1 or 1.2), it is the same string. Non-strings are quoted as ``str()``
+    gives them; an undefined value is still an error (strict mode), and so is a lone surrogate.
+    """
+    text = value if isinstance(value, str) else str(value)
+    out = ['"']
+    for c in text:
+        if c in '"\\':
+            out.append("\\" + c)
+        elif c in _SHORT_ESCAPES:
+            out.append(_SHORT_ESCAPES[c])
+        elif c.isprintable():
+            out.append(c)
+        elif "\ud800" <= c <= "\udfff":  # only from a JSON "\\ud800" escape; no YAML parser takes it back
+            raise ValueError(f"the yaml filter cannot quote a lone surrogate (U+{ord(c):04X}); fix the value")
+        else:
+            o = ord(c)
+            out.append(f"\\x{o:02x}" if o <= 0xFF else f"\\u{o:04x}" if o <= 0xFFFF else f"\\U{o:08x}")
+    out.append('"')
+    return "".join(out)
+
+
 _env = SandboxedEnvironment(undefined=_Undefined, autoescape=False, keep_trailing_newline=True)
+_env.filters["yaml"] = yaml_quote
 _compiled: dict[str, jinja2.Template] = {}
 _valid: dict[str, str | None] = {}  # sha256 of a rendered cloud-config -> None (valid) or its first error
 

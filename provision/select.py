@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from obelisk.errors import ObeliskError
-from provision.model import _LABEL_KEY, MAX_LABEL_VALUE, Group, normalize_label
+from provision.model import _LABEL_KEY, MAX_LABEL_VALUE, Group, check_label_text, normalize_label
 
 log = logging.getLogger("obelisk.provision")
 
@@ -44,7 +44,8 @@ class Labels:
 def labels_from_query(items: Iterable[tuple[str, str]]) -> Labels:
     """Query parameters → labels: the first value of each key decides (a later repeat never
     overrides it, even when the first is malformed); `mac` and `uuid` normalised; malformed
-    reserved labels and unusable keys are dropped (and reported), never guessed."""
+    reserved labels and unusable keys are dropped (and reported), never guessed. A value with a
+    control character or line break raises BadLabel: the request is refused, not served without it."""
     out = Labels()
     seen: set[str] = set()  # a set, not a scan of `dropped`: a query may repeat thousands of keys
     for key, value in items:
@@ -53,7 +54,10 @@ def labels_from_query(items: Iterable[tuple[str, str]]) -> Labels:
         seen.add(key)
         if not value:
             continue  # `hostname=` from an iPXE variable the firmware left empty: no label
-        if not _LABEL_KEY.fullmatch(key) or len(value) > MAX_LABEL_VALUE:
+        key_ok = _LABEL_KEY.fullmatch(key) is not None
+        if key_ok:
+            check_label_text(key, value)
+        if not key_ok or len(value) > MAX_LABEL_VALUE:
             out.dropped.append(f"{_shown(key[:64])}={_shown(value[:64])}")
             continue
         norm = normalize_label(key, value)

@@ -13,6 +13,7 @@ import errno
 import fcntl
 import json
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -23,6 +24,7 @@ from typing import Any, TypeVar
 
 from obelisk.atomicfile import is_temporary, write_atomic
 from obelisk.errors import ObeliskError
+from obelisk.inputs import InputFileError, check_input
 from provision.model import (
     TEMPLATE_KINDS,
     Group,
@@ -104,6 +106,12 @@ class Store:
         except FileNotFoundError:
             self._cache.pop(path, None)
             raise
+        if not stat.S_ISREG(st.st_mode):
+            # Reading a FIFO would block the server (and `check`) for good; a folder gives a confusing error.
+            try:
+                check_input(path, "data file")
+            except InputFileError as exc:
+                raise StoreError(f"{self._rel(path)}: {str(exc).partition(': ')[2]}") from None
         key = _key(st)
         hit = self._cache.get(path)
         if hit is not None and hit[0] == key:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hmac
 import json
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -21,13 +21,21 @@ from starlette.routing import Match, Route
 from starlette.types import Receive, Scope, Send
 
 from provision import render
-from provision.model import ID_PATTERN, TEMPLATE_KINDS, Group, ModelError, Profile, parse_group, parse_profile
+from provision.model import (
+    ID_PATTERN,
+    LABEL_VALUE_PATTERN,
+    TEMPLATE_KINDS,
+    BadLabel,
+    Group,
+    ModelError,
+    Profile,
+    parse_group,
+    parse_profile,
+)
 from provision.releases import AssetError
 from provision.select import NoMatch, labels_from_query, select
+from provision.service import Provision
 from provision.store import NotFound, StoreConflict, StoreError, TooLarge
-
-if TYPE_CHECKING:
-    from provision.app import Provision
 
 MAX_BODY = 1 << 20
 # Metadata nests, but not like this; deeper bodies are an attack on every recursive reader after us.
@@ -179,7 +187,10 @@ def routes(prov: Provision) -> list[Route]:
 
     async def which(request: Request) -> Response:
         """Which group and profile a host with these labels gets (matchbox's SelectGroup)."""
-        labels = labels_from_query(request.query_params.multi_items())
+        try:
+            labels = labels_from_query(request.query_params.multi_items())
+        except BadLabel as exc:
+            return _err(400, str(exc))
         try:
             group = select(prov.store.groups(), labels)
         except NoMatch as exc:
@@ -256,7 +267,8 @@ def _schemas() -> dict[str, Any]:
 
 
 def _errors(*codes: int) -> dict[str, Any]:
-    texts = {400: "bad request", 401: "no or wrong bearer token", 403: "the write API is off", 404: "not found",
+    texts = {400: "a label with a control character or line break",
+             401: "no or wrong bearer token", 403: "the write API is off", 404: "not found",
              409: "would leave a dangling reference", 413: "body too large", 422: "invalid body"}
     error = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
     return {str(c): {"description": texts[c], "content": error} for c in codes}
@@ -309,9 +321,10 @@ def openapi() -> dict[str, Any]:
         "operationId": "select", "summary": "which group and profile a host with these labels gets",
         # Any query parameter is a label (mac, uuid, hostname, serial, arch, or the site's own).
         "parameters": [{"name": "labels", "in": "query", "required": False, "style": "form", "explode": True,
-                        "schema": {"type": "object", "additionalProperties": {"type": "string"}}}],
+                        "schema": {"type": "object", "additionalProperties": {
+                            "type": "string", "pattern": LABEL_VALUE_PATTERN}}}],
         "responses": {"200": {"description": "the choice", "content": {"application/json": {"schema": {
-            "type": "object"}}}}, **_errors(401, 403, 404)}}}
+            "type": "object"}}}}, **_errors(400, 401, 403, 404)}}}
     return {
         "openapi": "3.1.0",  # the models' schemas are JSON Schema 2020-12 ("type": "null" and the like)
         "info": {"title": "obelisk provisioning write API", "version": "1"},

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 import requests
+from ports import free_port
 from testlib import OBELISK, REPO, stop_process
-
-from update_engine.reboot.etcd_local import free_port
 
 EXAMPLE = REPO / "examples" / "provision"
 

@@ -117,9 +117,11 @@ BROKEN: list[tuple[str, Edit, str, str]] = [
                                                                      lambda g: g["metadata"].pop("update_group")),
      "groups/default.json", "cloud/node.yaml for group 'default': 'update_group' is undefined"),
     ("template renders an invalid cloud-config", _json_edit(G, lambda g: g["metadata"].update(
-        reboot_strategy="whenever")), G, "rendered an invalid cloud-config (line 7: error: invalid value 'whenever'"),
-    ("template renders broken YAML", _json_edit(G, lambda g: g["metadata"].update(role="a: [b")), G,
-     "rendered an invalid cloud-config (line 10: error: YAML syntax error"),
+        reboot_strategy="whenever")), G, "rendered an invalid cloud-config (line 8: error: invalid value 'whenever'"),
+    # A value put in without `| yaml` can break the YAML (the example's templates quote every value).
+    ("template renders broken YAML", _both(_append("cloud/node.yaml", "extra_role: {{ role }}\n"),
+                                           _json_edit(G, lambda g: g["metadata"].update(role="a: [b"))), G,
+     "rendered an invalid cloud-config (line 17: error: YAML syntax error"),
     ("template not UTF-8", _write("cloud/node.yaml", b"#cloud-config\nhostname: \xff\xfe\n"), "cloud/node.yaml",
      "is not UTF-8 text"),
     ("boot arg template lacks a variable", _json_edit(P, lambda p: p["boot"]["args"].append("x={{ nope }}")),

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from provision.model import ModelError, normalize_label, normalize_mac, normalize_uuid, parse_group
+from provision.model import BadLabel, ModelError, normalize_label, normalize_mac, normalize_uuid, parse_group
 from provision.select import Labels, NoMatch, labels_from_query, select, selection_order
 
 CANON_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
@@ -53,8 +53,8 @@ def test_mac_every_form_and_case_is_the_same_mac(raw: bytes, rnd: random.Random)
 BAD_MACS = [
     "", "zz:zz:zz:zz:zz:zz", "52:54:00:12:34", "52:54:00:12:34:56:78", "52:54-00:12:34:56",  # mixed separators
     "5254.0012.3456.", "5254:0012:3456", "52545400123456", "0x525400123456", "52:54:00:12:34:5g",
-    "\uff15\uff12:54:00:12:34:56", "52:54:00:12:34:56\x00", "52 54 00 12 34 56", "52::54:00:12:34:56",
-    "5:2:5:4:0:0", "52:54:00:12:34:56/24", "${mac:hexhyp}", "%52:54:00:12:34:56", "52\n54:00:12:34:56",
+    "\uff15\uff12:54:00:12:34:56", "52 54 00 12 34 56", "52::54:00:12:34:56",
+    "5:2:5:4:0:0", "52:54:00:12:34:56/24", "${mac:hexhyp}", "%52:54:00:12:34:56",
     "52:54:00:12:34:\u0665\u0666",  # Arabic-Indic digits: not hex for a MAC
 ]
 
@@ -129,14 +129,46 @@ def test_odd_keys_and_huge_values_are_dropped_and_reported(key: str, value: str)
     assert "\n" not in labels.dropped[0] and len(labels.dropped[0]) < 300
 
 
+# Every way a value can start a new line in YAML (1.1 or 1.2), a shell or a boot script, and the
+# other control characters: the request is refused (400), never served with or without the label.
+LINE_BREAKERS = ["\n", "\r", "\r\n", "\t", "\x00", "\x0b", "\x0c", "\x1b[31m", "\x7f", "\x85", "\x9b",
+                 "\u2028", "\u2029"]
+
+
+@pytest.mark.parametrize("bad", LINE_BREAKERS, ids=[repr(b) for b in LINE_BREAKERS])
+@pytest.mark.parametrize("key", ["hostname", "role", "mac", "uuid"])
+def test_a_label_with_a_control_character_or_line_break_is_refused(key: str, bad: str) -> None:
+    for value in (f"evil{bad}ssh_authorized_keys: [x]", bad, f"52:54:00:12:34:56{bad}"):
+        with pytest.raises(BadLabel) as exc:
+            labels_from_query([("os", "installed"), (key, value)])
+        msg = str(exc.value)
+        assert msg.isprintable() and f"label {key!r}" in msg and f"U+{ord(bad[0]):04X}" in msg, msg
+
+
+def test_a_later_repeat_or_an_unusable_key_is_not_refused() -> None:
+    """Only what could reach a template is checked: the first value of a usable key."""
+    assert labels_from_query([("role", "a"), ("role", "b\nc")]).values == {"role": "a"}
+    labels = labels_from_query([("a\nb", "x"), ("%00", "y\n"), ("role", "worker")])
+    assert labels.values == {"role": "worker"} and len(labels.dropped) == 2
+
+
+def test_printable_unicode_in_labels_is_kept() -> None:
+    """Not every non-ASCII character is a control: accents, a bidi mark or a zero-width space pass as sent."""
+    values = ["caf\u00e9", "\u202eevil", "a\u200bb", "\u00a0nbsp", "\U0001f600"]
+    assert labels_from_query([(f"k{i}", v) for i, v in enumerate(values)]).values == \
+        {f"k{i}": v for i, v in enumerate(values)}
+
+
 def test_control_characters_never_reach_a_message_raw() -> None:
-    labels = labels_from_query([("role", "a\nb\r\x1b[31m"), ("mac", "zz\nINJECT")])
-    assert labels.values["role"] == "a\nb\r\x1b[31m"  # the template sees the value as sent
+    labels = labels_from_query([("role", "a b"), ("mac", "zz INJECT")])
     with pytest.raises(NoMatch) as exc:
         select([], labels)
     msg = str(exc.value)
     assert msg.isprintable(), msg
-    assert "role=a\\nb\\r\\x1b[31m" in msg and "mac=zz\\nINJECT" in msg
+    assert "mac=zz INJECT" in msg
+    # Dropped keys may hold anything; their text in messages is escaped.
+    labels = labels_from_query([("bad\nkey", "v\x1b[31m")])
+    assert labels.dropped == ["bad\\nkey=v\\x1b[31m"]
 
 
 def test_thousands_of_repeated_keys_are_cheap_and_reported_briefly() -> None:
@@ -153,7 +185,13 @@ def test_thousands_of_repeated_keys_are_cheap_and_reported_briefly() -> None:
 
 @given(st.lists(st.tuples(st.text(max_size=12), st.text(max_size=300)), max_size=20))
 def test_any_query_gives_clean_labels(items: list[tuple[str, str]]) -> None:
-    labels = labels_from_query(items)
+    try:
+        labels = labels_from_query(items)
+    except BadLabel as exc:
+        key = str(exc).split("'")[1]
+        first = next(val for k, val in items if k == key)
+        assert re.search("[\x00-\x1f\x7f-\x9f\u2028\u2029]", first), (key, first)
+        return
     for k, v in labels.values.items():
         assert re.match(r"^[a-z0-9][a-z0-9_.-]{0,63}$", k) and 0 < len(v) <= 256
         if k == "mac":

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 import requests
+from ports import free_port
 from prov_helpers import AUTH, TOKEN, Served, serving_rw, start, stop, write_token_file
 from testlib import make_pki
 
 from obelisk.atomicfile import is_temporary
 from provision.model import parse_group, parse_profile
-from update_engine.reboot.etcd_local import free_port
 
 WEB_MAC = "52:54:00:aa:bb:cc"
 NODE1_MAC = "52:54:00:12:34:56"  # examples/provision/groups/node1.json
@@ -379,7 +379,7 @@ def test_20_concurrent_writers_of_one_group(serve: Callable[..., Served], data: 
             assert api(s, "GET", "/groups/race").json() == on_disk
             assert f"VERSION={winner}\n" in s.get("/metadata?mac=52:54:00:00:00:01").text
         # the group is selectable and its cloud-config renders from the winning version
-        assert "group: stable" in servers[0].get("/cloud?mac=52:54:00:00:00:01").text
+        assert 'group: "stable"' in servers[0].get("/cloud?mac=52:54:00:00:00:01").text
     for s in servers:
         no_tracebacks(s)
 
