@@ -60,6 +60,12 @@ def zincati(base: str, path: str, node: str, group: str = "default") -> requests
                          json={"client_params": {"group": group, "id": node}}, timeout=10)
 
 
+def etcd1_client(etcd1):
+    import etcd3gw
+
+    return etcd3gw.client(host="127.0.0.1", port=etcd1.members[0].client_port)
+
+
 def test_zincati_shaped_lock_unlock(server, etcd1) -> None:
     a, b, c = "e0f3745b108f471cbd4883c6fbed8cdd", "0c9ba2a2b4fb4f6fa1b0c9ecbad14d5e", "1ab2c3d4e5f60718293a4b5c6d7e8f90"
     assert zincati(server, "pre-reboot", a).status_code == 200
@@ -154,3 +160,51 @@ def test_server_without_etcd_refuses_with_503() -> None:
         r = zincati(base, "pre-reboot", "x")
         assert r.status_code == 503 and r.json()["kind"] == "etcd_unavailable"
         assert r.json()["value"].startswith("etcd unavailable")
+
+
+def test_hostile_semaphores_through_the_server(server, etcd1) -> None:
+    """A semaphore nested too deeply, or too big for one etcd request: a clear FleetLock error
+    naming the problem (not a bare 500, not "etcd unavailable"), and the value left as it was."""
+    raw = etcd1_client(etcd1)
+    cases = [
+        ('{"total_slots":1,"holders":[],"x":' + "[" * 100_000 + "]" * 100_000 + "}", "corrupt_semaphore",
+         "nested too deeply"),
+        (json.dumps({"total_slots": 7000, "holders": [f"{i:06d}" + "x" * 194 for i in range(6000)]},
+                    separators=(",", ":")), None, "request size limit"),
+    ]
+    try:
+        for value, kind, words in cases:
+            raw.put(sem_key("workers"), value)
+            r = zincati(server, "pre-reboot", "x", group="workers")
+            assert r.status_code == 500, r.text[:200]
+            doc = r.json()
+            assert words in doc["value"] and doc["kind"] != "etcd_unavailable", doc
+            assert kind is None or doc["kind"] == kind
+            assert raw.get(sem_key("workers")) == [value.encode()]
+    finally:
+        raw.delete(sem_key("workers"))
+
+
+PENDING_SERVER = pytest.mark.xfail(
+    strict=True, reason="fleetlock_server/app.py must parse the body with update_engine.reboot.limits."
+    "parse_json_bounded and check the id with check_holder_id, answering 400 (servers helper); "
+    "drop this mark when it does")
+
+
+@PENDING_SERVER
+def test_deeply_nested_request_body_is_a_400(server) -> None:
+    for body in ("[" * 100_000 + "]" * 100_000, '{"client_params":' + "[" * 40 + "]" * 40 + "}",
+                 '{"client_params":{"id":"a","group":"default","x":' + '{"a":' * 50_000 + "1" + "}" * 50_001 + "}"):
+        r = requests.post(server + "/v1/pre-reboot", data=body, headers={"fleet-lock-protocol": "true"}, timeout=10)
+        assert r.status_code == 400, r.text[:200]
+        assert r.json()["kind"] == "invalid_client_identity" and "nested too deeply" in r.json()["value"]
+
+
+@PENDING_SERVER
+def test_unbounded_lock_ids_are_a_400(server, etcd1) -> None:
+    before = etcd1_client(etcd1).get(sem_key("default"))
+    for ident in ("x" * 10_000, "a\nb", "a b", "\x00"):
+        r = zincati(server, "pre-reboot", ident)
+        assert r.status_code == 400, r.text[:200]
+        assert r.json()["kind"] == "invalid_client_identity"
+    assert etcd1_client(etcd1).get(sem_key("default")) == before

@@ -80,7 +80,7 @@ class EtcdEndpoints:
                 detail = _short(getattr(exc, "detail_text", None) or str(exc) or exc.__class__.__name__)
                 if any(r in detail for r in REFUSALS):
                     # Not a dead member: the next one would say the same, and "no quorum" would mislead.
-                    raise EtcdRefused(f"etcd refused the request ({self.urls[idx]}: {detail})") from None
+                    raise EtcdRefused(f"etcd refused the request: {self.urls[idx]}: {detail}", detail=detail) from None
                 errors.append(f"{self.urls[idx]}: {detail}")
                 continue
             self._preferred = idx

@@ -18,6 +18,10 @@ class EtcdUnavailable(LockError):
 class EtcdRefused(LockError):
     """etcd answered, and refused the request itself (asking another member would not help)."""
 
+    def __init__(self, message: str, *, detail: str = "") -> None:
+        super().__init__(message)
+        self.detail = detail  # etcd's own words, e.g. "etcdserver: request is too large"
+
 
 class CorruptSemaphore(LockError):
     kind = "corrupt_semaphore"

@@ -128,11 +128,11 @@ class EtcdSemaphore:
         try:
             resp = self.etcd.call(lambda c: c.transaction(txn))
         except EtcdRefused as exc:
-            if "too large" not in str(exc):
+            if "too large" not in exc.detail:
                 raise
             # A cluster run with a smaller --max-request-bytes than etcd's default.
-            raise SemaphoreTooBig(f"semaphore {self.key} is too big for etcd's request size limit ({exc}); "
-                                  f"{self._too_big_fix()}") from None
+            raise SemaphoreTooBig(f"semaphore {self.key} is too big for etcd's request size limit "
+                                  f"({exc.detail}); {self._too_big_fix()}") from None
         if resp.get("succeeded"):  # the gateway omits "succeeded" when it is false
             # The txn's revision is the new mod_revision of the key, so the next CAS can start from it.
             new.mod_revision = int((resp.get("header") or {}).get("revision") or 0)
@@ -247,8 +247,13 @@ class EtcdSemaphore:
         return min(stale)[1] if stale else None
 
     def unlock(self, holder: str) -> bool:
-        """Give back `holder`'s slot if it holds one (no write otherwise). True if it was held."""
+        """Give back `holder`'s slot if it holds one (no write otherwise). True if it was held.
+
+        This is how an operator shrinks a semaphore grown too big for etcd (SemaphoreTooBig), so it
+        must go through even then: when the write with take times does not fit, it is made again
+        without them (they cost only reclaim timing: holders are stamped afresh when next seen)."""
         released = False
+        keep_taken = True
 
         def plan(s: SemaphoreState) -> SemaphoreState | None:
             nonlocal released
@@ -257,13 +262,18 @@ class EtcdSemaphore:
                 return None
             now = self.clock()
             self._stamp(s, now)
+            taken = {h: t for h, t in s.taken.items() if h != holder} if keep_taken else {}
             new = SemaphoreState(s.group, True, s.total_slots, [h for h in s.holders if h != holder],
-                                 {h: t for h, t in s.taken.items() if h != holder}, list(s.reclaims),
-                                 s.mod_revision, dict(s.extra))
+                                 taken, list(s.reclaims), s.mod_revision, dict(s.extra))
             released = True
             return new
 
-        self._update(plan)
+        try:
+            self._update(plan)
+        except SemaphoreTooBig as exc:
+            log.warning("%s; giving back %s's slot without the take times", exc, holder)
+            keep_taken = False
+            self._update(plan)
         return released
 
     def set_max(self, slots: int) -> tuple[int, int]:
