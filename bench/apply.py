@@ -166,9 +166,10 @@ def main(argv: list[str]) -> None:
     try:
         pl, disk, key = _make(work, size)
         port = _free_port()
-        proc = subprocess.Popen([sys.executable, "-m", "update_engine.cli", "serve", str(work / "releases"),
-                                 "--listen", f"127.0.0.1:{port}"], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+        # `obelisk update serve` is the update server's command, mounted by the root CLI.
+        proc = subprocess.Popen([sys.executable, "-c", "from obelisk.cli import main; main()", "update", "serve",
+                                 str(work / "releases"), "--listen", f"127.0.0.1:{port}"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         url = f"http://127.0.0.1:{port}/v1/payloads/bench/2.0.0/update.payload"
         for _ in range(200):
             try:

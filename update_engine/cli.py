@@ -1,4 +1,8 @@
-"""`obelisk update`: apply, status, check, watch, daemon, serve (parse, call, print)."""
+"""`obelisk update`: apply, status, check, watch, daemon (parse, call, print).
+
+`obelisk update serve` belongs to the update server (``update_server.cli.serve``); the root CLI mounts
+it into this group, so a host never imports the server unless that command runs.
+"""
 
 from __future__ import annotations
 
@@ -15,24 +19,21 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TaskProgressColum
 from bootloader import layout, slots
 from obelisk import update_conf as config
 from obelisk.errors import clean_errors, fail
-from obelisk.signing import SigningError, load_public_key, load_trusted_keys
-from update_engine import apply as applymod
-from update_engine.daemon import KEYS_DIR, SOCKET_PATH, STATE_DIR, Daemon, DaemonError, Options, ask
-from update_engine.payload import PayloadError
+from update_engine.apply import Applier
+from update_engine.daemon import KEYS_DIR, SOCKET_PATH, STATE_DIR, Daemon, Options
+from update_engine.policy import Policy, load_keys
 from update_engine.state import STATE_FILE, load_state
+from update_engine.status_socket import ask
+from update_engine.transfer import Transfer
 
 app = typer.Typer(help="Stage updates into the passive USR slot; run the update daemon or server.",
                   no_args_is_help=True)
 err = Console(stderr=True)
-EXPECTED = (applymod.ApplyError, PayloadError, SigningError, DaemonError, config.UpdateConfigError, slots.SlotError,
-            ValueError, OSError)
 
 
 def _keys(key: list[Path] | None) -> list:
-    with clean_errors(SigningError):
-        if key:
-            return [load_public_key(k) for k in key]
-        keys = load_trusted_keys(KEYS_DIR)
+    with clean_errors():
+        keys = load_keys(None, key) if key else load_keys(KEYS_DIR)
     if not keys:
         fail(f"no trusted keys in {KEYS_DIR}: pass --key PUB (the release's public key)")
     return keys
@@ -62,7 +63,7 @@ def apply_cmd(
     """Stage a payload into the passive slot of a disk (or a disk image), verified, then marked for a trial boot."""
     keys = _keys(key)
     index = _slot(slot)
-    with clean_errors(*EXPECTED):
+    with clean_errors():
         if disk is None:
             disk = slots.find_boot_disk()
             rel = config.read_release()
@@ -70,7 +71,7 @@ def apply_cmd(
             app_id = app_id or rel.get("APPID")
             if state_dir is None:
                 state_dir = STATE_DIR
-        policy = applymod.Policy(app_id=app_id, arch=arch, current_version=newer_than)
+        policy = Policy(app_id=app_id, arch=arch, current_version=newer_than)
         prog = Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), DownloadColumn(),
                         TransferSpeedColumn(), console=err, disable=as_json)
         tasks: dict[str, int] = {}
@@ -83,8 +84,8 @@ def apply_cmd(
             prog.update(tasks[phase], completed=done)
 
         try:
-            result = applymod.Applier(source, disk, keys, slot=index, policy=policy, state_dir=state_dir,
-                                      on_progress=on_progress).run()
+            result = Applier(source, disk, keys, slot=index, policy=policy, state_dir=state_dir,
+                             on_progress=on_progress).run()
         finally:
             if tasks:
                 prog.stop()
@@ -194,13 +195,13 @@ def daemon(
 ) -> None:
     """Run the update daemon (a systemd service), or one update run with --once."""
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(message)s")
-    transfer = applymod.Transfer(low_speed_time=low_speed_time, retries=retries, retry_delay=retry_delay,
-                                 checkpoint_bytes=checkpoint_bytes)
+    transfer = Transfer(low_speed_time=low_speed_time, retries=retries, retry_delay=retry_delay,
+                        checkpoint_bytes=checkpoint_bytes)
     opts = Options(state_dir=state_dir, conf=conf, usr_conf=usr_conf, release=release, lock_conf=lock_conf,
                    keys_dir=keys_dir, extra_keys=list(key or []), disk=disk, health_dir=health_dir,
                    socket_path=socket_path, boot_id_path=boot_id_file, machine_id_path=machine_id_file,
                    transfer=transfer)
-    with clean_errors(*EXPECTED):
+    with clean_errors():
         d = Daemon(opts)
         if once:
             rc = d.run_once(interactive=True, reboot=None)
@@ -210,34 +211,6 @@ def daemon(
             print(f"{st['state']} {st.get('new_version') or st.get('current_version') or ''}".strip())
             return
         d.serve_forever(first_check=first_check)
-
-
-@app.command()
-def serve(
-    releases_dir: Path = typer.Argument(..., help="the --out folder of 'obelisk image build' (<name>/<version>/)"),
-    listen: str = typer.Option("127.0.0.1:8080", help="HOST:PORT"),
-    groups: Path | None = typer.Option(None, help='TOML: [groups] name = "version" (default: newest for all)'),
-    events: Path | None = typer.Option(None, help="append every reported event to this JSONL file"),
-    public_url: str | None = typer.Option(None, help="base URL hosts reach this server at (default: request's)"),
-    poll_interval: int | None = typer.Option(None, help="PollInterval (s) to tell hosts"),
-) -> None:
-    """Serve releases to hosts over Omaha at /v1/update/ (Nebraska-compatible), payloads with Range."""
-    import uvicorn
-
-    from update_server.app import EventLog, make_app
-    from update_server.releases import Catalog, ReleaseError, load_groups
-
-    with clean_errors(ReleaseError):
-        catalog = Catalog(releases_dir, load_groups(groups))
-        rels = catalog.releases()
-    host, _, port = listen.rpartition(":")
-    if not host or not port.isdigit():
-        fail(f"--listen {listen!r}: use HOST:PORT, e.g. 127.0.0.1:8080")
-    for p in catalog.problems:
-        err.print(f"warning: {p}")
-    print(f"serving {len(rels)} release(s) from {releases_dir} at http://{listen}/v1/update/", flush=True)
-    uvicorn.run(make_app(catalog, events=EventLog(events), public_url=public_url, poll_interval=poll_interval),
-                host=host, port=int(port), log_level="warning")
 
 
 if __name__ == "__main__":

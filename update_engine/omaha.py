@@ -5,7 +5,11 @@ the two can never drift apart, and a Nebraska server can drive obelisk hosts: th
 the same attributes Flatcar sends (appid, version, track = group, bootid, machineid, board, ...),
 the response is read the way Flatcar's `OmahaRequestAction::ParseResponse` reads it
 (first package only, postinstall action `sha256` in base64 is the payload hash, `PollInterval`).
-Parsing never trusts its input: size-capped, no DTDs/entities, every failure is an OmahaError.
+Parsing never trusts its input: size-capped, parsed by defusedxml with DTDs, entities and external
+references refused (whatever the document's encoding or where the declaration sits), and every
+failure is an OmahaError. A response may only point the host at http(s) URLs (the daemon runs as
+root: a ``file:`` or bare-path codebase would make it open a local file and tell the server by its
+error code whether that file exists).
 """
 
 from __future__ import annotations
@@ -15,16 +19,27 @@ import binascii
 import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 from xml.sax.saxutils import quoteattr
 
+import defusedxml
+import defusedxml.ElementTree as DET
+
 from obelisk.errors import ObeliskError
-from obelisk.versions import compare_versions  # noqa: F401  (re-exported for older callers)
+from obelisk.versions import (
+    compare_versions,  # noqa: F401  (re-exported for older callers)
+    is_version,
+)
 
 # Never "CoreOSUpdateEngine-0.1.0.0" with installsource=scheduler: Nebraska takes that pair for its syncer.
 UPDATER_VERSION = "obelisk-update_engine-0.1.0"
 OS_VERSION = "Chateau"
 OS_PLATFORM = "CoreOS"  # what Flatcar sends; Nebraska keys nothing on it
 MAX_XML = 1 << 20
+MAX_URLS = 16  # codebases one response may list (each is tried with retries: thousands would stall the host)
+MAX_URL = 2048  # characters of one codebase + package name
+MAX_VERSION = 128  # characters of the offered version
+MAX_POLL_INTERVAL = 24 * 3600  # a larger PollInterval is cut to this (a year would stop updates for good)
 
 # Event types and results (Omaha; the ones Flatcar and Nebraska use).
 EVENT_UPDATE_COMPLETE = 3
@@ -156,13 +171,14 @@ def _parse_xml(data: bytes, what: str) -> ET.Element:
         raise OmahaError(f"{what} is larger than {MAX_XML} bytes")
     if not data.strip():
         raise OmahaError(f"{what} is empty")
-    low = bytes(data[:4096]).lower()
-    if b"<!doctype" in low or b"<!entity" in bytes(data).lower():
-        raise OmahaError(f"{what} declares a DTD or entities, which Omaha never uses")
+    # The parser refuses the declarations themselves (expat reports them in any encoding, anywhere in the
+    # document), so no entity is ever expanded: a byte scan missed UTF-16 and a DOCTYPE after 4 KiB.
     try:
-        return ET.fromstring(bytes(data))
+        return DET.fromstring(bytes(data), forbid_dtd=True, forbid_entities=True, forbid_external=True)
+    except defusedxml.DefusedXmlException:
+        raise OmahaError(f"{what} declares a DTD or entities, which Omaha never uses") from None
     except (ET.ParseError, ValueError, LookupError, RecursionError) as exc:  # LookupError: unknown encoding
-        raise OmahaError(f"{what} is not well-formed XML: {exc}") from None
+        raise OmahaError(f"{what} is not well-formed XML: {str(exc)[:200]}") from None
 
 
 def _int(s: str | None, what: str, *, default: int | None = None) -> int:
@@ -288,7 +304,7 @@ def parse_response(data: bytes) -> Response:
     if uc is None:
         raise OmahaError("Omaha response has no <updatecheck>")
     try:
-        out.poll_interval = max(0, int(uc.get("PollInterval") or 0))
+        out.poll_interval = min(max(0, int(uc.get("PollInterval") or 0)), MAX_POLL_INTERVAL)
     except ValueError:
         out.poll_interval = 0  # Flatcar ignores a bad PollInterval rather than failing the check
     status = uc.get("status")
@@ -305,12 +321,20 @@ def parse_response(data: bytes) -> Response:
     urls = [u.get("codebase", "") for u in uc.findall("urls/url")]
     if not urls or any(not u for u in urls):
         raise OmahaError("Omaha response has no url codebase")
+    if len(urls) > MAX_URLS:
+        raise OmahaError(f"Omaha response lists {len(urls)} urls; at most {MAX_URLS} are accepted")
     pkg = manifest.find("packages/package")
     if pkg is None:
         raise OmahaError("Omaha response has no <package>")
     name = pkg.get("name", "")
     if not name:
         raise OmahaError("Omaha response package has an empty name")
+    _check_package_name(name)
+    for u in urls:
+        check_payload_url(u)
+    version = manifest.get("version", "")
+    if version and (len(version) > MAX_VERSION or not is_version(version)):
+        raise OmahaError(f"Omaha response manifest version is not a version: {version[:40]!r}")
     size = _int(pkg.get("size"), "package size", default=0)
     if size <= 0:
         raise OmahaError(f"Omaha response has an invalid payload size: {pkg.get('size')!r}")
@@ -329,10 +353,40 @@ def parse_response(data: bytes) -> Response:
     except ValueError:
         max_fail = 10
     out.update = Update(
-        version=manifest.get("version", ""),
+        version=version,
         urls=[u + ("" if u.endswith("/") else "/") + name for u in urls],
         package_name=name, size=size, sha256=sha.hex(), sha1_b64=pkg.get("hash", ""),
         is_delta=action.get("IsDeltaPayload") == "true",
         disable_payload_backoff=action.get("DisablePayloadBackoff") == "true",
         max_failure_count_per_url=max_fail)
     return out
+
+
+_CONTROL = re.compile(r"[\x00-\x20\x7f]")
+
+
+def check_payload_url(url: str) -> str:
+    """``url`` when it is an absolute http(s) URL without credentials; else OmahaError.
+
+    What an Omaha answer may send the host to. Anything else (``file:``, a bare path, ``ftp:``) is
+    refused before it is opened, so the error the host reports says nothing about its own files."""
+    if len(url) > MAX_URL:
+        raise OmahaError(f"Omaha response url is longer than {MAX_URL} characters")
+    if _CONTROL.search(url):
+        raise OmahaError(f"Omaha response url has spaces or control characters: {url[:60]!r}")
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
+    except ValueError:
+        raise OmahaError(f"Omaha response url is malformed: {url[:60]!r}") from None
+    if parts.scheme.lower() not in ("http", "https") or not host:
+        raise OmahaError(f"Omaha response url {url[:60]!r} is not an http(s):// URL: only those are fetched")
+    if parts.username is not None or parts.password is not None:
+        raise OmahaError("Omaha response url carries credentials (user@host): refused")
+    return url
+
+
+def _check_package_name(name: str) -> None:
+    if len(name) > 255 or name in (".", "..") or "/" in name or "\\" in name or _CONTROL.search(name):
+        raise OmahaError(f"Omaha response package name is not a plain file name: {name[:60]!r}")

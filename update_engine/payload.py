@@ -42,6 +42,10 @@ SIGNATURE_SIZE = 64
 MAX_MANIFEST = 16 * 1024 * 1024  # refused before reading; at 4 MiB chunks this fits a ~900 GiB target
 BLOCK_SIZE = 4096
 CHUNK_SIZE = 4 * 1024 * 1024  # per-chunk SHA-256 lets a host stop at the first bad chunk
+# A host holds a few chunks in memory while it streams (docs/payload.md), so the format bounds them;
+# any multiple of BLOCK_SIZE in between is fine (nothing relies on a power of two).
+MIN_CHUNK_SIZE = BLOCK_SIZE
+MAX_CHUNK_SIZE = 16 * 1024 * 1024
 
 OP_REPLACE = "replace"  # data blob -> dst extent
 OP_SOURCE_COPY = "source_copy"  # reserved for deltas: copy src extents of the running slot (not yet applied)
@@ -55,6 +59,10 @@ _TOKEN = re.compile(r"^[A-Za-z0-9{}._:\-]{1,128}$")
 
 class PayloadError(ObeliskError, ValueError):
     """A payload is malformed, unsigned or for something else; one line for the user."""
+
+
+class PayloadSignatureError(PayloadError):
+    """The manifest is not signed by a trusted key (or the signature does not match it)."""
 
 
 @dataclass(frozen=True)
@@ -210,8 +218,13 @@ def parse_manifest_json(blob: bytes) -> Manifest:
         raise PayloadError("manifest: verity root_hash is not a hex digest")
     block = _nonneg(obj, "block_size", "manifest")
     chunk = _nonneg(obj, "chunk_size", "manifest")
-    if block != BLOCK_SIZE or chunk <= 0 or chunk % block:
-        raise PayloadError(f"manifest: block_size {block} / chunk_size {chunk} not supported")
+    if block != BLOCK_SIZE:
+        raise PayloadError(f"manifest: block_size {block} is not supported (this host reads {BLOCK_SIZE})")
+    if not MIN_CHUNK_SIZE <= chunk <= MAX_CHUNK_SIZE or chunk % block:
+        raise PayloadError(f"manifest: chunk_size {chunk} is not supported: it must be a multiple of {block} "
+                           f"from {MIN_CHUNK_SIZE} to {MAX_CHUNK_SIZE} bytes")
+    if size == 0:
+        raise PayloadError("manifest: target size is 0: a payload must stage a USR image")
     if hoff > size or hoff % block:
         raise PayloadError(f"manifest: hash_offset {hoff} is not a block boundary inside the target ({size})")
     ops_raw = _get(obj, "operations", list)
@@ -256,7 +269,7 @@ def verify_signed(head: bytes, manifest_blob: bytes, signature: bytes, trusted_k
     try:
         key = signing.verify_any(trusted_keys, head[:HEADER_SIZE] + manifest_blob, signature)
     except SigningError as exc:
-        raise PayloadError(f"manifest signature: {exc}") from None
+        raise PayloadSignatureError(f"manifest signature: {exc}") from None
     m = parse_manifest_json(manifest_blob)
     data_offset = HEADER_SIZE + len(manifest_blob) + len(signature)
     return _with(m, data_offset=data_offset, signed_by=key.key_id, raw=head[:HEADER_SIZE] + manifest_blob + signature)

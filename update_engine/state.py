@@ -4,18 +4,34 @@ Like update_engine's prefs: the status, the previous version recorded at postins
 first check after the reboot reports 3/2 with it, or 3/0 errorcode 44 if the host came back on
 it), the version staged and the boot it was staged in, versions that rolled back (never taken
 again), the aleph version, and the error backoff. Written atomically (tmp + fsync + rename).
+
+The daemon changes its state only through :class:`StateMachine`: ``TRANSITIONS`` lists every move a
+run may make (check → download → verify → finalize → need reboot, or → report the error → idle), and
+``StateMachine.move`` is the one place that checks a move against it, changes the state, persists it and
+tells systemd. Every state may go back to IDLE: a run that was stopped, killed or crashed starts over
+from there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
 from pathlib import Path
 
 from obelisk.atomicfile import write_atomic
 
+log = logging.getLogger("obelisk.update")
+
 STATE_FILE = "state.json"
+STATE_DIR_MODE = 0o700
+STATE_FILE_MODE = 0o600
 
 
 class Status(StrEnum):
@@ -70,6 +86,98 @@ def load_state(state_dir: Path) -> DaemonState:
         return DaemonState()
 
 
+def ensure_dir(path: Path, mode: int, *, parents_mode: int = 0o755) -> None:
+    """Make ``path`` (and missing parents) with explicit modes: the umask never decides who may look in."""
+    missing = []
+    p = path
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            d.mkdir()
+            os.chmod(d, mode if d == path else parents_mode)
+
+
 def save_state(state_dir: Path, st: DaemonState) -> None:
-    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    write_atomic(state_dir / STATE_FILE, json.dumps(asdict(st), sort_keys=True, indent=1).encode())
+    ensure_dir(state_dir, STATE_DIR_MODE)
+    write_atomic(state_dir / STATE_FILE, json.dumps(asdict(st), sort_keys=True, indent=1).encode(),
+                 mode=STATE_FILE_MODE)
+
+
+# ---------------------------------------------------------------- the state machine
+
+S = Status
+TRANSITIONS: dict[Status, frozenset[Status]] = {
+    S.IDLE: frozenset({S.IDLE, S.CHECKING_FOR_UPDATE,
+                       S.UPDATED_NEED_REBOOT}),  # a stage the GPT shows complete, or a trial still pending
+    S.CHECKING_FOR_UPDATE: frozenset({S.CHECKING_FOR_UPDATE, S.IDLE, S.UPDATE_AVAILABLE, S.REPORTING_ERROR_EVENT}),
+    S.UPDATE_AVAILABLE: frozenset({S.DOWNLOADING, S.REPORTING_ERROR_EVENT, S.IDLE}),
+    S.DOWNLOADING: frozenset({S.DOWNLOADING, S.VERIFYING, S.REPORTING_ERROR_EVENT, S.IDLE}),
+    S.VERIFYING: frozenset({S.VERIFYING, S.FINALIZING, S.REPORTING_ERROR_EVENT, S.IDLE}),
+    S.FINALIZING: frozenset({S.FINALIZING, S.UPDATED_NEED_REBOOT, S.REPORTING_ERROR_EVENT, S.IDLE}),
+    S.UPDATED_NEED_REBOOT: frozenset({S.UPDATED_NEED_REBOOT, S.IDLE}),  # IDLE: marked good or rolled back
+    S.REPORTING_ERROR_EVENT: frozenset({S.REPORTING_ERROR_EVENT, S.IDLE}),
+}
+IN_FLIGHT = frozenset(TRANSITIONS) - {S.IDLE, S.UPDATED_NEED_REBOOT}  # a run was under way when this was saved
+
+
+class IllegalTransition(RuntimeError):
+    """A bug: the daemon tried a move ``TRANSITIONS`` does not allow (not an ObeliskError: it must be seen)."""
+
+
+class StateMachine:
+    """The daemon's persisted state; ``move`` is the only way it changes (checked, saved, announced)."""
+
+    def __init__(self, state_dir: Path, *, notify: Callable[[DaemonState], None] | None = None,
+                 save_every: float = 1.0) -> None:
+        self.state_dir = state_dir
+        self.lock = threading.RLock()
+        self.st = load_state(state_dir)
+        if self.st.state not in TRANSITIONS:  # a state file from elsewhere: start from the beginning
+            self.st.state = Status.IDLE
+        self.notify = notify
+        self.save_every = save_every
+        self._last_save = 0.0
+
+    @property
+    def state(self) -> Status:
+        return Status(self.st.state)
+
+    def move(self, to: Status, **fields: object) -> None:
+        """Go to ``to`` with ``fields`` changed, if ``TRANSITIONS`` allows it; persist; tell systemd on a change."""
+        with self.lock:
+            here = self.state
+            if to not in TRANSITIONS[here]:
+                raise IllegalTransition(f"update state {here} cannot go to {to}")
+            for k in fields:
+                if not hasattr(self.st, k):
+                    raise AttributeError(f"DaemonState has no field {k!r}")
+            self.st.state = to
+            for k, v in fields.items():
+                setattr(self.st, k, v)
+            self._save()
+        if self.notify is not None:
+            self.notify(self.st)
+        if to != here:
+            log.info("state %s", to)
+
+    def record(self, **fields: object) -> None:
+        """Change fields and persist, staying in the current state."""
+        self.move(self.state, **fields)
+
+    def progress(self, value: float) -> None:
+        """Download progress: kept in memory at once, saved at most every ``save_every`` seconds."""
+        with self.lock:
+            self.st.progress = value
+            now = time.monotonic()
+            if now - self._last_save >= self.save_every:
+                self._save()
+
+    def public(self) -> dict:
+        with self.lock:
+            return self.st.public()
+
+    def _save(self) -> None:
+        save_state(self.state_dir, self.st)
+        self._last_save = time.monotonic()

@@ -44,9 +44,13 @@ def test_serve_and_apply_stage_slot_b(world: World, serve, ue_argv: list[str], t
     assert hashlib.sha256(slot_bytes(disk, 3)).hexdigest() == a_before
     veritysetup_verify(disk, 4, new, tmp_path)
 
-    # Applying again onto the same disk: B is now the next-boot slot, so it counts as running.
+    # Applying again onto the same disk: B's trial is pending, so A is still the last good slot and B is
+    # staged again (before, the pending trial counted as running and the second apply overwrote A).
     r = run_ue(ue_argv, "apply", str(new.payload), "--disk", str(disk), "--key", str(world.pub))
-    assert r.returncode == 0 and "slot A" in r.stdout  # the passive one is A now
+    assert r.returncode == 0 and "slot B" in r.stdout, r.stdout + r.stderr
+    at = slot_attrs(disk)
+    assert at["A"][2] and at["B"][1:] == (1, False)
+    assert hashlib.sha256(slot_bytes(disk, 3)).hexdigest() == a_before
     # An untrusted key: one clear line, no traceback, nothing changed.
     before = slot_attrs(disk)
     r = run_ue(ue_argv, "apply", str(new.payload), "--disk", str(disk), "--key", str(world.evil_pub))

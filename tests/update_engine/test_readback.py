@@ -1,7 +1,7 @@
 """The apply's read-back and whole-payload checks, which run in their own thread behind the writer.
 
 A disk that returns other bytes than were written cannot be made here, so the write is the fake: a wrapped
-``_pwrite_all`` stores one chunk with a flipped bit after that chunk passed its signed-hash check (as a faulty
+``slotwriter.pwrite_all`` stores one chunk with a flipped bit after that chunk passed its signed-hash check (as a faulty
 disk or a stray writer would). Everything else is real: the payload, the disk image file, the GPT."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from ue_helpers import World, slot_attrs, slot_bytes
 
 from obelisk.signing import load_public_key
 from update_engine import apply as applymod
-from update_engine import omaha
+from update_engine import omaha, slotwriter
 
 
 def test_slot_that_reads_back_wrong_is_refused(world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -22,7 +22,7 @@ def test_slot_that_reads_back_wrong_is_refused(world: World, tmp_path: Path, mon
     disk = world.disk(tmp_path / "disk.raw")
     a_before = hashlib.sha256(slot_bytes(disk, 3)).hexdigest()
     attrs_before = slot_attrs(disk)
-    orig = applymod._pwrite_all
+    orig = slotwriter.pwrite_all
     calls = [0]
 
     def corrupting(fd: int, data, offset: int) -> None:
@@ -32,7 +32,7 @@ def test_slot_that_reads_back_wrong_is_refused(world: World, tmp_path: Path, mon
             data[len(data) // 2] ^= 0x10
         orig(fd, data, offset)
 
-    monkeypatch.setattr(applymod, "_pwrite_all", corrupting)
+    monkeypatch.setattr(slotwriter, "pwrite_all", corrupting)
     with pytest.raises(applymod.ApplyError) as exc:
         applymod.Applier(str(new.payload), disk, [load_public_key(world.pub)]).run()
     assert exc.value.code == omaha.ERR_NEW_ROOTFS_VERIFICATION and "chunk 2 does not read back" in str(exc.value)

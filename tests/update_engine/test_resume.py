@@ -14,8 +14,10 @@ from pathlib import Path
 
 from ue_helpers import World, slot_attrs, slot_bytes, veritysetup_verify
 
+from bootloader import slots
 from obelisk.signing import load_public_key
 from update_engine import apply as applymod
+from update_engine import progress, slotwriter
 
 
 def _b_unbootable(disk: Path) -> bool:
@@ -69,8 +71,8 @@ def _apply_in_child(world: World, disk: Path, state: Path, die_at: tuple[str, in
             if die_at is not None:
                 what, n = die_at
                 counter = [0]
-                target = {"write": "_pwrite_all", "checkpoint": "write_atomic"}[what]
-                orig = getattr(applymod, target)
+                module, target = {"write": (slotwriter, "pwrite_all"), "checkpoint": (progress, "write_atomic")}[what]
+                orig = getattr(module, target)
 
                 def dying(*a, **kw):
                     counter[0] += 1
@@ -79,7 +81,7 @@ def _apply_in_child(world: World, disk: Path, state: Path, die_at: tuple[str, in
                             Path(a[0]).with_name(f".{Path(a[0]).name}.tmp{os.getpid()}").write_bytes(b'{"ident')
                         os.kill(os.getpid(), signal.SIGKILL)
                     return orig(*a, **kw)
-                setattr(applymod, target, dying)
+                setattr(module, target, dying)
             applymod.Applier(str(new.payload), disk, [load_public_key(world.pub)], state_dir=state,
                              transfer=applymod.Transfer(checkpoint_bytes=1)).run()
             os._exit(0)
@@ -121,7 +123,7 @@ def test_resume_rechecks_written_chunks(world: World, tmp_path: Path) -> None:
     disk = world.disk(tmp_path / "disk.raw")
     state = tmp_path / "state"
     assert os.WIFSIGNALED(_apply_in_child(world, disk, state, ("write", 10)))
-    off, _ = applymod.slots.slot_extent(disk, 4)
+    off, _ = slots.slot_extent(disk, 4)
     with open(disk, "r+b") as f:
         f.seek(off + 100)
         f.write(b"\xff" * 10)
