@@ -157,7 +157,22 @@ class Plan:
             return ch.data if ch.op == "write" else None
         if self.link_target(path) == "/dev/null":
             return b""  # a masked unit: systemd reads it as empty, and so do we
-        return _read_host(self._resolve(path, follow_last=True), path, self.root, MAX_READ)
+        data = _read_host(self._resolve(path, follow_last=True), path, self.root, MAX_READ)
+        if data is None:
+            self._refuse_dangling(path)
+        return data
+
+    def _refuse_dangling(self, path: str) -> None:
+        """A link on the way to ``path`` that leads nowhere inside the root: on this machine it may well lead
+        somewhere (``/etc/shadow -> /etc/shadow`` of the host), so it is an error naming it, not "no file"."""
+        cur = ""
+        for part in path.split("/")[1:]:
+            cur = f"{cur}/{part}"
+            target = self.link_target(cur)
+            if target is not None and not os.path.exists(self._resolve(cur, follow_last=True)):
+                raise ConfigApplyError(f"cannot read {path}: {cur} in {self.root} is a link to {target}, which does "
+                                       "not exist inside the target root (links are resolved inside the root, never "
+                                       "out of it); fix or remove the link")
 
     def read_text(self, path: str) -> str | None:
         data = self.read(path)
@@ -343,18 +358,26 @@ def _read_host(host: Path, path: str, root: Path, limit: int) -> bytes | None:
     except (FileNotFoundError, NotADirectoryError):
         return None
     except OSError as exc:
+        try:  # a socket cannot even be opened (ENXIO): say what it is
+            _refuse_special(os.lstat(host).st_mode, path, root)
+        except FileNotFoundError:
+            return None
         raise ConfigApplyError(f"cannot read {path} in {root}: {exc.strerror}") from None
     with os.fdopen(fd, "rb") as f:
         mode = os.fstat(fd).st_mode
         if stat.S_ISDIR(mode):
             return None
-        if not stat.S_ISREG(mode):
-            raise ConfigApplyError(f"{path} in {root} is {_kind(mode)}, not a regular file: remove it or "
-                                   "replace it with a file")
+        _refuse_special(mode, path, root)
         data = f.read(limit + 1)
     if len(data) > limit:
         raise ConfigApplyError(f"{path} in {root} is larger than {limit} bytes; refusing to read it")
     return data
+
+
+def _refuse_special(mode: int, path: str, root: Path) -> None:
+    if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+        raise ConfigApplyError(f"{path} in {root} is {_kind(mode)}, not a regular file: remove it or "
+                               "replace it with a file")
 
 
 def _own_dir(host: Path, mode: int, uid: int, gid: int) -> None:
