@@ -175,6 +175,9 @@ class Store:
         """Bring the schema to `target`; refuse a revision newer than this code (one line, no change)."""
         script = ScriptDirectory(str(MIGRATIONS))
         with self.engine.begin() as c:
+            if c.dialect.name == "postgresql":
+                # Replicas starting together on an empty database: one migrates, the others wait and find it done.
+                c.exec_driver_sql("SELECT pg_advisory_xact_lock(7716334470)")
             current = MigrationContext.configure(c).get_current_revision()
             if current is not None:
                 try:
