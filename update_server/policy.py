@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -428,12 +428,93 @@ class PlanEntry:
     machine_id: str
     seed: int
     version: str | None
-    at: float | None      # when it would start; None = not within the horizon or waits for an event
+    at: float | None      # when it would start; None: not by itself (needs an operator or never)
     reason: str           # why then (or why not)
 
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
-@dataclass
-class Preview:
-    group: str
-    target: str | None
-    entries: list[PlanEntry] = field(default_factory=list)
+
+def plan(instances: list[InstanceView], state: GroupState, policy: Policy, now: float, *, step: float = 0.0,
+         started: tuple[float, ...] = (), horizon: float = 90 * 86400.0) -> list[PlanEntry]:
+    """When each instance would start its update, if every host checked in every `step` seconds from `now`.
+
+    Uses the same gates as `decide` (soak, waves, windows, rate, safe mode), in closed form: each host's
+    earliest eligible time, then rate slots handed out in (eligible time, seed, machine id) order,
+    which is the order hosts checking in on that grid in seed order would take them. `started`: the
+    group's start times already in the current period. Safe mode assumes the first host succeeds by
+    its next check-in (the others follow from the check-in after). Hosts held by a switch (disabled,
+    paused, halted) or by no wave get `at=None`.
+    """
+    ws = policy.window_set()
+    out: dict[str, PlanEntry] = {}
+    queue: list[tuple[float, int, str, str]] = []
+    for inst in instances:
+        d = decide(inst, replace(state, started_in_period=0, canary="succeeded"), policy, now)
+        seed = inst.seed
+        if d.code in ("up_to_date", "no_release", "disabled", "paused", "halted") or d.code == "resume":
+            out[inst.machine_id] = PlanEntry(inst.machine_id, seed, d.version, now if d.code == "resume" else None,
+                                             d.reason)
+            continue
+        e = _eligible(inst, state, policy, now, d)
+        if e is None:
+            out[inst.machine_id] = PlanEntry(inst.machine_id, seed, d.version, None, d.reason)
+            continue
+        # The first check-in at which only the rate could hold it back: hosts are served in this order.
+        e = _grid(_open_at(ws, _grid(e, now, step)), now, step)
+        queue.append((e, seed, inst.machine_id, d.version or ""))
+    queue.sort()
+    starts = sorted(started)
+    limit, period = policy.max_updates_per_period, policy.period_s
+    canary_at: float | None = None
+    for e, seed, mid, version in queue:
+        t = _grid(max(e, now), now, step)
+        for _ in range(10_000):  # each round only moves t later; bounded for safety
+            t2 = t
+            if limit is not None:
+                recent = [s for s in starts if s > t2 - period]
+                if len(recent) >= limit:
+                    t2 = _grid(recent[-limit] + period, now, step)
+            if policy.safe_mode and canary_at is not None and t2 <= canary_at:
+                t2 = _grid(canary_at + max(step, 1e-6), now, step)
+            t2 = _grid(_open_at(ws, t2), now, step)
+            if t2 == t:
+                break
+            t = t2
+        if t > now + horizon:
+            out[mid] = PlanEntry(mid, seed, version, None, f"not within {horizon / 86400:.0f} days")
+            continue
+        starts.append(t)
+        starts.sort()
+        first = canary_at is None
+        if first:
+            canary_at = t
+        out[mid] = PlanEntry(mid, seed, version, t, "first host (safe mode)" if policy.safe_mode and first
+                             else "eligible")
+    return [out[i.machine_id] for i in instances]
+
+
+def _eligible(inst: InstanceView, state: GroupState, policy: Policy, now: float, d: Decision) -> float | None:
+    """Earliest time soak, wave and retry allow (windows are applied by the caller)."""
+    published = state.published_at if state.published_at is not None else now
+    e = max(now, published + policy.soak_s)
+    opens = policy.wave_open_at(inst.seed, rollout_start(state, policy))
+    if opens is None:
+        return None
+    e = max(e, opens)
+    if d.code == "retry_later" and d.retry_at is not None:
+        e = max(e, d.retry_at)
+    return e
+
+
+def _grid(t: float, start: float, step: float) -> float:
+    """`t` rounded up to the next check-in time start + k*step (t itself when step is 0)."""
+    if step <= 0 or t <= start:
+        return max(t, start)
+    return start + math.ceil((t - start) / step - 1e-9) * step
+
+
+def _open_at(ws: WindowSet, t: float) -> float:
+    if ws.always:
+        return t
+    return ws.next_open(datetime.fromtimestamp(t, UTC)).timestamp()

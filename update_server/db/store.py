@@ -36,12 +36,14 @@ from update_server.policy import (
     Decision,
     GroupState,
     InstanceView,
+    PlanEntry,
     Policy,
     PolicyError,
     decide,
     halt_reason,
     next_version,
     parse_floors,
+    plan,
 )
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
@@ -431,6 +433,37 @@ class Store:
             return None
         _halt(c, row.group_name, why, now)
         return row.group_name
+
+    def preview(self, group: str, target: str | None, now: float, *, step: float = 0.0,
+                horizon: float = 90 * 86400.0) -> list[PlanEntry]:
+        """Which of the group's instances would start `target` when (policy.plan over the current state)."""
+        check_name("group", group)
+        with self.read() as c:
+            st = c.execute(sa.select(_r.paused, _r.halted, _r.halt_reason, _r.failures_since)
+                           .where(_r.group_name == group)).first()
+            policy, floors, channel_set_at = self._group_setup(c, group)
+            published = None
+            if target is not None:
+                published = c.execute(sa.select(sa.func.min(m.releases.c.published_at))
+                                      .where(m.releases.c.version == target)).scalar()
+            rows = c.execute(sa.select(_i.machine_id, _i.version).where(_i.group_name == group)
+                             .order_by(_i.machine_id)).all()
+            last = {r.machine_id: r for r in c.execute(
+                sa.select(_a.machine_id, _a.version, _a.outcome, _a.finished_at)
+                .where(_a.id.in_(sa.select(sa.func.max(_a.id)).where(_a.group_name == group)
+                                 .group_by(_a.machine_id))))}
+            started = tuple(t for (t,) in c.execute(sa.select(_a.started_at).where(
+                (_a.group_name == group) & (_a.started_at > now - policy.period_s))))
+        views = []
+        for r in rows:
+            a = last.get(r.machine_id)
+            pending = a.version if a is not None and a.outcome == "pending" else None
+            failed = a is not None and a.outcome in ("failed", "timeout")
+            views.append(InstanceView(r.machine_id, r.version, pending, a.version if failed else None,
+                                      a.finished_at if failed else None))
+        state = GroupState(group, target, floors, published, channel_set_at, bool(st and st.paused),
+                           bool(st and st.halted), st.halt_reason if st else "")
+        return plan(views, state, policy, now, step=step, started=started, horizon=horizon)
 
     # ---------------------------------------------------------------- reading the fleet
 
