@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,9 @@ from builder.definition import DebianSource, TinySource
 from builder.errors import BuildError
 from builder.stages import release as release_stage
 from obelisk import signing, tools
+from obelisk.inputs import check_input
 from obelisk.versions import is_version
+from update_engine import payload
 
 FORMATS = ("raw", "qcow2", "pxe")
 DEFAULT_DEFINITION = Path("images/base.toml")
@@ -75,6 +78,35 @@ def needed_tools(defn: definition.ImageDefinition, formats: list[str]) -> list[s
     return need
 
 
+def check_payload_fields(defn: definition.ImageDefinition, version: str, def_path: Path) -> None:
+    """Refuse an app id, arch or version the update payload cannot carry now, not after seven stages:
+    the payload's own writer is asked, on a one-block stand-in for usr.img."""
+    with tempfile.NamedTemporaryFile(prefix="obelisk-preflight-") as f:
+        f.write(bytes(4096))
+        f.flush()
+        try:
+            payload.build_manifest(Path(f.name), app_id=defn.app_id, arch=defn.arch, version=version,
+                                   verity_root_hash="0" * 64, hash_offset=4096)
+        except payload.PayloadError as exc:
+            raise BuildError(f"{def_path}: an update payload cannot carry this release ({exc}): change app_id or "
+                             "the version") from None
+
+
+def writable_dir(path: Path, what: str, option: str, *, create: bool) -> None:
+    """Refuse up front a folder we could not make or write (``create``: make it now)."""
+    probe = path
+    while not probe.exists() and probe != probe.parent:  # the nearest folder that exists must let us make the rest
+        probe = probe.parent
+    if create:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise BuildError(f"{what} {path}: cannot create it: {exc.strerror}: choose another with {option}") from None
+        probe = path
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise BuildError(f"{what} {path}: {probe} is not a folder this user can write: choose another with {option}")
+
+
 def _pem_of(pub: signing.PublicKey) -> bytes:
     return pub.key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
 
@@ -103,11 +135,12 @@ def build(def_path: Path, *, out: Path, version: str | None = None, key: Path | 
         raise BuildError(f"--version {version!r}: use a dotted number with an optional suffix, e.g. 1.2.3 or 1.2.3-rc1")
     fmts = parse_formats(formats, list(defn.formats))
     epoch = definition.source_date_epoch(defn)
+    check_payload_fields(defn, version, def_path)
     for tool in needed_tools(defn, fmts):  # every missing tool is reported before any work starts
         tools.require(tool)
 
     key_path = key if key is not None else dev_key(console)
-    private = signing.load_private_key(key_path)
+    private = signing.load_private_key(check_input(key_path, "private key"))
     signer = signing.public_key_of(private)
     trusted: dict[str, bytes] = {}
     for p in defn.trusted_keys:
@@ -130,7 +163,8 @@ def build(def_path: Path, *, out: Path, version: str | None = None, key: Path | 
         formats=fmts, private_key=private, trusted_keys=keys, cache=(cache or pipeline.default_cache_dir()).resolve(),
         inputs_digest=digest,
     )
-    ctx.cache.mkdir(parents=True, exist_ok=True)
+    writable_dir(ctx.cache, "stage cache", "--cache", create=True)
+    writable_dir(out, "output folder", "--out", create=False)  # nothing is made there before the release
     console.print(f"building [bold]{defn.name}[/] {version} (build {build_id}) from {def_path}")
     stages = pipeline.run_all(ctx, console=console)
     files = release_stage.artifacts(ctx)

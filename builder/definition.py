@@ -3,19 +3,55 @@
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from obelisk.errors import ObeliskError
+from obelisk.inputs import InputFileError, check_input
+from obelisk.versions import is_version
 
 MIB = 1024 * 1024
 # Used when neither SOURCE_DATE_EPOCH nor the definition pins a time (2024-01-01T00:00:00Z): a fixed
 # default keeps rebuilds cacheable and reproducible; FAT cannot store times before 1980.
 DEFAULT_EPOCH = 1704067200
 DEFAULT_APP_ID = "{7b4a2b3c-5d0e-4f51-9d3a-0b5e1c0de001}"
+# Every value is checked with re.fullmatch (a "$" would let a trailing newline through).
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]*")
+# What an update payload's manifest and update.conf accept as an app id (a UUID in braces, usually).
+APP_ID_RE = re.compile(r"[A-Za-z0-9{}._:-]{1,128}")
+# Debian package, suite and component names (Debian policy 5.6.1); also keeps "-o..." options out of apt's argv.
+DEB_NAME_RE = re.compile(r"[a-z0-9][a-z0-9+.-]*")
+# The latest time a FAT file system and every tool in the chain can store (2099-12-31).
+MAX_EPOCH = 4102358400
+MAX_TOML_BYTES = 1 << 20  # a definition is a page of text
+
+
+def _printable(v: str) -> str:
+    """Refuse control characters (a newline in a value would start a new line of os-release, apt sources...)."""
+    bad = next((c for c in v if ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0), None)
+    if bad is not None:
+        raise ValueError(f"{v!r} holds the control character {bad!r}: use printable text")
+    return v
+
+
+def _deb_name(v: str) -> str:
+    if not DEB_NAME_RE.fullmatch(v):
+        raise ValueError(f"{v!r} is not a Debian package, suite or component name (lowercase letters, digits, + . -)")
+    return v
+
+
+def _module_name(v: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", v):
+        raise ValueError(f"{v!r} is not a kernel module name (like virtio_blk)")
+    return v
+
+
+Text = Annotated[str, AfterValidator(_printable)]
+DebName = Annotated[str, AfterValidator(_deb_name)]
 
 
 class DefinitionError(ObeliskError, ValueError):
@@ -30,14 +66,20 @@ class DebianSource(_Strict):
     """A Debian system assembled by mmdebstrap (--variant=minbase)."""
 
     kind: Literal["debian"]
-    suite: str = "bookworm"
-    mirror: str = "http://deb.debian.org/debian"
-    components: list[str] = ["main"]
+    suite: DebName = "bookworm"
+    mirror: Text = "http://deb.debian.org/debian"
+    components: list[DebName] = ["main"]
     # More apt sources, as one-line "deb URL SUITE COMPONENTS" entries (security and updates, say).
-    extra_sources: list[str] = []
-    packages: list[str] = []
+    extra_sources: list[Text] = []
+    packages: list[DebName] = []
     install_obelisk: bool = True  # obelisk's host side under /usr/lib/obelisk/python
 
+    @field_validator("mirror")
+    @classmethod
+    def _mirror(cls, v: str) -> str:
+        if not re.fullmatch(r"(https?|file)://\S+", v):
+            raise ValueError(f"{v!r} is not an http://, https:// or file:// URL")
+        return v
 
     @field_validator("extra_sources")
     @classmethod
@@ -52,7 +94,7 @@ class TinySource(_Strict):
     """busybox-static plus the Debian kernel, each fetched with apt-get download."""
 
     kind: Literal["tiny"]
-    busybox_package: str = "busybox-static"
+    busybox_package: DebName = "busybox-static"
 
 
 class DirectorySource(_Strict):
@@ -72,7 +114,7 @@ class OciSource(_Strict):
 
     kind: Literal["oci"]
     path: Path
-    tag: str | None = None  # org.opencontainers.image.ref.name; default: the only manifest
+    tag: Text | None = None  # org.opencontainers.image.ref.name; default: the only manifest
 
 
 Source = Annotated[
@@ -83,9 +125,9 @@ Source = Annotated[
 class Kernel(_Strict):
     # For tiny/directory/tarball/oci sources: fetch this Debian package (kernel + modules) when the
     # tree has no /usr/lib/modules/<kver>/vmlinuz of its own.
-    package: str = "linux-image-amd64"
+    package: DebName = "linux-image-amd64"
     # Keep only these modules (and what they depend on). Empty list: keep every module.
-    modules: list[str] = []
+    modules: list[Annotated[str, AfterValidator(_module_name)]] = []
     # Drop these folders of /usr/lib/modules/<version>/ (e.g. "kernel/sound"): hardware a host never has.
     exclude: list[str] = []
 
@@ -127,12 +169,12 @@ class Disk(_Strict):
 
 
 class ImageDefinition(_Strict):
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
-    version: str = Field("0.1.0", pattern=r"^[0-9]+(\.[0-9]+)*([-+][0-9A-Za-z.+-]*)?$")
+    name: str
+    version: str = "0.1.0"
     app_id: str = DEFAULT_APP_ID
     arch: Literal["amd64"] = "amd64"
-    pretty_name: str | None = None
-    source_date_epoch: int | None = Field(None, ge=315532800)  # >= 1980 (FAT)
+    pretty_name: Annotated[str, Field(max_length=200), AfterValidator(_printable)] | None = None
+    source_date_epoch: int | None = Field(None, ge=315532800, le=MAX_EPOCH)  # >= 1980 (FAT)
     formats: list[Literal["raw", "qcow2", "pxe"]] = ["raw"]
     # Extra public keys (.pub files, relative to the definition) the image trusts, for key rotation.
     # When set, the signing key must be one of them.
@@ -143,11 +185,26 @@ class ImageDefinition(_Strict):
     kernel: Kernel = Kernel()
     disk: Disk = Disk()
 
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not NAME_RE.fullmatch(v):
+            raise ValueError(f"{v!r} is not an image name: lowercase letters, digits, . _ - (like base or tiny)")
+        return v
+
+    @field_validator("version")
+    @classmethod
+    def _version(cls, v: str) -> str:
+        if not is_version(v):
+            raise ValueError(f"{v!r} is not a version: a dotted number with an optional suffix, like 1.2.3 or "
+                             "1.2.3-rc1")
+        return v
+
     @field_validator("app_id")
     @classmethod
     def _app_id(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("must not be empty")
+        if not APP_ID_RE.fullmatch(v):
+            raise ValueError(f"{v!r} is not an app id: a UUID in braces, or up to 128 letters, digits and {{}} . _ : -")
         return v
 
 
@@ -173,19 +230,39 @@ def _message(err: dict) -> str:
         return "missing 'kind' (debian, tiny, directory, tarball or oci)"
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, ") :]
-    return f"{msg} (got {err.get('input')!r})" if kind not in ("value_error",) and "input" in err else msg
+    if kind == "value_error" or "input" not in err:
+        return msg
+    got = repr(err["input"])
+    return f"{msg} (got {got[:60] + '...' if len(got) > 60 else got})"
+
+
+def _read(path: Path) -> dict:
+    try:
+        check_input(path, "TOML image definition")
+    except InputFileError as exc:
+        if not path.exists():
+            raise DefinitionError(f"{path}: no such image definition (try images/base.toml or "
+                                  "images/tiny.toml)") from None
+        raise DefinitionError(str(exc)) from None
+    if path.stat().st_size > MAX_TOML_BYTES:
+        raise DefinitionError(f"{path}: {path.stat().st_size} bytes is too big for an image definition "
+                              f"(at most {MAX_TOML_BYTES}): is it the right file?")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise DefinitionError(f"{path}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise DefinitionError(f"{path}: not UTF-8 text (byte {exc.start}): an image definition is TOML") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise DefinitionError(f"{path}: not valid TOML: {exc}") from None
+    except RecursionError:
+        raise DefinitionError(f"{path}: not valid TOML: tables or arrays nested too deeply") from None
 
 
 def load(path: Path) -> ImageDefinition:
-    """Read and validate one definition; relative paths inside it are made absolute."""
-    try:
-        raw = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise DefinitionError(f"{path}: no such image definition (try images/base.toml or images/tiny.toml)") from None
-    except OSError as exc:
-        raise DefinitionError(f"{path}: cannot read: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise DefinitionError(f"{path}: not valid TOML: {exc}") from None
+    """Read and validate one definition; relative paths inside it are made absolute, and the files and
+    folders it names are checked here, before any build work starts."""
+    raw = _read(path)
     try:
         model = ImageDefinition.model_validate(raw)
     except ValidationError as exc:
@@ -194,32 +271,49 @@ def load(path: Path) -> ImageDefinition:
             first = {**first, "loc": (*first["loc"], "kind")}
         more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
         raise DefinitionError(f"{path}: {_loc(first['loc'])}: {_message(first)}{more}") from None
+    except RecursionError:
+        raise DefinitionError(f"{path}: values nested too deeply for an image definition") from None
     base = path.resolve().parent
 
     def absolute(p: Path) -> Path:
         return p if p.is_absolute() else (base / p).resolve()
 
-    update: dict[str, object] = {
-        "trusted_keys": [absolute(p) for p in model.trusted_keys],
-        "files": [absolute(p) for p in model.files],
-    }
+    keys = [absolute(p) for p in model.trusted_keys]
+    files = [absolute(p) for p in model.files]
+    update: dict[str, object] = {"trusted_keys": keys, "files": files}
     src = model.source
     if isinstance(src, DirectorySource | TarballSource | OciSource):
         full = absolute(src.path)
         if not full.exists():
             raise DefinitionError(f"{path}: source.path: {full} does not exist")
+        if isinstance(src, TarballSource):
+            _check_file(path, "source.path", full, "tarball")
+        elif not full.is_dir():
+            raise DefinitionError(f"{path}: source.path: {full} is not a folder: a {src.kind} source is a folder")
         update["source"] = src.model_copy(update={"path": full})
-    for key in update["trusted_keys"]:  # type: ignore[union-attr]
-        if not Path(key).is_file():
-            raise DefinitionError(f"{path}: trusted_keys: {key} does not exist")
+    for key in keys:
+        _check_file(path, "trusted_keys", key, "public key")
+    for folder in files:
+        if not folder.is_dir():
+            raise DefinitionError(f"{path}: files: {folder} is not a folder: each entry is an overlay folder")
     return model.model_copy(update=update)
+
+
+def _check_file(defn: Path, key: str, p: Path, what: str) -> None:
+    try:
+        check_input(p, what)
+    except InputFileError as exc:
+        raise DefinitionError(f"{defn}: {key}: {exc}") from None
 
 
 def source_date_epoch(defn: ImageDefinition) -> int:
     env = os.environ.get("SOURCE_DATE_EPOCH")
     if env:
         try:
-            return int(env)
+            value = int(env)
         except ValueError:
             raise DefinitionError(f"SOURCE_DATE_EPOCH={env!r} is not an integer number of seconds") from None
+        if not 315532800 <= value <= MAX_EPOCH:
+            raise DefinitionError(f"SOURCE_DATE_EPOCH={env}: use a time from 1980 to 2099 (FAT stores no other)")
+        return value
     return defn.source_date_epoch if defn.source_date_epoch is not None else DEFAULT_EPOCH

@@ -4,19 +4,18 @@ initramfs) at /usr/lib/obelisk/boot/, so kernel, initramfs and /usr always chang
 
 from __future__ import annotations
 
-import importlib
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
+from bootloader import initramfs
 from builder import fsutil, kernel
 from builder.definition import DebianSource
 from obelisk import tools
 from obelisk.signing import IMAGE_KEYS_DIR
 
 DEPENDS = ("rootfs", "python")
-CODE = ("bootloader/initramfs.py", "bootloader/initramfs", "obelisk/signing.py")
 REPO = Path(__file__).resolve().parents[2]
 BOOT_DIR = "usr/lib/obelisk/boot"
 LAUNCHER = """#!/usr/bin/python3
@@ -87,10 +86,6 @@ def run(ctx, out: Path) -> dict:
         launcher.chmod(0o755)
     factory_etc(tree)
     ctx.log("tree: initramfs")
-    try:
-        initramfs = importlib.import_module("bootloader.initramfs")
-    except ImportError:
-        raise tools.ToolError("bootloader.initramfs is not available yet: the boot-chain part has not landed") from None
     initramfs.build(tree, boot / "initrd.img")
     if not (boot / "initrd.img").is_file():
         raise tools.ToolError("bootloader.initramfs.build made no initrd.img")
@@ -146,6 +141,14 @@ def _in_usr(rel: Path) -> Path:
     return rel
 
 
+def os_release_quote(value: str) -> str:
+    """``value`` as an os-release(5) string: in double quotes, with \\ " $ and ` escaped by a backslash
+    (the shell-compatible subset). Control characters cannot be quoted: the definition refuses them."""
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        raise ValueError(f"{value!r} holds a control character")
+    return '"' + "".join("\\" + c if c in '\\"$`' else c for c in value) + '"'
+
+
 def write_identity(ctx, tree: Path) -> None:
     d = ctx.definition
     pretty = d.pretty_name or f"obelisk {d.name} {ctx.version}"
@@ -153,7 +156,7 @@ def write_identity(ctx, tree: Path) -> None:
     os_release = (
         f'NAME="obelisk"\nID=obelisk\n{like}VERSION="{ctx.version}"\nVERSION_ID={ctx.version}\n'
         f"BUILD_ID={ctx.build_id}\nIMAGE_ID={d.name}\nIMAGE_VERSION={ctx.version}\n"
-        f'PRETTY_NAME="{pretty}"\nHOME_URL="https://github.com/obelisk-os/obelisk"\n'
+        f'PRETTY_NAME={os_release_quote(pretty)}\nHOME_URL="https://github.com/obelisk-os/obelisk"\n'
     )
     target = fsutil.dirs_inside(tree, "usr/lib") / "os-release"
     fsutil.remove_tree(target)

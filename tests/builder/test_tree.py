@@ -139,3 +139,23 @@ def test_kernel_files_behind_symlinks_are_not_taken(tmp_path: Path) -> None:
     with pytest.raises(BuildError, match="/usr/lib/modules/6.1.0/kernel is a symlink"):
         fsutil.path_inside(tree, "usr/lib/modules/6.1.0/kernel/sound")
     assert secret.is_file()
+
+
+def test_os_release_quotes_pretty_name_so_a_shell_reads_it_back(tmp_path: Path) -> None:
+    """os-release(5) values are shell-compatible: sourcing the file must give back the exact name."""
+    import subprocess
+    from types import SimpleNamespace
+
+    from builder.definition import DEFAULT_APP_ID, TinySource
+
+    pretty = 'My "best" OS $HOME `id` \\ 50% ünïcode'
+    defn = SimpleNamespace(pretty_name=pretty, name="tiny", source=TinySource(kind="tiny"), app_id=DEFAULT_APP_ID)
+    ctx = SimpleNamespace(definition=defn, version="1.0.0", build_id="20240101.abcd")
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    tree_stage.write_identity(ctx, tree)
+    text = (tree / "usr/lib/os-release").read_text()
+    assert len(text.splitlines()) == 9  # one line per key: nothing injected
+    got = subprocess.run(["sh", "-c", '. "$1" && printf %s "$PRETTY_NAME"', "sh", tree / "usr/lib/os-release"],
+                         capture_output=True, text=True, check=True).stdout
+    assert got == pretty
