@@ -11,7 +11,6 @@ from builder import fsutil
 from builder.definition import MIB
 
 DEPENDS = ("esp", "usr", "fs")
-CODE = ("bootloader/gpt.py", "bootloader/slots.py")
 SECTOR = 512
 DISK_GUID = uuid.UUID("00000000-0000-0000-0000-000000000001")  # placeholder: first boot randomizes it
 LINUX_DATA = uuid.UUID("0fc63daf-8483-4772-8e79-3d69d8477de4")

@@ -3,17 +3,16 @@
 
 from __future__ import annotations
 
-import importlib
 import os
 from pathlib import Path
 
+from bootloader import esp
 from builder import fsutil
 from builder.definition import MIB
 from builder.errors import BuildError
 from obelisk import tools
 
 DEPENDS = ("usr",)
-CODE = ("bootloader/esp.py", "bootloader/grub.py")
 VOLUME_ID = "0b5e1c0d"  # fixed FAT serial: reproducible images
 
 
@@ -22,10 +21,6 @@ def inputs(ctx) -> dict:
 
 
 def run(ctx, out: Path) -> dict:
-    try:
-        esp = importlib.import_module("bootloader.esp")
-    except ImportError:
-        raise BuildError("bootloader.esp is not available yet: the boot-chain part has not landed") from None
     usr = ctx["usr"].meta
     files = out / "files"
     files.mkdir()

@@ -8,7 +8,6 @@ from obelisk import signing
 from update_engine import payload
 
 DEPENDS = ("usr",)
-CODE = ("update_engine/payload.py", "obelisk/signing.py")
 
 
 def inputs(ctx) -> dict:

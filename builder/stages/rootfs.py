@@ -23,7 +23,6 @@ from obelisk import tools
 from obelisk.inputs import InputFileError, check_input
 
 DEPENDS: tuple[str, ...] = ()
-CODE = ("builder/debs.py", "builder/kernel.py")
 MERGED_USR_HOOK = Path("/usr/share/mmdebstrap/hooks/merged-usr")
 # Trimmed from Debian trees: documentation and translations are not needed on a host and make /usr big.
 DPKG_EXCLUDES = ["/usr/share/doc/*", "/usr/share/man/*", "/usr/share/info/*", "/usr/share/locale/*",
@@ -31,11 +30,7 @@ DPKG_EXCLUDES = ["/usr/share/doc/*", "/usr/share/man/*", "/usr/share/info/*", "/
 
 
 def initramfs_modules() -> frozenset[str]:
-    try:
-        from bootloader import initramfs
-    except ImportError:
-        return frozenset()
-    return frozenset(getattr(initramfs, "MODULES", []))
+    return frozenset(initramfs.MODULES)
 
 
 def kept_modules(ctx) -> list[str]:
@@ -158,7 +153,7 @@ def blob_path(layout: Path, desc: object, what: str) -> tuple[Path, str, str]:
     algo, hexd = digest.split(":")
     path = layout / "blobs" / algo / hexd
     try:
-        check_input(path, f"OCI blob ({what})")
+        check_input(path, f"blob file ({what})")
     except InputFileError as exc:
         raise archive.ArchiveError(f"{layout}: {exc}") from None
     size = desc.get("size")  # type: ignore[union-attr]
@@ -195,7 +190,7 @@ def oci_layers(src: OciSource) -> list[Path]:
     layout = src.path
     index_path = layout / "index.json"
     try:
-        check_input(index_path, "OCI index")
+        check_input(index_path, "index file")
         index = _as(dict, json.loads(index_path.read_bytes()), "index.json", layout)
     except InputFileError as exc:
         raise archive.ArchiveError(f"{layout}: not an OCI image layout: {exc}") from None
