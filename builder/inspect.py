@@ -7,8 +7,9 @@ import json
 import uuid
 from pathlib import Path
 
-from bootloader import gpt, slots
+from bootloader import esp, gpt, grub, slots
 from obelisk.errors import ObeliskError
+from obelisk.inputs import check_input
 
 TYPE_NAMES = {
     slots.ESP_TYPE: "EFI-SYSTEM",
@@ -25,10 +26,8 @@ class InspectError(ObeliskError, ValueError):
 def _loader_slots(disk: Path) -> dict[str, dict]:
     """Per-slot boot data (version, root hash) from the ESP's grubenv, when the disk has one."""
     try:
-        from bootloader import esp, grub
-
         env = grub.LoaderEnv.from_vars(grub.parse_env(esp.read_file(disk, grub.ENV_PATH)))
-    except Exception:  # no ESP, no grubenv, or a boot chain without them: inspect shows the GPT only
+    except ObeliskError:  # no ESP or no grubenv (a disk of another kind): inspect shows the GPT only
         return {}
     return {n: {"version": s.version, "root_hash": s.hash, "hash_offset": s.hashoff} for n, s in env.slots.items()}
 
@@ -56,15 +55,21 @@ def inspect_disk(disk: Path) -> dict:
 def inspect(target: Path) -> dict:
     if target.is_dir():
         rel = target / "release.json"
-        if not rel.is_file():
+        if not rel.exists():
             raise InspectError(f"{target}: no release.json: give a release folder (out/<name>/<version>) or a disk")
+        check_input(rel, "release.json")
         try:
             info: dict = {"release": json.loads(rel.read_text())}
-        except ValueError as exc:
+        except (ValueError, UnicodeDecodeError) as exc:
             raise InspectError(f"{rel}: not valid JSON: {exc}") from None
-        if (target / "disk.raw").is_file():
-            info["disk"] = inspect_disk(target / "disk.raw")
+        except OSError as exc:
+            raise InspectError(f"{rel}: cannot read: {exc.strerror}") from None
+        if not isinstance(info["release"], dict):
+            raise InspectError(f"{rel}: not a release.json (a JSON object): rebuild the release")
+        disk = target / "disk.raw"
+        if disk.exists():
+            info["disk"] = inspect_disk(check_input(disk, "disk image"))
         return info
-    if not target.exists():
+    if not target.exists() and not target.is_symlink():
         raise InspectError(f"{target}: no such file or folder")
-    return {"disk": inspect_disk(target)}
+    return {"disk": inspect_disk(check_input(target, "disk image", block_device=True))}

@@ -10,6 +10,7 @@ from builder import fsutil
 from builder.build import data_dir
 from obelisk import signing
 from obelisk.errors import ObeliskError
+from obelisk.inputs import check_input
 from update_engine import payload
 
 
@@ -45,11 +46,14 @@ def verify(release_dir: Path, key: Path | None) -> Report:
     if not release_dir.is_dir():
         raise VerifyError(f"{release_dir}: no such release folder")
     key = key or default_public_key()
-    if not key.is_file():
+    if not key.exists():
         raise VerifyError(f"no public key at {key}: pass --key PUB (the obelisk.pub of the signing key)")
-    keys = [signing.load_public_key(key)]
+    keys = [signing.load_public_key(check_input(key, "public key"))]
     report = Report()
     sums_path, sig_path = release_dir / "SHA256SUMS", release_dir / "SHA256SUMS.sig"
+    for p in (sums_path, sig_path):
+        if p.exists():
+            check_input(p, p.name)  # a FIFO would hang the read
     if not sums_path.is_file() or not sig_path.is_file():
         raise VerifyError(f"{release_dir}: SHA256SUMS or SHA256SUMS.sig is missing: not an obelisk release")
     sums = sums_path.read_bytes()
@@ -76,12 +80,20 @@ def verify(release_dir: Path, key: Path | None) -> Report:
     for extra in sorted(p.name for p in release_dir.iterdir() if p.is_file()):
         if extra not in listed and extra not in ("SHA256SUMS", "SHA256SUMS.sig"):
             report.add(extra, False, "not listed in SHA256SUMS")
+    rel_path = release_dir / "release.json"
     try:
-        rel = json.loads((release_dir / "release.json").read_text())
-    except (OSError, ValueError) as exc:
+        rel = json.loads(check_input(rel_path, "release.json").read_text())
+    except (OSError, ValueError, ObeliskError) as exc:  # a FIFO is refused by check_input, not read
         report.add("release.json", False, f"unreadable: {exc}")
         return report
-    for name, art in rel.get("artifacts", {}).items():
+    if not isinstance(rel, dict):
+        report.add("release.json", False, "not a JSON object")
+        return report
+    artifacts = rel.get("artifacts", {})
+    if not isinstance(artifacts, dict) or not all(isinstance(a, dict) for a in artifacts.values()):
+        report.add("release.json", False, "artifacts is not an object of objects")
+        artifacts = {}
+    for name, art in artifacts.items():
         p = release_dir / name
         if p.is_file() and p.stat().st_size != art.get("size"):
             report.add(f"{name} size", False, f"{p.stat().st_size} bytes, release.json says {art.get('size')}")

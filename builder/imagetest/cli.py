@@ -13,6 +13,8 @@ from pathlib import Path
 import typer
 
 from builder.imagetest import scenarios
+from obelisk.errors import clean_errors
+from obelisk.inputs import check_input
 
 
 def _fail(msg: str, code: int = 2) -> None:
@@ -36,12 +38,22 @@ def test(
     unknown = [n for n in names if n not in scenarios.SCENARIOS]
     if unknown:
         _fail(f"unknown scenario {', '.join(unknown)}: use one of {', '.join(scenarios.SCENARIOS)}")
-    if not (release / "disk.raw").is_file() or not (release / "release.json").is_file():
+    if not (release / "disk.raw").exists() or not (release / "release.json").exists():
         _fail(f"{release} is not a release folder (no disk.raw and release.json): run 'obelisk image build' first")
+    with clean_errors():
+        check_input(release / "disk.raw", "disk image")
+        check_input(release / "release.json", "release.json")
     try:
         meta = json.loads((release / "release.json").read_text())
     except (OSError, ValueError) as exc:
         _fail(f"{release}/release.json is unreadable ({exc}): rebuild the release")
+    if not isinstance(meta, dict):
+        _fail(f"{release}/release.json is not a JSON object: rebuild the release")
+    if any(n in scenarios.SIGNED for n in names):
+        with clean_errors():
+            problem = scenarios.signing_key_problem(release, meta, key)
+        if problem:
+            _fail(problem)
     if definition is None:
         definition = Path("images") / f"{meta.get('name', '')}.toml"
     work = release / "test"

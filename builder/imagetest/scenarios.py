@@ -32,6 +32,7 @@ from bootloader import gpt, slots
 from builder.build import data_dir
 from builder.imagetest import qemu
 from obelisk import signing
+from obelisk.inputs import check_input
 from obelisk.tools import run
 
 PLACEHOLDER_GUID = uuid.UUID("00000000-0000-0000-0000-000000000001")
@@ -125,6 +126,34 @@ def trusted_key(release: Path, scratch: Path) -> Path:
     if dev.exists():
         return dev
     raise ScenarioFailed(f"cannot find the public key {kid} that {release} trusts")
+
+
+# Scenarios that stage a release built (and signed) here or hand the guest a script signed here: they need
+# the private key of one of the keys the release under test trusts.
+SIGNED = ("update", "rollback", "badverity", "power-loss")
+
+
+def signing_key_problem(release: Path, meta: dict, key: Path | None) -> str | None:
+    """Why the scenarios' signing key would be refused by the release's image, or None.
+
+    Checked before anything boots: otherwise every scenario fails late with "signature was not
+    made by any trusted key".
+    """
+    trusted = meta.get("trusted_key_ids") or ([meta["signing_key_id"]] if meta.get("signing_key_id") else [])
+    if not isinstance(trusted, list) or not trusted:
+        return None  # a release.json without key ids: nothing to compare with
+    ids = ", ".join(map(str, trusted))
+    tried = key if key is not None else data_dir() / "dev-key" / signing.PRIVATE_NAME
+    which = "--key" if key is not None else "the development key (no --key given)"
+    if key is None and not tried.exists():
+        return (f"{release} trusts key {ids}; {which} does not exist at {tried}: pass --key with the private key "
+                f"of {ids}")
+    kid = signing.public_key_of(signing.load_private_key(check_input(tried, "private key"))).key_id
+    if kid in trusted:
+        return None
+    return (f"{release} trusts only key {ids} (signed by {meta.get('signing_key_id', '?')}), but {which} {tried} is "
+            f"key {kid}: the image would refuse what the scenarios sign with it; pass --key with the private key of "
+            f"{ids}")
 
 
 def expect(cond: bool, message: str) -> None:

@@ -1,8 +1,12 @@
-"""Stage python: obelisk and its Python dependencies, installed with pip for the image's /usr.
+"""Stage python: obelisk's host side and its Python dependencies, installed with pip for the image's /usr.
 
 Only for Debian sources with ``install_obelisk`` (other trees get nothing here). The result is
 copied into the tree by the tree stage, under /usr/lib/obelisk/python, with /usr/bin/obelisk a
 small launcher that puts that directory on sys.path.
+
+A host gets only what its commands run (``HOST_COMMANDS``: the root CLI and those sub-commands'
+modules, with everything they import, found by ``builder.imports``): no builder (but the one
+``key`` module), no provisioning server, no tests.
 """
 
 from __future__ import annotations
@@ -11,14 +15,20 @@ import shutil
 import sys
 from pathlib import Path
 
-from builder import fsutil
+from builder import fsutil, imports
 from builder.definition import DebianSource
-from obelisk import tools
+from obelisk import cli, tools
 
 DEPENDS: tuple[str, ...] = ()
-REPO = Path(__file__).resolve().parents[2]
-PACKAGES = ("obelisk", "builder", "update_engine", "bootloader", "cloudconfig", "update_server",
-            "fleetlock_server", "provision")
+REPO = imports.REPO
+# The `obelisk` sub-commands a host runs (image and provision run elsewhere).
+HOST_COMMANDS = ("key", "boot", "update", "lock", "cloudconfig")
+
+
+def host_files(repo: Path = REPO) -> list[str]:
+    """Paths (relative to the checkout) of every project file the image's obelisk command needs."""
+    roots = [cli.__name__, *(cli.SUBCOMMANDS[c][0] for c in HOST_COMMANDS)]
+    return sorted(p.relative_to(repo).as_posix() for p in imports.files(roots, repo))
 
 
 def wanted(ctx) -> bool:
@@ -31,7 +41,7 @@ def inputs(ctx) -> dict:
         return {"skip": True}
     return {
         "pyproject": fsutil.sha256_file(REPO / "pyproject.toml"),
-        "code": {p: fsutil.digest_tree(REPO / p) for p in PACKAGES if (REPO / p).is_dir()},
+        "code": {p: fsutil.sha256_file(REPO / p) for p in host_files()},
         "python": f"{sys.version_info.major}.{sys.version_info.minor}",
     }
 
@@ -44,9 +54,9 @@ def run(ctx, out: Path) -> dict:
     src = out / "src"
     src.mkdir()
     shutil.copy2(REPO / "pyproject.toml", src / "pyproject.toml")
-    for p in PACKAGES:
-        if (REPO / p).is_dir():
-            shutil.copytree(REPO / p, src / p, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for rel in host_files():
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / rel, src / rel)
     ctx.log("python: pip install obelisk")
     tools.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-compile", "--no-warn-script-location",
                "--disable-pip-version-check", "--target", target, src], timeout=1800,

@@ -293,7 +293,7 @@ def test_digests_that_are_not_algorithm_hex_are_refused(tmp_path: Path, digest: 
     ('{"manifests": "x"}', "manifests is not a JSON list"),
     ("[1, 2]", "index.json is not a JSON dict"),
     ("{not json", "index.json is not valid JSON"),
-    ('{"manifests": [{"digest": "sha256:' + "0" * 64 + '"}]}', "no such OCI blob"),
+    ('{"manifests": [{"digest": "sha256:' + "0" * 64 + '"}]}', "no such blob file"),
 ])
 def test_malformed_layouts_say_what_is_wrong(tmp_path: Path, index: str, expect: str) -> None:
     layout = tmp_path / "oci"
