@@ -16,8 +16,12 @@ Every change is one etcd transaction: `If(mod_revision(semaphore) == read) Then(
 taken)`. mod_revision (not Airlock's per-key Version) because it is unique across the store, so a
 key deleted and re-created in between cannot pass for the one we read. etcd3gw has no helper for
 a compare on MOD or for multi-op transactions, so these go through its `transaction()` call, which
-posts the raw txn to the gateway. Reads are one linearizable txn with two range ops: both keys at
-one revision, and a read fails (never goes stale) when the cluster has lost quorum.
+posts the raw txn to the gateway. Reads are one linearizable txn with three range ops (both keys
+and the count of the waiting queue, at one revision), and a read fails (never goes stale) when the
+cluster has lost quorum.
+
+The key layout is in keys.py, the value's decoding in state.py, the bounds (JSON depth, slot
+count, lock ids, etcd's request size) in limits.py, the waiting queue and its watch in watch.py.
 """
 
 from __future__ import annotations
