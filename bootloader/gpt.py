@@ -141,6 +141,10 @@ class _Bad(Exception):
     """Why one copy is unusable (internal; becomes part of a GptError or a problem line)."""
 
 
+class _BadEntries(_Bad):
+    """The header checks out but its entry array does not (so that array is not intact either)."""
+
+
 class _Beyond(_Bad):
     """The copy describes a disk larger than this one (a truncated image, when no backup is found)."""
 
@@ -214,7 +218,8 @@ def _sector_size(fd: int, size: int) -> int:
 
     An image copied from a 4Kn disk keeps its primary header at byte 4096. When the primary is
     damaged, the backup in the file's last sector tells the size: its self-pointer times the
-    sector size is its byte offset. Neither found: 512 (what the builder and cgpt use).
+    sector size is its byte offset (also when wipefs zeroed its signature). Neither found: 512
+    (what the builder and cgpt use).
     """
     if stat.S_ISBLK(os.fstat(fd).st_mode):
         buf = fcntl.ioctl(fd, BLKSSZGET, b"\0\0\0\0")
@@ -222,11 +227,12 @@ def _sector_size(fd: int, size: int) -> int:
     for ss in SECTOR_SIZES:
         if _pread(fd, 8, ss) == SIGNATURE:
             return ss
-    for ss in SECTOR_SIZES:
-        if size % ss == 0 and size >= 3 * ss:
-            raw = _pread(fd, 32, size - ss)
-            if raw[:8] == SIGNATURE and struct.unpack_from("<Q", raw, 24)[0] == size // ss - 1:
-                return ss
+    for magic in (SIGNATURE, bytes(8)):  # then a signature wipefs zeroed
+        for ss in SECTOR_SIZES:
+            if size % ss == 0 and size >= 3 * ss:
+                raw = _pread(fd, 32, size - ss)
+                if raw[:8] == magic and struct.unpack_from("<Q", raw, 24)[0] == size // ss - 1:
+                    return ss
     return 512
 
 
@@ -260,11 +266,17 @@ def _parse_entry(index: int, raw: bytes) -> GptPartition | None:
     return GptPartition(index, type_guid, uuid.UUID(bytes_le=part_b), first, last, attrs, _decode_name(name_b), raw)
 
 
-def _read_copy(fd: int, lba: int, sector: int, disk_lbas: int) -> _Copy:
-    """The header at ``lba`` with its entry array, or _Bad saying why that copy cannot be trusted."""
+def _read_copy(fd: int, lba: int, sector: int, disk_lbas: int, *, wiped: bool = False) -> _Copy:
+    """The header at ``lba`` with its entry array, or _Bad saying why that copy cannot be trusted.
+
+    With ``wiped``, a signature of zeros is taken as "EFI PART": wipefs zeroes only the magic, and
+    the header's CRC (which covers the signature) then tells whether that was the only change.
+    """
     if lba < 1 or lba >= disk_lbas:
         raise _Bad(f"header LBA {lba} is outside the disk")
     raw = _pread(fd, sector, lba * sector)
+    if wiped and raw[:8] == bytes(8):
+        raw = SIGNATURE + raw[8:]
     if raw[:8] != SIGNATURE:
         raise _Bad("no GPT signature")
     (_, rev, hsize, hcrc, _, my_lba, alt, first, last, guid_b, ent_lba, n_ent, ent_size, ent_crc) = HEADER.unpack_from(
@@ -287,7 +299,7 @@ def _read_copy(fd: int, lba: int, sector: int, disk_lbas: int) -> _Copy:
     _check_geometry(copy, disk_lbas)
     copy.entries = _pread(fd, n_ent * ent_size, ent_lba * sector)
     if len(copy.entries) != n_ent * ent_size or _crc(copy.entries) != ent_crc:
-        raise _Bad("entry array CRC mismatch")
+        raise _BadEntries("entry array CRC mismatch")
     _check_entries(copy)
     return copy
 
@@ -324,38 +336,40 @@ def _check_entries(copy: _Copy) -> None:
             continue
         first, last = struct.unpack_from("<QQ", copy.entries, off + 32)
         if not copy.first_usable_lba <= first <= last <= copy.last_usable_lba:
-            raise _Bad(f"partition {i + 1} lies outside the usable area")
+            raise _BadEntries(f"partition {i + 1} lies outside the usable area")
         spans.append((first, last, i + 1))
     spans.sort()
     for (_, last_a, ia), (first_b, _, ib) in zip(spans, spans[1:], strict=False):
         if first_b <= last_a:
-            raise _Bad(f"partitions {ia} and {ib} overlap")
+            raise _BadEntries(f"partitions {ia} and {ib} overlap")
 
 
-def _try_copy(fd: int, lba: int, sector: int, disk_lbas: int) -> tuple[_Copy | None, _Bad | None]:
+def _try_copy(fd: int, lba: int, sector: int, disk_lbas: int, *, wiped: bool = False) -> tuple[_Copy | None,
+                                                                                                   _Bad | None]:
     try:
-        return _read_copy(fd, lba, sector, disk_lbas), None
+        return _read_copy(fd, lba, sector, disk_lbas, wiped=wiped), None
     except _Bad as exc:
         return None, exc
 
 
-def _find_backup(fd: int, primary: _Copy | None, sector: int, disk_lbas: int) -> tuple[_Copy | None, str]:
+def _find_backup(fd: int, primary: _Copy | None, sector: int, disk_lbas: int) -> tuple[_Copy | None, str,
+                                                                                       _Bad | None]:
     """The backup where the primary says it is, else in the disk's last sector (where every tool
     puts it, so a damaged pointer or a lost primary does not hide an intact backup)."""
     end = disk_lbas - 1
     alt = primary.alternate_lba if primary is not None else end
     if alt == end:
         backup, err = _try_copy(fd, end, sector, disk_lbas)
-        return backup, str(err or "")
+        return backup, str(err or ""), err
     if primary is not None and primary.last_usable_lba < alt < end:
         backup, err = _try_copy(fd, alt, sector, disk_lbas)
         if backup is not None:
-            return backup, ""
+            return backup, "", None
         where = f"at sector {alt}, where the primary points: {err}"
     else:
         where = f"the primary points to sector {alt}, which cannot hold it"
     backup, err = _try_copy(fd, end, sector, disk_lbas)
-    return backup, "" if backup is not None else f"{where}; at the disk's end: {err}"
+    return backup, "" if backup is not None else f"{where}; at the disk's end: {err}", err
 
 
 def _structures(copy: _Copy) -> list[tuple[tuple[int, int], str]]:
@@ -421,22 +435,29 @@ class _Scan:
     b_err: str
     mbr: str
     intact_arrays: list[int] = field(default_factory=list)
+    wiped: bool = False  # the copies were found only with their zeroed signatures restored
 
 
 def _scan(fd: int, sector: int, disk_lbas: int) -> _Scan:
     primary, p_err = _try_copy(fd, 1, sector, disk_lbas)
-    backup, b_err = _find_backup(fd, primary, sector, disk_lbas)
+    backup, b_err, end_err = _find_backup(fd, primary, sector, disk_lbas)
     scan = _Scan(primary, backup, p_err, b_err, _pmbr_problem(fd))
     if primary is None and backup is None:
-        scan.intact_arrays = _intact_arrays(fd, sector, disk_lbas)
+        scan.primary = _try_copy(fd, 1, sector, disk_lbas, wiped=True)[0]
+        scan.backup = _try_copy(fd, disk_lbas - 1, sector, disk_lbas, wiped=True)[0]
+        scan.wiped = scan.primary is not None or scan.backup is not None
+        if not scan.wiped:  # an array whose header checked out but its CRC did not is not intact
+            places = [lba for lba, err in ((2, p_err), (disk_lbas - 1 - STANDARD_ARRAY_BYTES // sector, end_err))
+                      if not isinstance(err, _BadEntries)]
+            scan.intact_arrays = _intact_arrays(fd, sector, disk_lbas, places)
     return scan
 
 
-def _intact_arrays(fd: int, sector: int, disk_lbas: int) -> list[int]:
-    """Sectors where a standard entry array (128 x 128 bytes) still lists sane partitions."""
+def _intact_arrays(fd: int, sector: int, disk_lbas: int, places: list[int]) -> list[int]:
+    """Those of ``places`` where a standard entry array (128 x 128 bytes) still lists sane partitions."""
     found = []
-    size = DEFAULT_ENTRIES * ENTRY_MIN
-    for lba in (2, disk_lbas - 1 - -(-size // sector)):
+    size = STANDARD_ARRAY_BYTES
+    for lba in places:
         raw = _pread(fd, size, lba * sector)
         spans = [struct.unpack_from("<QQ", raw, off + 32) for off in range(0, len(raw), ENTRY_MIN)
                  if raw[off : off + 16] != _ZERO16]
@@ -481,6 +502,9 @@ def _resolve(scan: _Scan) -> tuple[_Copy, list[str], bool, bool]:
                 b_ok = False
                 problems.append(f"backup GPT differs from the primary ({what}: an interrupted write?); "
                                 "using the primary")
+    if scan.wiped:  # nothing was readable without restoring a signature: both copies get rewritten
+        problems.insert(0, "the GPT signatures are wiped (wipefs?), the headers are otherwise intact")
+        p_ok = b_ok = False
     if scan.mbr:
         problems.append(scan.mbr)
     scan.primary, scan.backup = primary, backup
@@ -490,8 +514,6 @@ def _resolve(scan: _Scan) -> tuple[_Copy, list[str], bool, bool]:
 def _unreadable(disk: Path, scan: _Scan, disk_lbas: int) -> GptError:
     """The error when neither copy can be used."""
     p_err, b_err = str(scan.p_err), scan.b_err
-    if p_err == b_err == "no GPT signature":
-        return GptError(f"{disk}: not a GPT disk (no GPT header found) — pass a disk image or device with a GPT")
     if isinstance(scan.p_err, _Beyond):
         return GptError(f"{disk}: the GPT describes a disk larger than its {disk_lbas} sectors ({p_err}) and no "
                         "backup GPT is at its end: the image is truncated — re-create or re-download it")
@@ -502,6 +524,8 @@ def _unreadable(disk: Path, scan: _Scan, disk_lbas: int) -> GptError:
             f"at {where} still look intact, but a header's geometry cannot be guessed safely — restore "
             "the disk from a known-good image, or re-create the same partitions with sgdisk"
         )
+    if p_err == b_err == "no GPT signature":
+        return GptError(f"{disk}: not a GPT disk (no GPT header found) — pass a disk image or device with a GPT")
     return GptError(
         f"{disk}: both GPT copies are unusable (primary: {p_err}; backup: {b_err}) — "
         "the disk may be truncated or overwritten; restore it from a known-good image"
