@@ -181,3 +181,41 @@ def max_in_any_window(times: list[float], period: float) -> int:
             lo += 1
         best = max(best, hi - lo + 1)
     return best
+
+
+class Clock:
+    """Injected time for a server under test: tests set `.now`, nothing sleeps."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class Served:
+    url: str
+    fleet: object  # update_server.fleet_server.Fleet
+    clock: Clock
+
+
+def serve_app(app, port: int):  # noqa: ANN001, ANN201 - a Starlette app -> (uvicorn.Server, Thread)
+    """A real uvicorn server on 127.0.0.1 in a thread; stop with `server.should_exit = True` + join."""
+    import threading
+
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", loop="asyncio"))
+    t = threading.Thread(target=server.run, daemon=True)
+    t.start()
+    wait_for(lambda: server.started, 20, "uvicorn to start")
+    return server, t
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

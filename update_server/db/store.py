@@ -513,6 +513,13 @@ class Store:
         with self.read() as c:
             return [{"group": g, "version": v, "status": s, "count": n} for g, v, s, n in c.execute(q)]
 
+    def stale_counts(self, seen_before: float) -> list[tuple[str, int]]:
+        """(group, instances not seen since `seen_before`)."""
+        q = (sa.select(_i.group_name, sa.func.count()).where(_i.last_checkin < seen_before)
+             .group_by(_i.group_name).order_by(_i.group_name))
+        with self.read() as c:
+            return [(g, n) for g, n in c.execute(q)]
+
     def attempt_totals(self) -> list[dict[str, Any]]:
         """Attempts per (group, outcome) since the database was created (metrics)."""
         q = (sa.select(m.attempts.c.group_name, m.attempts.c.outcome, sa.func.count())
