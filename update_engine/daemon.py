@@ -45,7 +45,7 @@ from update_engine.omaha import Event, OmahaError
 from update_engine.omaha_client import HostInfo, Limits, OmahaClient
 from update_engine.policy import Policy, load_keys
 from update_engine.state import IN_FLIGHT, DaemonState, StateMachine, Status, ensure_dir
-from update_engine.status_socket import StatusServer, ask  # noqa: F401  (ask: re-exported for older callers)
+from update_engine.status_socket import StatusServer
 from update_engine.transfer import Transfer, TransferFailed
 
 log = logging.getLogger("obelisk.update")
@@ -174,8 +174,8 @@ class Daemon:
     # ------------------------------------------------------------ environment
 
     def _settings(self) -> tuple[config.UpdateConf, dict[str, str]]:
-        for path, what in ((self.opts.conf, "update.conf"), (self.opts.usr_conf, "update.conf"),
-                           (self.opts.release, "release file"), (self.opts.lock_conf, "lock.conf")):
+        for path, what in ((self.opts.conf, "settings file"), (self.opts.usr_conf, "settings file"),
+                           (self.opts.release, "release file"), (self.opts.lock_conf, "settings file")):
             _check_optional(path, what)
         conf = config.load(self.opts.conf, self.opts.usr_conf, self.opts.release)
         rel = config.read_release(self.opts.release)

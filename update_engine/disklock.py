@@ -22,6 +22,7 @@ from pathlib import Path
 
 from update_engine import omaha
 from update_engine.errors import ApplyError
+from update_engine.state import ensure_dir
 
 ROOT_LOCK_DIR = Path("/run/obelisk/locks")
 
@@ -37,16 +38,8 @@ def default_lock_dir() -> Path:
 
 
 def _own_dir(path: Path, mode: int) -> None:
-    """``path`` as a folder of ours with ``mode`` (made with missing parents; the umask does not decide)."""
-    missing = []
-    p = path
-    while not p.exists():
-        missing.append(p)
-        p = p.parent
-    for d in reversed(missing):
-        with contextlib.suppress(FileExistsError):
-            d.mkdir()
-            os.chmod(d, mode if d == path else 0o755)
+    """``path`` as a folder of this user's (made with an explicit mode if missing; the umask does not decide)."""
+    ensure_dir(path, mode)
     st = os.lstat(path)
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
         raise ApplyError(f"lock folder {path} is not a folder owned by this user: remove it", omaha.ERR_POSTINSTALL)

@@ -138,11 +138,11 @@ class Exchange:
             return conn, target, {}
         return http.client.HTTPConnection(pp.hostname, pp.port or 80, timeout=timeout), url, auth
 
-    def post(self, body: bytes, *, want_body: bool = True) -> tuple[int, bytes]:
+    def post(self, body: bytes) -> tuple[int, bytes]:
         deadline = time.monotonic() + self.limits.deadline
         url = self.server
         for _ in range(self.limits.max_redirects + 1):
-            status, location, data = self._once(url, body, deadline, want_body)
+            status, location, data = self._once(url, body, deadline)
             if status not in REDIRECTS or not location:
                 return status, data
             new = urljoin(url, location)
@@ -151,7 +151,7 @@ class Exchange:
             url = new
         raise self._fail(f"more than {self.limits.max_redirects} redirects")
 
-    def _once(self, url: str, body: bytes, deadline: float, want_body: bool) -> tuple[int, str, bytes]:
+    def _once(self, url: str, body: bytes, deadline: float) -> tuple[int, str, bytes]:
         left = deadline - time.monotonic()
         if left <= 0:
             raise self._late()
@@ -160,18 +160,20 @@ class Exchange:
         try:
             conn.connect()
             self._check(dog)
+            # From here a silent server also ends at the deadline (and says so), not at the connect timeout.
+            conn.sock.settimeout(max(0.05, deadline - time.monotonic()))
             conn.request("POST", target, body=body, headers={
                 "Content-Type": "text/xml", "User-Agent": USER_AGENT, "Accept-Encoding": "identity", **headers})
             self._check(dog)
             resp = conn.getresponse()
             status = resp.status
-            if status in REDIRECTS or status >= 300 or not want_body:
+            if status >= 300:
                 return status, resp.getheader("Location") or "", b""
             return status, "", self._read(resp, deadline, dog)
         except OmahaError:
             raise
         except (OSError, http.client.HTTPException, ssl.SSLError, ValueError) as exc:
-            if dog.expired:
+            if dog.expired or time.monotonic() >= deadline - 0.1:
                 raise self._late() from None
             raise self._fail(reason(exc)) from None
         finally:
@@ -219,7 +221,7 @@ class OmahaClient:
                                bootid=host.bootid, board=host.board, alephversion=host.alephversion, ping=ping,
                                updatecheck=updatecheck, events=events)
         req = omaha.Request(app, installsource="ondemandupdate" if interactive else "scheduler", os_sp=host.os_sp)
-        status, data = self.exchange.post(omaha.build_request(req), want_body=updatecheck)
+        status, data = self.exchange.post(omaha.build_request(req))
         if status >= 300:
             raise OmahaError(f"update server {self.server} answered HTTP {status}",
                              omaha.ERR_OMAHA_HTTP_BASE + min(status, 999))

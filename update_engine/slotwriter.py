@@ -43,8 +43,8 @@ log = logging.getLogger("obelisk.update")
 _END = object()
 QUEUE_DEPTH = 2  # pieces fetched ahead of the writer
 POOL_SIZE = QUEUE_DEPTH + 4  # + one being read, one being written, two waiting for the digest: 24 MiB at 4 MiB
-POOL_BYTES = 24 << 20  # larger chunks get fewer buffers, so memory stays bounded at the format's largest chunk
-MIN_POOL = 2
+POOL_BYTES = 24 << 20  # larger chunks get fewer buffers: at the format's largest (16 MiB) one, plus the read-back one
+MIN_POOL = 1  # one buffer still works (the reader waits for the check to hand it back), just without overlap
 
 ProgressFn = Callable[[str, int, int], None]  # (phase, done, total)
 

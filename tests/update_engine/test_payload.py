@@ -156,3 +156,60 @@ def test_fuzz_manifest_fields_never_crash(made, path_pick: int, value, drop: boo
         parent[path[-1]] = value
     with contextlib.suppress(PayloadError):
         payload.parse_manifest_json(json.dumps(obj).encode())
+
+
+def _signed(keys, obj: dict) -> tuple[bytes, bytes, bytes]:
+    blob = payload.canonical_json(obj)
+    head = payload.HEADER.pack(payload.MAGIC, 1, len(blob), 64, 0)
+    return head, blob, signing.sign(keys[0], head + blob)
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda o: o.update(chunk_size=1 << 40), "chunk_size 1099511627776 is not supported"),
+    (lambda o: o.update(chunk_size=2 << 30), "chunk_size 2147483648 is not supported"),
+    (lambda o: o.update(chunk_size=payload.MAX_CHUNK_SIZE + 4096), "from 4096 to 16777216 bytes"),
+    (lambda o: o.update(chunk_size=2048), "multiple of 4096"),
+    (lambda o: o.update(chunk_size=-4096), "out of range"),
+    (lambda o: o.update(block_size=512), "block_size 512"),
+    (lambda o: (o["target"].update(size=0), o.update(operations=[
+        {"type": "replace", "dst": {"offset": 0, "length": 0}, "data_offset": 0, "data_length": 0,
+         "chunk_sha256": []}]), o["verity"].update(hash_offset=0)), "target size is 0"),
+])
+def test_signed_manifests_with_unusable_sizes_refused(made, keys, edit, words) -> None:
+    """Signed by the trusted key and still refused, with one line naming the field (not a MemoryError)."""
+    import json
+    obj = json.loads(payload.canonical_json(made[2].to_json()))
+    edit(obj)
+    with pytest.raises(PayloadError, match=words):
+        payload.verify_signed(*_signed(keys, obj), [keys[1]])
+
+
+def test_signed_manifest_with_empty_and_several_operations_parses(made, keys) -> None:
+    import json
+    obj = json.loads(payload.canonical_json(made[2].to_json()))
+    op = obj["operations"][0]
+    first = payload.CHUNK_SIZE
+    obj["operations"] = [
+        {"type": "replace", "dst": {"offset": 0, "length": 0}, "data_offset": 0, "data_length": 0, "chunk_sha256": []},
+        {**op, "dst": {"offset": 0, "length": first}, "data_length": first, "chunk_sha256": op["chunk_sha256"][:1]},
+        {**op, "dst": {"offset": first, "length": op["data_length"] - first}, "data_offset": first,
+         "data_length": op["data_length"] - first, "chunk_sha256": op["chunk_sha256"][1:]},
+    ]
+    m = payload.verify_signed(*_signed(keys, obj), [keys[1]])
+    assert len(m.operations) == 3 and m.data_size == made[2].data_size
+
+
+def test_signature_failures_have_their_own_class(made, keys, tmp_path: Path) -> None:
+    """The daemon reports ERR_SIGNATURE by this class, no longer by looking for 'signature' in the message."""
+    _, out, m = made
+    bad = _mutated(out, tmp_path / "bad", lambda b: b.__setitem__(40, b[40] ^ 1))
+    with pytest.raises(payload.PayloadSignatureError):
+        payload.read_manifest(bad, [keys[1]])
+    header = _mutated(out, tmp_path / "hdr", lambda b: b.__setitem__(slice(16, 20), struct.pack(">I", 65)))
+    with pytest.raises(PayloadError) as ei:
+        payload.read_manifest(header, [keys[1]])
+    assert not isinstance(ei.value, payload.PayloadSignatureError)  # "signature length" in the text, not a signature
+    from update_engine.errors import omaha_code
+    from update_engine.omaha import ERR_PAYLOAD_VERIFICATION, ERR_SIGNATURE
+    assert omaha_code(ei.value) == ERR_PAYLOAD_VERIFICATION
+    assert omaha_code(payload.PayloadSignatureError("x")) == ERR_SIGNATURE

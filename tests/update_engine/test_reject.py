@@ -136,3 +136,42 @@ def test_cli_bad_input_one_line(world: World, ue_argv: list[str], tmp_path: Path
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], (args, r.stderr)
     assert slot_attrs(disk) == before
+
+
+FIFO_CASES = ["payload", "--disk", "--key", "daemon --conf", "daemon --release", "daemon --lock-conf",
+              "daemon --machine-id-file", "daemon --boot-id-file", "daemon --disk", "daemon --key", "keys dir entry"]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("case", FIFO_CASES)
+def test_fifo_inputs_refused_not_hung(case: str, world: World, fake_server, host, ue_argv: list[str],
+                                      tmp_path: Path) -> None:
+    """A FIFO where a file is expected blocked open() for ever; now one error line naming it."""
+    import os
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    b = world.build("1.1.0", seed=2)
+    disk = world.disk(tmp_path / "disk.raw")
+    if not case.startswith(("daemon", "keys")):
+        args = {"payload": [str(fifo), "--disk", str(disk), "--key", str(world.pub)],
+                "--disk": [str(b.payload), "--disk", str(fifo), "--key", str(world.pub)],
+                "--key": [str(b.payload), "--disk", str(disk), "--key", str(fifo)]}[case]
+        r = run_ue(ue_argv, "apply", *args, timeout=30)
+        assert r.returncode == 2
+    else:
+        fake_server.script.noupdate = True
+        h = host(fake_server.url)
+        name = {"daemon --conf": "update.conf", "daemon --release": "release", "daemon --lock-conf": "lock.conf",
+                "daemon --machine-id-file": "machine-id", "daemon --boot-id-file": "boot_id",
+                "daemon --disk": "disk.raw", "keys dir entry": "keys/extra.pub"}.get(case)
+        extra: list[str] = []
+        if case == "daemon --key":
+            extra = ["--key", str(fifo)]
+        else:
+            (h.root / name).unlink(missing_ok=True)
+            os.mkfifo(h.root / name)
+        r = run_ue(ue_argv, *h.argv(*extra), timeout=30)
+        assert r.returncode == 1
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.startswith("error: ")]
+    assert len(lines) == 1 and "FIFO" in lines[0] and "Traceback" not in r.stderr, r.stderr
+    assert slot_attrs(disk)["B"] == (0, 0, False)

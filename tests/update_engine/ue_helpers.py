@@ -402,3 +402,100 @@ def host(world: World, tmp_path: Path):
 def run_ue(argv: list[str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run([*argv, *args], capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "COLUMNS": "120"})
+
+
+# ---------------------------------------------------------------- hostile servers and payloads
+
+
+class RawServer:
+    """A TCP server on 127.0.0.1 whose ``handler(conn, request_bytes, stop)`` writes whatever bytes it likes:
+    drips, endless bodies, redirects, broken headers. http.server cannot send a header one byte at a time."""
+
+    def __init__(self, handler) -> None:
+        self.handler = handler
+        self.stop = threading.Event()
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}/v1/update/"
+        self.hits = 0
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except (TimeoutError, OSError):
+                continue
+            self.hits += 1
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(30)
+            try:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    piece = conn.recv(65536)
+                    if not piece:
+                        return
+                    data += piece
+                head, _, body = data.partition(b"\r\n\r\n")
+                length = next((int(ln.split(b":", 1)[1]) for ln in head.split(b"\r\n")
+                               if ln.lower().startswith(b"content-length:")), 0)
+                while len(body) < length:
+                    piece = conn.recv(65536)
+                    if not piece:
+                        break
+                    body += piece
+                self.handler(conn, head + b"\r\n\r\n" + body, self.stop)
+            except OSError:
+                return  # the client gave up: what these servers are for
+
+    def close(self) -> None:
+        self.stop.set()
+        self.sock.close()
+        self.thread.join(timeout=5)
+
+
+@pytest.fixture
+def raw_server():
+    made: list[RawServer] = []
+
+    def start(handler) -> RawServer:
+        s = RawServer(handler)
+        made.append(s)
+        return s
+
+    yield start
+    for s in made:
+        s.close()
+
+
+def signed_payload(priv, out: Path, data: bytes, *, cuts: list[int] | None = None, chunk_size: int = CHUNK,
+                   app_id: str = APPID, arch: str = ARCH, version: str = "1.1.0", root_hash: str = "ab" * 32,
+                   hash_offset: int = 0, manifest_edit=None) -> Path:
+    """A payload signed with ``priv`` whose replace operations cut ``data`` at ``cuts`` (positions, may repeat
+    for zero-length operations); ``manifest_edit(obj)`` may change the JSON before it is signed. The
+    writer never makes such payloads; a host must still handle whatever the format lets a key holder sign."""
+    bounds = [0, *(cuts or []), len(data)]
+    ops = []
+    for a, b in zip(bounds, bounds[1:], strict=False):
+        piece = data[a:b]
+        chunks = [hashlib.sha256(piece[i:i + chunk_size]).hexdigest() for i in range(0, len(piece), chunk_size)]
+        ops.append({"type": "replace", "dst": {"offset": a, "length": b - a}, "data_offset": a,
+                    "data_length": b - a, "chunk_sha256": chunks})
+    obj = {"format": 1, "app_id": app_id, "arch": arch, "version": version,
+           "target": {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()},
+           "verity": {"root_hash": root_hash, "hash_offset": hash_offset}, "block_size": 4096,
+           "chunk_size": chunk_size, "operations": ops}
+    if manifest_edit is not None:
+        manifest_edit(obj)
+    blob = payload.canonical_json(obj)
+    head = payload.HEADER.pack(payload.MAGIC, payload.FORMAT_VERSION, len(blob), payload.SIGNATURE_SIZE, 0)
+    out.write_bytes(head + blob + signing.sign(priv, head + blob) + data)
+    return out
