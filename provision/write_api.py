@@ -10,7 +10,6 @@ is JSON, errors too (`{"error": "..."}`; 4xx for anything a client sent, never a
 
 from __future__ import annotations
 
-import hmac
 import json
 from typing import Any
 
@@ -20,6 +19,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Match, Route
 from starlette.types import Receive, Scope, Send
 
+from obelisk.serving import BodyTooLarge, bearer_matches, read_body
 from provision import render
 from provision.model import (
     ID_PATTERN,
@@ -48,19 +48,7 @@ def _err(status: int, message: str, **headers: str) -> Response:
 
 
 async def _body(request: Request) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY):
-        raise _TooBig
-    data = bytearray()
-    async for chunk in request.stream():
-        data += chunk
-        if len(data) > MAX_BODY:
-            raise _TooBig
-    return bytes(data)
-
-
-class _TooBig(Exception):
-    pass
+    return await read_body(request, MAX_BODY)
 
 
 def _no_constant(name: str) -> Any:
@@ -96,9 +84,7 @@ def routes(prov: Provision) -> list[Route]:
             return True  # the TLS handshake on this listener already required a client certificate we trust
         if not s.write_token:
             return False
-        auth = request.headers.get("authorization", "")
-        scheme, _, token = auth.partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), s.write_token.encode())
+        return bearer_matches(request.headers.get("authorization", ""), s.write_token)
 
     def refusal(request: Request) -> Response:
         if not s.write_token:
@@ -117,8 +103,8 @@ def routes(prov: Provision) -> list[Route]:
                 return refusal(request)
             try:
                 return await handler(request)
-            except _TooBig:
-                return _err(413, f"request body larger than {MAX_BODY} bytes")
+            except BodyTooLarge:
+                return _err(413, f"request body larger than {MAX_BODY} bytes", Connection="close")
             except TooLarge as exc:
                 return _err(413, str(exc))
             except StoreConflict as exc:

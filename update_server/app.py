@@ -2,15 +2,20 @@
 
 Answers the way Nebraska does: unknown app id → app status `error-unknownApplication`; a host
 already on (or past) the chosen version → `noupdate`; events are acknowledged with
-`<event status="ok"/>` and recorded (memory, `GET /v1/events`, and optionally a JSONL file).
+`<event status="ok"/>` and, for the app ids this server serves, recorded: the last MAX_EVENTS in
+memory (`GET /v1/events`, for an admin token only: it lists every machine id) and optionally in a
+JSONL file that rotates to `FILE.1` at MAX_EVENTS_FILE bytes. Request bodies are read with a bound
+(413 past MAX_BODY), never held whole first.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
+from collections import deque
 from pathlib import Path
 from urllib.parse import quote
 
@@ -19,52 +24,101 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+from obelisk.errors import ObeliskError
+from obelisk.serving import BodyTooLarge, bearer_matches, read_body
 from obelisk.versions import compare_versions
 from update_engine import omaha
 from update_server.releases import PAYLOAD_NAME, Catalog
 
 MAX_BODY = 64 * 1024  # Nebraska's cap
+MAX_EVENTS = 10_000  # kept in memory for GET /v1/events
+MAX_EVENTS_FILE = 64 << 20  # the JSONL file moves to FILE.1 (replacing it) when the next line would pass this
+# A 64 KiB request could carry hundreds of events each repeating a huge machine id: recorded, that
+# was megabytes of log per request. Real clients send one or two events and short fields.
+MAX_EVENTS_PER_REQUEST = 16
+MAX_FIELD = 256
+log = logging.getLogger("obelisk.update_server")
 
 
 class PayloadResponse(FileResponse):
     chunk_size = 1024 * 1024  # starlette's 64 KiB costs the server a lot of CPU per GiB served
-log = logging.getLogger("obelisk.update_server")
+
+
+class EventLogError(ObeliskError):
+    """The --events file cannot be used; the message names it."""
 
 
 class EventLog:
-    def __init__(self, path: Path | None = None) -> None:
+    """The last ``keep`` events in memory, and every event appended to ``path`` (rotated at ``max_file_bytes``)."""
+
+    def __init__(self, path: Path | None = None, *, keep: int = MAX_EVENTS,
+                 max_file_bytes: int = MAX_EVENTS_FILE) -> None:
         self.path = path
-        self.events: list[dict] = []
+        self.events: deque[dict] = deque(maxlen=keep)
+        self.max_file_bytes = max_file_bytes
         self._lock = threading.Lock()
+        self._size = 0
+        if path is not None:
+            if path.exists() and not path.is_file():  # a FIFO would block the first event's open for good
+                raise EventLogError(f"--events {path} exists and is not a regular file: give a file path")
+            try:
+                with open(path, "ab") as f:
+                    self._size = f.tell()
+            except OSError as exc:
+                raise EventLogError(f"--events {path}: cannot append to it: {exc.strerror}") from None
 
     def add(self, record: dict) -> None:
+        line = (json.dumps(record, sort_keys=True) + "\n").encode()
         with self._lock:
             self.events.append(record)
-            if self.path is not None:
-                with open(self.path, "a") as f:
-                    f.write(json.dumps(record, sort_keys=True) + "\n")
+            if self.path is None:
+                return
+            try:
+                if self._size and self._size + len(line) > self.max_file_bytes:
+                    os.replace(self.path, self.path.with_name(self.path.name + ".1"))
+                    self._size = 0
+                with open(self.path, "ab") as f:
+                    f.write(line)
+                self._size += len(line)
+            except OSError as exc:
+                # A full disk must not turn into failed update checks: the event stays in memory.
+                log.warning("cannot write the event to %s: %s", self.path, exc.strerror)
+
+
+def _cut(text: str | None) -> str | None:
+    return text if text is None or len(text) <= MAX_FIELD else text[:MAX_FIELD]
+
+
+def _text(status: int, message: str, **headers: str) -> Response:
+    return PlainTextResponse(f"error: {message}\n", status_code=status, headers=headers or None)
 
 
 def make_app(catalog: Catalog, *, events: EventLog | None = None, public_url: str | None = None,
-             poll_interval: int | None = None) -> Starlette:
+             poll_interval: int | None = None, admin_token: str | None = None) -> Starlette:
+    """admin_token: the bearer token that opens GET /v1/events; without one that endpoint is off (403)."""
     events = events or EventLog()
 
     async def update(request: Request) -> Response:
-        body = await request.body()
-        if len(body) > MAX_BODY:
-            return PlainTextResponse("request too large", status_code=400)
+        try:
+            body = await read_body(request, MAX_BODY)
+        except BodyTooLarge:
+            return _text(413, f"request body larger than {MAX_BODY} bytes (Omaha requests are small)",
+                         Connection="close")
         try:
             req = omaha.parse_request(body)
         except omaha.OmahaError as exc:
             return PlainTextResponse(f"bad Omaha request: {exc}", status_code=400)
         a = req.app
-        for ev in a.events:
-            rec = {"time": time.time(), "machineid": a.machineid, "appid": a.appid, "version": a.version,
-                   "track": a.track, "eventtype": ev.type, "eventresult": ev.result, "errorcode": ev.errorcode,
-                   "previousversion": ev.previousversion}
-            events.add(rec)
-            log.info("event %s", rec)
-        if not catalog.known_app(a.appid):
+        known = catalog.known_app(a.appid)
+        if known:  # events of app ids served elsewhere are acknowledged, not kept
+            for ev in a.events[:MAX_EVENTS_PER_REQUEST]:
+                rec = {"time": time.time(), "machineid": _cut(a.machineid), "appid": _cut(a.appid),
+                       "version": _cut(a.version), "track": _cut(a.track), "eventtype": ev.type,
+                       "eventresult": ev.result, "errorcode": ev.errorcode,
+                       "previousversion": _cut(ev.previousversion)}
+                events.add(rec)
+                log.info("event %s", rec)
+        if not known:
             xml = omaha.build_response(a.appid, app_status="error-unknownApplication",
                                        updatecheck="error-internal" if a.updatecheck else None,
                                        events=len(a.events), ping=a.ping)
@@ -92,7 +146,13 @@ def make_app(catalog: Catalog, *, events: EventLog | None = None, public_url: st
         return PayloadResponse(rel.payload, media_type="application/octet-stream")
 
     async def list_events(request: Request) -> Response:
-        return JSONResponse(events.events)
+        if admin_token is None:
+            return _text(403, "GET /v1/events is off: it lists every machine id; start the server with "
+                              "--admin-token-file FILE and send 'Authorization: Bearer <token>'")
+        if not bearer_matches(request.headers.get("authorization", ""), admin_token):
+            return _text(401, "authentication required: send 'Authorization: Bearer <token>' (the token in the "
+                              "server's --admin-token-file)", **{"WWW-Authenticate": "Bearer"})
+        return JSONResponse(list(events.events))
 
     async def list_releases(request: Request) -> Response:
         rels = catalog.releases()

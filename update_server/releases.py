@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from obelisk.errors import ObeliskError
+from obelisk.inputs import InputFileError, check_input
 from obelisk.versions import compare_versions
 
 PAYLOAD_NAME = "update.payload"
@@ -50,7 +51,10 @@ class Release:
 def load_release(d: Path) -> Release:
     path = d / "release.json"
     try:
+        check_input(path, "release.json")  # a FIFO would block the request (and every one after it)
         obj = json.loads(path.read_text())
+    except InputFileError as exc:
+        raise ReleaseError(str(exc)) from None
     except (OSError, ValueError) as exc:
         raise ReleaseError(f"{path}: cannot read: {exc}") from None
     try:
@@ -73,8 +77,11 @@ def load_groups(path: Path | None) -> dict[str, str]:
     if path is None:
         return {}
     try:
+        check_input(path, "groups file")
         obj = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
+    except InputFileError as exc:
+        raise ReleaseError(str(exc)) from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ReleaseError(f"{path}: cannot read groups: {exc}") from None
     groups = obj.get("groups", {})
     if not isinstance(groups, dict) or not all(isinstance(v, str) for v in groups.values()):
