@@ -407,6 +407,8 @@ def _difference(a: _Copy, b: _Copy) -> str:
         return "disk GUID"
     if (a.revision, a.header_size, a.extra) != (b.revision, b.header_size, b.extra):
         return "header size"
+    if a.entries == b.entries:
+        return ""
     size = a.entry_size
     changed = [str(i + 1) for i in range(a.num_entries)
                if a.entries[i * size : (i + 1) * size] != b.entries[i * size : (i + 1) * size]]

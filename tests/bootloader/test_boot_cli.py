@@ -13,6 +13,9 @@ from bootdisks import DISK_SIZE, OBELISK, make_disk, obelisk, obelisk_inproc, sh
 
 from bootloader import gpt, slots
 
+# Deadline for each test here (the slow ones name their own below).
+pytestmark = pytest.mark.timeout(30)
+
 
 def _corrupt(path: Path, offset: int, data: bytes = b"\xde\xad\xbe\xef") -> Path:
     with open(path, "r+b") as f:
@@ -67,6 +70,7 @@ def _check_one_line_exit_2(r, what: str) -> None:
     assert "Traceback" not in r.err and r.out == "", what
 
 
+@pytest.mark.timeout(90)
 def test_bad_disks_exit_2_with_one_line_and_nothing_written(tmp_path: Path) -> None:
     """Each bad disk through every command kind (reading, setting, next): a real process for one
     command per disk, the in-process runner for the rest."""
@@ -120,6 +124,7 @@ def test_fifo_socket_or_char_device_as_disk_is_refused_without_hanging(tmp_path:
         sock.close()
 
 
+@pytest.mark.timeout(60)
 def test_bad_requests_exit_2_with_one_line_and_nothing_written(disk: Path) -> None:
     for i, (what, args) in enumerate(BAD_REQUESTS):
         before = sha(disk)
@@ -149,6 +154,7 @@ def test_damaged_primary_is_read_from_backup_and_repaired_only_on_request_or_wri
     assert obelisk_inproc("boot", "status", "--disk", path).err == ""
 
 
+@pytest.mark.timeout(60)
 def test_next_burns_a_try_and_prints_the_guid(disk: Path) -> None:
     """`boot next` against the reference rules: B staged (P2 T1 S0) boots once, then A again."""
     slots.stage_trial(disk, 4)
@@ -165,6 +171,7 @@ def test_next_burns_a_try_and_prints_the_guid(disk: Path) -> None:
     assert r.code == 2 and "no USR slot is bootable" in r.err and sha(disk) == before
 
 
+@pytest.mark.timeout(60)
 def test_mark_good_rollback_and_status(disk: Path) -> None:
     slots.stage_trial(disk, 4)
     r = obelisk("boot", "mark-good", "--slot", "B", "--disk", disk)

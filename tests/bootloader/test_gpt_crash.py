@@ -15,6 +15,9 @@ from bootdisks import make_disk, state
 
 from bootloader import gpt, slots
 
+# Deadline for each test here (the slow ones name their own below).
+pytestmark = pytest.mark.timeout(60)
+
 OLD = {3: (2, 0, True), 4: (1, 0, True)}
 NEW = {3: (1, 0, True), 4: (2, 0, True)}  # after prioritize(4): both entries change
 
@@ -110,6 +113,7 @@ while True:
 """
 
 
+@pytest.mark.timeout(120)
 def test_sigkill_at_random_points_leaves_old_or_new(tmp_path: Path) -> None:
     """A real process rewrites the table in a loop (swapping A's and B's attributes); we SIGKILL
     it at random moments. Each time the disk reads as a valid GPT holding one of the two states.
@@ -152,6 +156,7 @@ for _ in range(5):
 """
 
 
+@pytest.mark.timeout(150)
 def test_concurrent_writers_lose_no_update(tmp_path: Path) -> None:
     """Three processes burn five tries each at the same time: the slot lock makes each
     read-modify-write whole, so exactly 15 tries are gone (a lost update would leave some)."""

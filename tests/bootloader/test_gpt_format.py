@@ -14,6 +14,9 @@ from bootdisks import DISK_SIZE, make_disk, need_gpt_tools, obelisk_specs, sha
 from bootloader import gpt, slots
 from obelisk.tools import run
 
+# Deadline for each test here (the slow ones name their own below).
+pytestmark = pytest.mark.timeout(30)
+
 ENTRY_CRC_AT, HEADER_CRC_AT = 88, 16
 
 
@@ -45,6 +48,7 @@ def test_create_round_trips_through_read(disk: Path) -> None:
     assert table.backup_lba == DISK_SIZE // 512 - 1
 
 
+@pytest.mark.timeout(60)
 def test_reads_tables_made_by_sgdisk_and_by_cgpt_and_rewrites_them_byte_for_byte(tmp_path: Path) -> None:
     need_gpt_tools()
     sg = tmp_path / "sg.raw"
@@ -270,6 +274,7 @@ def test_grown_disk_keeps_working_and_backup_moves_to_the_end_on_request(disk: P
     assert slots.decode(moved.partition(4).attributes)[0] == 2
 
 
+@pytest.mark.timeout(60)
 def test_random_damage_gives_a_table_or_one_gpt_error(tmp_path: Path) -> None:
     """Seeded fuzz (300 cases): random bytes over the headers and entry arrays of both copies.
     read_table either returns a table (from an intact copy) or raises GptError — no other

@@ -9,10 +9,14 @@ import uuid
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
 from bootdisks import make_disk, need_gpt_tools, obelisk, obelisk_inproc, state
 
 from bootloader import gpt, slots
 from obelisk.tools import run
+
+# Deadline for each test here (the slow ones name their own below).
+pytestmark = pytest.mark.timeout(30)
 
 OTHER_TYPE = uuid.UUID("0fc63daf-8483-4772-8e79-3d69d8477de4")  # Linux data: never a candidate
 
@@ -27,6 +31,7 @@ def sgdisk_bits(path: Path, index: int) -> int:
     return sum(1 << int(b) for b in re.findall(rf"^\s*{index}:(\d+):1", out, re.M))
 
 
+@pytest.mark.timeout(60)
 def test_attributes_written_by_cgpt_read_identically_by_obelisk_status(disk: Path) -> None:
     need_gpt_tools()
     rnd = random.Random(2)
@@ -51,6 +56,7 @@ def test_attributes_written_by_cgpt_read_identically_by_obelisk_status(disk: Pat
         assert state(disk)[4] == (p, t, s)
 
 
+@pytest.mark.timeout(60)
 def test_attributes_written_by_obelisk_read_identically_by_cgpt_and_sgdisk(disk: Path) -> None:
     need_gpt_tools()
     rnd = random.Random(3)
@@ -93,6 +99,7 @@ def _apply(path: Path, table: gpt.GptTable, cand_type: uuid.UUID, candidates: se
     gpt.write_table(path, replace(table, partitions=parts))
 
 
+@pytest.mark.timeout(120)
 def test_prioritize_matches_cgpt_on_random_tables(fast_tmp: Path) -> None:
     """Seeded random tables (300 cases): after `cgpt prioritize` on the kernel-typed twin and
     obelisk's prioritize on the USR-typed disk, every entry's whole 64-bit attribute field agrees.

@@ -12,6 +12,9 @@ from hypothesis import strategies as st
 
 from bootloader import gpt, loader, slots
 
+# Deadline for each test here (none is slow).
+pytestmark = pytest.mark.timeout(30)
+
 OWNED = slots.PRIORITY_MASK | slots.TRIES_MASK | slots.SUCCESSFUL_MASK
 nibble = st.integers(0, 15)
 
