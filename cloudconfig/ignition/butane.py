@@ -22,7 +22,7 @@ from typing import Any
 
 from cloudconfig.ignition.fetch import MAX_RESOURCE
 from cloudconfig.ignition.reader import Raw, join
-from cloudconfig.ignition.spec import NO_KARGS, NO_PARTITIONING, T, Version, build, vtext
+from cloudconfig.ignition.spec import NO_GRUB, NO_PARTITIONING, T, Version, build, vtext
 from obelisk.errors import ObeliskError
 from obelisk.inputs import check_input
 
@@ -34,7 +34,7 @@ BUTANE_SCHEMA = build(butane=True)
 _SEMVER = re.compile(r"(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(-[0-9A-Za-z.-]+)?(\+[0-9A-Za-z.-]+)?")
 _OVERRIDES = {"sizeMiB": "size_mib", "startMiB": "start_mib"}
 FCOS_ONLY = {"boot_device": ("1.3.0", f"boot_device: {NO_PARTITIONING}"),
-             "grub": ("1.5.0", f"grub: {NO_KARGS.replace('kernel command line', 'GRUB configuration')}")}
+             "grub": ("1.5.0", f"grub: {NO_GRUB}")}
 NO_FILES_DIR = "local file paths are relative to a files directory that must be specified (--files-dir)"
 ESCAPE = "local file path traverses outside the files directory"
 
@@ -102,16 +102,20 @@ class _Local:
         return p
 
     def read(self, rel: str) -> bytes:
+        """Messages name ``rel`` (what the config says), not where the files dir happens to be."""
         p = self.inside(rel)
+        if not p.exists():
+            raise ValueError(f"{rel}: no such file in the files directory")
         try:
             check_input(p, "local file")
-            if p.stat().st_size > MAX_RESOURCE:
-                raise ValueError(f"local file {rel} is larger than {MAX_RESOURCE} bytes")
-            return p.read_bytes()
         except ObeliskError as exc:
-            raise ValueError(str(exc)) from None
+            raise ValueError(f"{rel}: {str(exc).split(': ', 1)[-1]}") from None
+        if p.stat().st_size > MAX_RESOURCE:
+            raise ValueError(f"{rel}: larger than {MAX_RESOURCE} bytes")
+        try:
+            return p.read_bytes()
         except OSError as exc:
-            raise ValueError(f"cannot read local file {rel}: {exc.strerror}") from None
+            raise ValueError(f"{rel}: cannot read it ({exc.strerror})") from None
 
 
 class Translator:
@@ -170,7 +174,10 @@ class Translator:
                 return
         else:
             return
-        url, comp = make_data_url(data, b.get("compression"))
+        if self.spec == (3, 0):  # Butane 0.1 (fcos 1.0.0): a plain escaped data URL, compression untouched
+            url, comp = "data:," + urllib.parse.quote(data, safe=""), None
+        else:
+            url, comp = make_data_url(data, b.get("compression"))
         out["source"] = url
         self.tmap[join(iptr, "source")] = join(bptr, given[0])
         if comp is not None:

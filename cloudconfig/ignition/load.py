@@ -14,7 +14,7 @@ from cloudconfig.validate import decode_userdata
 
 _SEMVER = re.compile(r"(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(-[0-9A-Za-z.-]+)?(\+[0-9A-Za-z.-]+)?")
 _JSON_IGNITION = re.compile(r'"ignition(?:Version)?"\s*:')
-_BUTANE = re.compile(r"^variant[ \t]*:", re.M)
+_BUTANE = re.compile(r"^(?:variant|version)[ \t]*:", re.M)
 NOT_A_CONFIG = ("not an Ignition config (JSON with ignition.version) nor a Butane config (YAML with variant: "
                 "and version:)")
 
@@ -36,15 +36,25 @@ def detect(raw: bytes) -> str | None:
 
 
 class _Sink:
-    """Collects entries at pointers as written, positioned through the document's marks."""
+    """Collects entries at pointers as written, positioned through the document's marks. A check
+    after the walk is not repeated where the walk already found an error (a value of the wrong type
+    is also a missing value)."""
 
     def __init__(self, report: IgnitionReport, doc: Doc | None) -> None:
         self.r = report
         self.doc = doc
+        self.walked: set[str] = set()
 
     def at(self, src: str, level: str, message: str, key: bool = False) -> None:
         line, col = self.doc.where(src, key=key) if self.doc else (1, 1)
         self.r.add(line, col, level, src, message)
+        if level == "error":
+            self.walked.add(src)
+
+    def check(self, src: str, level: str, message: str) -> None:
+        if src not in self.walked:
+            line, col = self.doc.where(src) if self.doc else (1, 1)
+            self.r.add(line, col, level, src, message)
 
 
 def read(raw: bytes, *, files_dir: str | os.PathLike[str] | None = None, butane_ok: bool = True) -> IgnitionReport:
@@ -89,7 +99,7 @@ def read_ignition(text: str) -> IgnitionReport:
     value = w.walk(top, SCHEMA, "", "", "config") or {}
 
     def norm(ptr: str, level: str, message: str) -> None:
-        sink.at(through(w.tmap, ptr), level, message)
+        sink.check(through(w.tmap, ptr), level, message)
 
     Checker(norm, SPECS[version]).run(value)
     rep.sort()
@@ -102,7 +112,7 @@ def read_ignition(text: str) -> IgnitionReport:
 def _version(top: dict[str, Any], sink: _Sink) -> str | None:
     if "ignitionVersion" in top:
         sink.at("/ignitionVersion", "error", "Ignition spec 1 configs (ignitionVersion) are not supported: obelisk "
-                f"reads spec {', '.join(SPECS)}; rewrite the config in Butane or spec 3", key=True)
+                "reads spec 3.0.0 to 3.4.0; rewrite the config in Butane or spec 3", key=True)
         return None
     ign = top.get("ignition")
     ver = ign.get("version") if isinstance(ign, dict) else None
@@ -163,7 +173,7 @@ def read_butane(text: str, files_dir: str | os.PathLike[str] | None) -> Ignition
     ign = tr.run(value)
 
     def at_ignition(iptr: str, level: str, message: str) -> None:
-        at_butane(through(tr.tmap, iptr), level, message)
+        sink.check(through(w.tmap, through(tr.tmap, iptr), butane.snake), level, message)
 
     Checker(at_ignition, spec, butane=True).run(ign)
     rep.sort()

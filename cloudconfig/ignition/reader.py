@@ -280,7 +280,8 @@ class _YAML:
             return [self.convert(item, join(ptr, i), depth + 1) for i, item in enumerate(node.value)]
         assert isinstance(node, ScalarNode)
         tag = node.tag[len(_TAG):] if node.tag.startswith(_TAG) else node.tag
-        return None if tag == "null" else Raw(tag, node.value, node.style is not None)
+        # plain style is None (pure-Python parser) or "" (libyaml)
+        return None if tag == "null" else Raw(tag, node.value, node.style not in (None, ""))
 
 
 def read_yaml(text: str) -> Doc:

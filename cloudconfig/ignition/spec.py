@@ -37,6 +37,8 @@ NO_PARTITIONING = ("obelisk does not partition disks or create filesystems at pr
                    "(the disk layout is part of the image); remove this section")
 NO_KARGS = ("obelisk's kernel command line is part of the signed image's boot entries and is not changed at "
             "provisioning time; build the image with these arguments instead")
+NO_GRUB = ("obelisk's GRUB configuration (users included) is part of the signed image and is not changed at "
+           "provisioning time; remove this section")
 
 Add = Callable[[str, str, str], None]  # (pointer in the normalized config, level, message)
 
@@ -220,7 +222,7 @@ class Walker:
                 assert t.item is not None
                 if item is None:  # Go decodes null into the zero value
                     item = _ZERO[t.item.kind]
-                v = self.walk(item, t.item, ipath, join(out, len(items)), name)
+                v = self.walk(item, t.item, ipath, join(out, len(items)), f"{name}[{i}]")
                 if v is not None:
                     items.append(v)
             return items
@@ -254,7 +256,11 @@ class Walker:
             n = yaml_int(value.text)
             if n is not None and -INT64 <= n < INT64:
                 return n
-        self.add(src, "error", f'"{name}" must be {_WANT[kind]}, not {_got(value)} ({value.text[:40]!r})', False)
+        if value.tag == kind:  # a YAML integer obelisk does not read, such as 1:30 (YAML 1.1 sexagesimal)
+            self.add(src, "error", f'"{name}" {value.text[:40]!r} is not an integer obelisk reads (write decimal, '
+                     "0644/0o644 octal or 0x hex)", False)
+        else:
+            self.add(src, "error", f'"{name}" must be {_WANT[kind]}, not {_got(value)} ({value.text[:40]!r})', False)
         return None
 
     def _obj(self, value: dict[str, Any], t: T, src: str, out: str) -> dict[str, Any]:
@@ -388,7 +394,7 @@ class Checker:
         ka = cfg.get("kernelArguments", {})
         for k in ("shouldExist", "shouldNotExist"):
             if ka.get(k):
-                self.err(f"/kernelArguments/{k}", f"kernelArguments: {NO_KARGS}")
+                self.err(f"/kernelArguments/{k}", f"kernel arguments: {NO_KARGS}")
 
     # -- duplicates, per list (and across lists that share a key space) --
     def duplicates(self, value: Any, t: T, ptr: str) -> None:
@@ -513,7 +519,7 @@ class Checker:
     def ignition(self, ign: dict[str, Any]) -> None:
         c = ign.get("config", {})
         for i, ref in enumerate(c.get("merge", [])):
-            self.resource(ref, f"/ignition/config/merge/{i}", required=True, what="merged config")
+            self.resource(ref, f"/ignition/config/merge/{i}", required=True, what="config to merge")
         if c.get("replace"):
             self.resource(c["replace"], "/ignition/config/replace", required=False, what="replacement config")
             if c["replace"].get("source") is not None and c.get("merge"):
