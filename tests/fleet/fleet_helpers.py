@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import glob
+import hashlib
+import json
 import os
 import pwd
 import shutil
@@ -16,7 +18,9 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from starlette.applications import Starlette
 
+from update_engine import omaha
 from update_server.db.store import Store
 
 PG_USER = "obelisk"  # the cluster's superuser (initdb -U); the OS user running the server is `nobody`
@@ -219,3 +223,44 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+APP = "{e96281a6-d1af-4bde-9a0a-97b76e56dc57}"
+READ, ADMIN = "r" * 24, "a" * 24
+T0 = 1_772_409_600.0  # 2026-03-02 00:00Z, a Monday
+
+
+def publish(root: Path, version: str) -> None:
+    d = root / "tiny" / version
+    d.mkdir(parents=True)
+    data = version.encode() * 100
+    (d / "update.payload").write_bytes(data)
+    (d / "release.json").write_text(json.dumps({
+        "name": "tiny", "version": version, "app_id": APP, "arch": "amd64",
+        "artifacts": {"update.payload": {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}}}))
+
+
+@pytest.fixture
+def served(store: Store, tmp_path: Path) -> Iterator[Served]:
+    """Fleet API + /metrics of a Fleet over `store` and three releases, on a real loopback server."""
+    from update_server.fleet_server import Fleet
+    from update_server.releases import Catalog
+
+    releases = tmp_path / "releases"
+    for v in ("1.0.0", "1.5.0", "2.0.0"):
+        publish(releases, v)
+    clock = Clock(T0)
+    fleet = Fleet(store, Catalog(releases), clock=clock, read_tokens=[READ], admin_tokens=[ADMIN])
+    server, thread = serve_app(Starlette(routes=fleet.routes()), port := free_port())
+    try:
+        yield Served(f"http://127.0.0.1:{port}", fleet, clock)
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def omaha_req(mid: str, version: str, *events: omaha.Event, track: str = "prod", check: bool = True
+              ) -> omaha.Request:
+    app = omaha.AppRequest(appid=APP, version=version, track=track, machineid=mid, board="amd64-usr",
+                           ping=True, updatecheck=check, events=list(events))
+    return omaha.parse_request(omaha.build_request(omaha.Request(app=app)))  # through the real codec

@@ -6,14 +6,11 @@ The Omaha requests are built and parsed by the real codec (update_engine.omaha) 
 
 from __future__ import annotations
 
-import hashlib
-import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
-from fleet_helpers import Clock, Served, free_port, serve_app
+from fleet_helpers import ADMIN, READ, T0, Served, free_port, omaha_req, serve_app
 from starlette.applications import Starlette
 
 from update_engine import omaha
@@ -22,43 +19,6 @@ from update_server.fleet_server import Fleet
 from update_server.releases import Catalog
 
 pytestmark = pytest.mark.timeout(120)
-
-APP = "{e96281a6-d1af-4bde-9a0a-97b76e56dc57}"
-READ, ADMIN = "r" * 24, "a" * 24
-T0 = 1_772_409_600.0  # 2026-03-02 00:00Z, a Monday
-
-
-def publish(root: Path, version: str) -> None:
-    d = root / "tiny" / version
-    d.mkdir(parents=True)
-    data = version.encode() * 100
-    (d / "update.payload").write_bytes(data)
-    (d / "release.json").write_text(json.dumps({
-        "name": "tiny", "version": version, "app_id": APP, "arch": "amd64",
-        "artifacts": {"update.payload": {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}}}))
-
-
-@pytest.fixture
-def served(store: Store, tmp_path: Path) -> Iterator[Served]:
-    releases = tmp_path / "releases"
-    for v in ("1.0.0", "1.5.0", "2.0.0"):
-        publish(releases, v)
-    clock = Clock(T0)
-    fleet = Fleet(store, Catalog(releases), clock=clock, read_tokens=[READ], admin_tokens=[ADMIN])
-    server, thread = serve_app(Starlette(routes=fleet.routes()), port := free_port())
-    try:
-        yield Served(f"http://127.0.0.1:{port}", fleet, clock)
-    finally:
-        server.should_exit = True
-        thread.join(10)
-
-
-def omaha_req(mid: str, version: str, *events: omaha.Event, track: str = "prod", check: bool = True
-              ) -> omaha.Request:
-    app = omaha.AppRequest(appid=APP, version=version, track=track, machineid=mid, board="amd64-usr",
-                           ping=True, updatecheck=check, events=list(events))
-    return omaha.parse_request(omaha.build_request(omaha.Request(app=app)))  # through the real codec
-
 
 def api(s: Served, path: str, token: str | None = READ, method: str = "GET", **kw) -> requests.Response:  # noqa: ANN003
     headers = {"Authorization": f"Bearer {token}"} if token else {}
