@@ -9,13 +9,17 @@ Every request must carry `fleet-lock-protocol: true`. 200 is success; failures a
 `{"kind": ..., "value": ...}` with Airlock's kinds where Airlock has one (invalid_client_identity,
 unknown_group, failed_lock), so Zincati's logs and metrics read the same as behind Airlock.
 The semaphore is the same etcd key Airlock uses; obelisk hosts with etcd-lock share it.
+
+A body is read with a bound (413 request_too_large past MAX_BODY, the connection closed) and
+parsed with a depth bound; the id must be printable text of at most 256 bytes (reboot.limits) and the
+group ^[a-zA-Z0-9.-]+$ of at most MAX_GROUP characters: anything else is 400
+invalid_client_identity naming the problem, never a traceback or a 500.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import re
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 
@@ -27,6 +31,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from obelisk.errors import ObeliskError
+from obelisk.lock_conf import GROUP_RE
+from obelisk.serving import BodyTooLarge, read_body
+from update_engine.reboot.errors import BadJson, BadLockId
+from update_engine.reboot.limits import check_holder_id, parse_json_bounded
 from update_engine.reboot.semaphore import (
     CorruptSemaphore,
     EtcdEndpoints,
@@ -37,7 +45,8 @@ from update_engine.reboot.semaphore import (
 )
 
 log = logging.getLogger("obelisk.fleetlock")
-GROUP_RE = re.compile(r"^[a-zA-Z0-9.-]+$")
+MAX_BODY = 64 * 1024  # Zincati sends about 100 bytes
+MAX_GROUP = 128
 
 
 def error(status: int, kind: str, value: str) -> JSONResponse:
@@ -66,19 +75,22 @@ def make_app(endpoints: EtcdEndpoints, groups: dict[str, int] | None = None, *,
     async def client_params(request: Request) -> tuple[str, str]:
         if request.headers.get("fleet-lock-protocol", "").strip().lower() != "true":
             raise BadRequest("missing or wrong 'fleet-lock-protocol: true' header")
-        body = await request.body()
+        body = await read_body(request, MAX_BODY)
         try:
-            doc = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            raise BadRequest("body is not JSON: expected {\"client_params\": {\"id\": ..., \"group\": ...}}") from None
+            doc = parse_json_bounded(body, "body")
+        except BadJson as exc:
+            raise BadRequest(f"{exc}: expected {{\"client_params\": {{\"id\": ..., \"group\": ...}}}}") from None
         params = doc.get("client_params") if isinstance(doc, dict) else None
         if not isinstance(params, dict):
             raise BadRequest("body has no client_params object")
         ident, group = params.get("id"), params.get("group")
-        if not isinstance(ident, str) or not ident:
-            raise BadRequest("client_params.id is missing or empty")
-        if not isinstance(group, str) or not GROUP_RE.match(group):
-            raise BadRequest("client_params.group is missing or not ^[a-zA-Z0-9.-]+$")
+        try:
+            check_holder_id(ident, "client_params.id")
+        except BadLockId as exc:
+            raise BadRequest(str(exc)) from None
+        if not isinstance(group, str) or not GROUP_RE.fullmatch(group) or len(group) > MAX_GROUP:
+            raise BadRequest(f"client_params.group is missing or not ^[a-zA-Z0-9.-]+$ of at most {MAX_GROUP} "
+                             "characters")
         return ident, group
 
     async def known(group: str) -> bool:
@@ -98,6 +110,10 @@ def make_app(endpoints: EtcdEndpoints, groups: dict[str, int] | None = None, *,
     async def _handle(request: Request, action: str) -> Response:
         try:
             ident, group = await client_params(request)
+        except BodyTooLarge as exc:
+            resp = error(413, "request_too_large", str(exc))
+            resp.headers["Connection"] = "close"  # uvicorn then drops the rest instead of reading it
+            return resp
         except BadRequest as exc:
             return error(400, "invalid_client_identity", exc.value)
         try:

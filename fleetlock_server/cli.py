@@ -21,7 +21,7 @@ def serve(
     stale_after: str = typer.Option(None, "--stale-after", help="reclaim slots held longer than this"),
 ) -> None:
     """Run a FleetLock server (Zincati's fleet_lock strategy, obelisk's fleetlock) over the etcd semaphore."""
-    from fleetlock_server.app import make_app
+    from fleetlock_server.app import MAX_GROUP, make_app
     from update_engine.reboot.semaphore import EtcdEndpoints
 
     with clean_errors():
@@ -29,8 +29,9 @@ def serve(
         served: dict[str, int] = {}
         for g in groups:
             name, _, n = g.partition("=")
-            if not GROUP_RE.match(name) or (n and not n.isdigit()):
-                fail(f"bad --group {g!r}: expected NAME=SLOTS, e.g. default=2")
+            if not GROUP_RE.fullmatch(name) or len(name) > MAX_GROUP or (n and not (n.isascii() and n.isdigit())):
+                fail(f"bad --group {g!r}: expected NAME=SLOTS, e.g. default=2 (NAME: letters, digits, '.' and '-', "
+                     f"at most {MAX_GROUP})")
             served[name] = int(n or 1)
         if bool(certfile) != bool(keyfile):
             fail("--certfile and --keyfile go together: give both or neither")
