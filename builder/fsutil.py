@@ -51,15 +51,17 @@ def digest_tree(root: Path, *, exclude: Iterable[str] = ()) -> str:
 _ZERO = bytes(BLOCK)
 
 
-def _sparse_digest(path: Path, size: int) -> str:
+def _sparse_digest(path: str, size: int) -> str:
     """SHA-256 of a file's bytes read where it holds data: each non-zero BLOCK-aligned block counts with
     its offset, all-zero blocks and holes only through the size. The same bytes give the same digest
     however the file is laid out, and a 2 GiB disk image with 100 MiB of data reads 100 MiB."""
     h = hashlib.sha256(f"{size}\0".encode())
-    done = 0
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        for start, length in _data_ranges(fd, size):
+        # A small file is one block: read it whole (no SEEK_DATA round trips for the many small files of a tree).
+        ranges = [(0, size)] if size <= BLOCK else _data_ranges(fd, size)
+        done = 0
+        for start, length in ranges:
             pos = max(start - start % BLOCK, done)
             while pos < start + length:
                 chunk = os.pread(fd, BLOCK, pos)
@@ -79,17 +81,19 @@ def entry_digest(root: Path, *, skip: str) -> str:
     """Digest of everything below ``root`` except its top-level file ``skip``: names, types, modes,
     link targets and contents (nothing is left out, unlike digest_tree's view of source folders)."""
     h = hashlib.sha256()
-    for dirpath, dirnames, filenames in os.walk(root):
+    top = os.fspath(root)
+    for dirpath, dirnames, filenames in os.walk(top):
         dirnames.sort()
+        rel_dir = os.path.relpath(dirpath, top)
         for name in sorted([*dirnames, *filenames]):
-            p = Path(dirpath, name)
-            rel = p.relative_to(root).as_posix()
+            p = os.path.join(dirpath, name)
+            rel = name if rel_dir == "." else f"{rel_dir}/{name}"
             if rel == skip:
                 continue
-            st = p.lstat()
-            h.update(f"{rel}\0{st.st_mode:o}\0".encode())
+            st = os.lstat(p)
+            h.update(f"{rel}\0{st.st_mode:o}\0".encode(errors="surrogateescape"))
             if stat.S_ISLNK(st.st_mode):
-                h.update(os.readlink(p).encode())
+                h.update(os.fsencode(os.readlink(p)))
             elif stat.S_ISREG(st.st_mode):
                 h.update(_sparse_digest(p, st.st_size).encode())
             h.update(b"\n")
