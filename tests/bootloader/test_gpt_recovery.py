@@ -25,6 +25,9 @@ from bootdisks import Run, need_gpt_tools, obelisk, obelisk_inproc, sha
 from bootloader import gpt, slots
 from obelisk.tools import run
 
+# Deadline for each test here (each damaged disk is a few CLI calls and sgdisk/cgpt runs).
+pytestmark = pytest.mark.timeout(60)
+
 MiB = 1024 * 1024
 SIZE = 16 * MiB
 U64, U32 = 2**64 - 1, 2**32 - 1
@@ -357,7 +360,6 @@ def image512(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, G
     yield path, g, parts(path)
 
 
-@pytest.mark.timeout(60)
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_damaged_disk_reads_fine_or_repairs_or_refuses_clearly(
         image512: tuple[Path, Geo, list[tuple[object, ...]]], fast_tmp: Path, case: Case) -> None:
@@ -390,7 +392,6 @@ def image4k(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Ge
     yield path, g, parts(path)
 
 
-@pytest.mark.timeout(60)
 @pytest.mark.parametrize("name", FOUR_K)
 def test_4kn_image_file_with_damage_reads_like_its_loop_device(
         image4k: tuple[Path, Geo, list[tuple[object, ...]]], fast_tmp: Path, name: str) -> None:
