@@ -193,7 +193,12 @@ class Served:
     events_file: Path
 
     def events(self) -> list[dict]:
-        return requests.get(self.url + "/v1/events", timeout=5).json()
+        r = requests.get(self.url + "/v1/events", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=5)
+        r.raise_for_status()
+        return r.json()
+
+
+ADMIN_TOKEN = "ue-test-admin-token-0123456789"  # GET /v1/events lists machine ids: the server wants a token
 
 
 @pytest.fixture
@@ -204,8 +209,11 @@ def serve(ue_argv: list[str], tmp_path: Path):
     def start(releases: Path, *extra: str) -> Served:
         port = free_port()
         ev = tmp_path / f"events-{port}.jsonl"
+        token = tmp_path / "admin.token"
+        token.write_text(ADMIN_TOKEN + "\n")
+        token.chmod(0o600)
         p = subprocess.Popen([*ue_argv, "serve", str(releases), "--listen", f"127.0.0.1:{port}", "--events", str(ev),
-                              *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                              "--admin-token-file", str(token), *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         procs.append(p)
         url = f"http://127.0.0.1:{port}"
         for _ in range(200):
