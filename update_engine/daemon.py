@@ -205,7 +205,8 @@ class Daemon:
     def _boot_id(self) -> str:
         return _read_text(self.opts.boot_id_path, "boot id file") or "unknown"
 
-    def _machine_id(self) -> str:
+    def machine_id(self) -> str:
+        """This host's id for the server: /etc/machine-id, else one made once and kept in the state dir."""
         mid = _read_text(self.opts.machine_id_path, "machine id file")
         if mid:
             return mid
@@ -224,7 +225,7 @@ class Daemon:
         version = rel["VERSION"]
         arch = rel.get("ARCH") or _host_arch()
         return HostInfo(appid=conf.app_id or rel.get("APPID") or config.DEFAULT_APPID, version=version,
-                        track=conf.group, machineid=self._machine_id(), bootid="{" + self._boot_id() + "}",
+                        track=conf.group, machineid=self.machine_id(), bootid="{" + self._boot_id() + "}",
                         board=omaha.board_for(arch), alephversion=self.st.aleph_version or version,
                         os_sp=f"{version}_{platform.machine()}")
 

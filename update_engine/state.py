@@ -108,11 +108,12 @@ def save_state(state_dir: Path, st: DaemonState) -> None:
 # ---------------------------------------------------------------- the state machine
 
 S = Status
+# Every state may stay where it is (a field changes) and may go back to IDLE.
 TRANSITIONS: dict[Status, frozenset[Status]] = {
     S.IDLE: frozenset({S.IDLE, S.CHECKING_FOR_UPDATE,
                        S.UPDATED_NEED_REBOOT}),  # a stage the GPT shows complete, or a trial still pending
     S.CHECKING_FOR_UPDATE: frozenset({S.CHECKING_FOR_UPDATE, S.IDLE, S.UPDATE_AVAILABLE, S.REPORTING_ERROR_EVENT}),
-    S.UPDATE_AVAILABLE: frozenset({S.DOWNLOADING, S.REPORTING_ERROR_EVENT, S.IDLE}),
+    S.UPDATE_AVAILABLE: frozenset({S.UPDATE_AVAILABLE, S.DOWNLOADING, S.REPORTING_ERROR_EVENT, S.IDLE}),
     S.DOWNLOADING: frozenset({S.DOWNLOADING, S.VERIFYING, S.REPORTING_ERROR_EVENT, S.IDLE}),
     S.VERIFYING: frozenset({S.VERIFYING, S.FINALIZING, S.REPORTING_ERROR_EVENT, S.IDLE}),
     S.FINALIZING: frozenset({S.FINALIZING, S.UPDATED_NEED_REBOOT, S.REPORTING_ERROR_EVENT, S.IDLE}),
