@@ -90,6 +90,10 @@ class _NotFound(Exception):
     pass
 
 
+class Unreachable(DatasourceError):
+    """No answer (connection refused, timeouts, 5xx) after the last attempt."""
+
+
 def _too_large(url: str, limit: int) -> DatasourceError:
     return DatasourceError(f"{url}: the answer is larger than {limit} bytes (the limit); nothing was applied")
 
@@ -147,7 +151,7 @@ def http_get(url: str, s: Settings, *, headers: dict[str, str] | None = None, me
         if i + 1 < n:
             time.sleep(delay)
             delay = min(delay * 2, s.max_backoff)
-    raise DatasourceError(f"{url}: no answer after {n} attempts ({last})")
+    raise Unreachable(f"{url}: no answer after {n} attempts ({last})")
 
 
 # --- the sources ---------------------------------------------------------------------------------
@@ -343,7 +347,7 @@ def from_ec2(s: Settings) -> Fetched | None:
     base = s.ec2_endpoint.rstrip("/")
     try:
         token = _imds_token(s, base)
-    except DatasourceError:
+    except Unreachable:
         return None  # nothing answers: not on EC2
     headers = {"X-aws-ec2-metadata-token": token} if token else {}
 
