@@ -36,6 +36,7 @@ NOCLOUD_LABELS = ("CIDATA", "cidata")
 EC2_ENDPOINT = "http://169.254.169.254"
 MAX_METADATA = 1024 * 1024  # one metadata answer or file (keys, hostname, meta_data.json)
 MAX_CMDLINE = 64 * 1024
+MAX_KEYS = 100  # public keys in EC2 metadata
 _CHUNK = 64 * 1024
 
 
@@ -364,12 +365,14 @@ def from_ec2(s: Settings) -> Fetched | None:
                   private_ipv4=get("meta-data/local-ipv4"), public_ipv4=get("meta-data/public-ipv4"),
                   private_ipv6=(get("meta-data/ipv6") or "").split("\n")[0] or None)
     keys = get("meta-data/public-keys/") or ""
-    for line in keys.splitlines():
-        idx = line.split("=", 1)[0].strip()
-        if idx.isdigit():
-            k = get(f"meta-data/public-keys/{idx}/openssh-key")
-            if k:
-                md.public_keys.append(k)
+    listed = [ln.split("=", 1)[0].strip() for ln in keys.splitlines()]
+    listed = [idx for idx in listed if idx.isdigit()]
+    if len(listed) > MAX_KEYS:  # each is fetched and kept: a listing of 100 000 would be 100 000 requests
+        raise DatasourceError(f"{base}: the metadata lists {len(listed)} public keys; at most {MAX_KEYS} are read")
+    for idx in listed:
+        k = get(f"meta-data/public-keys/{idx}/openssh-key")
+        if k:
+            md.public_keys.append(k)
     try:
         data = http_get(f"{base}/latest/user-data", s, headers=headers, limit=MAX_USERDATA)
     except _NotFound:

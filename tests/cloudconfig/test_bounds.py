@@ -220,6 +220,20 @@ def test_an_endless_metadata_item_is_cut_at_one_mib(tmp_path: Path, serve) -> No
 
 
 @pytest.mark.timeout(60)
+def test_a_listing_of_50000_public_keys_is_refused(tmp_path: Path, serve) -> None:
+    listing = "".join(f"{i}=k{i}\n" for i in range(50_000)).encode()
+
+    class Imds(Endless):
+        def do_GET(self) -> None:  # noqa: N802
+            if self.path == "/latest/meta-data/public-keys/":
+                return self._small(listing)
+            self._small(b"i-1" if self.path.endswith("instance-id") else b"x")
+
+    with pytest.raises(DatasourceError, match="lists 50000 public keys; at most 100 are read"):
+        fetch(_settings(tmp_path, ec2_endpoint=serve(Imds)), "ec2")
+
+
+@pytest.mark.timeout(60)
 def test_an_announced_1gib_answer_is_refused_before_reading(tmp_path: Path, endless) -> None:
     url = endless() + "/declared"
     (tmp_path / "cmdline").write_text(f"cloud-config-url={url}\n")
