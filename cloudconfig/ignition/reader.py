@@ -141,6 +141,8 @@ class _JSON:
         m = _NUMBER.match(s, i)
         if m and m.end() > i:
             text = m.group(0)
+            if len(text) > 400:  # int() refuses more than 4300 digits; no config needs a fraction of that
+                raise self.fail(i, f"a number of {len(text)} digits")
             return (float(text) if m.group(1) or m.group(2) else int(text)), m.end()
         if not c:
             raise self.fail(i, "unexpected end of input, expected a value")
