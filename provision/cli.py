@@ -112,7 +112,8 @@ def check_cmd(
 
     if assets is None and (data / "assets").is_dir():
         assets = data / "assets"
-    rep = check(data, assets)
+    with clean_errors():
+        rep = check(data, assets)
     if as_json:
         print(json.dumps({"ok": not rep.errors, "counts": rep.counts,
                           "findings": [f.__dict__ for f in rep.findings]}, indent=2))
