@@ -44,6 +44,7 @@ def _as_nobody(argv: list[str], **kw) -> subprocess.CompletedProcess:
 class PgServer:
     root: Path
     sock: Path
+    _template: str = ""
 
     def url(self, db: str = "postgres") -> str:
         return f"postgresql://{PG_USER}@/{db}?host={self.sock}"
@@ -52,19 +53,20 @@ class PgServer:
         return sa.create_engine(f"postgresql+psycopg://{PG_USER}@/postgres?host={self.sock}",
                                 isolation_level="AUTOCOMMIT")
 
-    def create_db(self) -> str:
+    def create_db(self, *, migrated: bool = False) -> str:
+        """A new database: empty, or a copy of one migrated once per session (skips the migrations' cost)."""
         name = "t_" + uuid.uuid4().hex[:12]
+        template = ""
+        if migrated:
+            if not self._template:
+                self._template = self.create_db()
+                Store(self.url(self._template).replace("postgresql://", "postgresql+psycopg://")).close()
+            template = f' TEMPLATE "{self._template}"'
         eng = self.admin()
         with eng.connect() as c:
-            c.exec_driver_sql(f'CREATE DATABASE "{name}"')
+            c.exec_driver_sql(f'CREATE DATABASE "{name}"{template}')
         eng.dispose()
         return name
-
-    def drop_db(self, name: str) -> None:
-        eng = self.admin()
-        with eng.connect() as c:
-            c.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        eng.dispose()
 
 
 @pytest.fixture(scope="session")
@@ -95,23 +97,37 @@ def pg_server() -> Iterator[PgServer]:
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A fresh, empty database of each kind (the PostgreSQL one is dropped after the test)."""
+    """A fresh, empty database of each kind."""
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'fleet.sqlite'}"
         return
     pg: PgServer = request.getfixturevalue("pg_server")
-    name = pg.create_db()
-    try:
-        yield pg.url(name)
-    finally:
-        pg.drop_db(name)
+    yield pg.url(pg.create_db())  # left for the cluster's removal at the end of the session (a DROP is slow)
 
 
-@pytest.fixture
-def store(db_url: str) -> Iterator[Store]:
-    from update_server.db.store import url_for
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SQLite file migrated once; each test gets a copy (the migrations' own test starts from empty)."""
+    path = tmp_path_factory.mktemp("fleet-template") / "fleet.sqlite"
+    Store(f"sqlite:///{path}").close()
+    return path
 
-    s = Store(url_for(db_url, None))
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    """A migrated store of each kind (PostgreSQL: a copy of a database migrated once per session)."""
+    if request.param == "sqlite":
+        template = request.getfixturevalue("sqlite_template")
+        shutil.copy(template, tmp_path / "fleet.sqlite")
+        s = Store(f"sqlite:///{tmp_path / 'fleet.sqlite'}")
+        try:
+            yield s
+        finally:
+            s.close()
+        return
+    pg: PgServer = request.getfixturevalue("pg_server")
+    name = pg.create_db(migrated=True)
+    s = Store(pg.url(name).replace("postgresql://", "postgresql+psycopg://"))
     try:
         yield s
     finally:
