@@ -13,7 +13,7 @@ import os
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,17 +143,3 @@ def serving() -> Iterator[Server]:
         s.httpd.shutdown()
         s.httpd.server_close()
         s.thread.join(timeout=5)
-
-
-def bounded(seconds: float) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Fail an example that runs longer than ``seconds`` (a hang shows up as a failure, not a stuck run)."""
-    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
-        def inner(*a: Any, **kw: Any) -> Any:
-            start = time.monotonic()
-            out = fn(*a, **kw)
-            took = time.monotonic() - start
-            assert took < seconds, f"took {took:.1f} s (bound {seconds} s)"
-            return out
-        inner.__name__ = fn.__name__
-        return inner
-    return wrap
