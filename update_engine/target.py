@@ -55,9 +55,9 @@ def is_boot_disk(disk: Path) -> bool:
     return _same_file(booted, disk)
 
 
-def keep_index(disk: Path, found: list[slots.Slot]) -> int | None:
-    """The slot to keep on ``disk`` (see the module docstring)."""
-    if is_boot_disk(disk):
+def keep_index(disk: Path, found: list[slots.Slot], *, booted: bool) -> int | None:
+    """The slot to keep on ``disk`` (see the module docstring); ``booted``: ``disk`` holds the running /usr."""
+    if booted:
         return slots.running_index(disk)
     ab = [s for s in found if s.index in (layout.USR_A, layout.USR_B)]
     good = [s for s in ab if s.successful and s.priority > 0]
@@ -68,8 +68,8 @@ def choose(disk: Path, slot: int | None = None) -> Target:
     """The slot to write (``slot``, or the other one than the slot to keep) and its extent."""
     try:
         found = slots.read_slots(disk)
-        keep = keep_index(disk, found)
         booted = is_boot_disk(disk)
+        keep = keep_index(disk, found, booted=booted)
         index = slot
         if index is None:
             if keep is None:

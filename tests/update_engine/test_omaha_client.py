@@ -4,6 +4,7 @@ they can break HTTP on purpose; the client is the real one."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -221,3 +222,104 @@ def test_daemon_refuses_local_codebases_the_same_whether_they_exist(fake_server,
         assert not fake_server.payload_gets
     assert len(set(outcomes)) == 1
     assert json.dumps(outcomes)
+
+
+@pytest.mark.timeout(60)
+def test_https_verifies_the_server_and_the_deadline_holds_over_tls(tmp_path: Path, monkeypatch, raw_server) -> None:
+    """TLS against a test CA on loopback: trusted via REQUESTS_CA_BUNDLE (requests' rule, as for payloads)
+    it works, also through an HTTP CONNECT proxy; without it the certificate is refused; a TLS server that
+    drips still ends at the deadline."""
+    import ssl
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from testlib import make_pki
+
+    make_pki(tmp_path)
+    drip = threading.Event()
+
+    class H(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *a) -> None:
+            pass
+
+        def do_POST(self) -> None:  # noqa: N802
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(NOUPDATE)))
+            self.end_headers()
+            if drip.is_set():
+                for b in NOUPDATE:
+                    self.wfile.write(bytes([b]))
+                    self.wfile.flush()
+                    time.sleep(1)
+            self.wfile.write(NOUPDATE)
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), H)
+    httpd.daemon_threads = True
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(tmp_path / "server.pem", tmp_path / "server.key")
+    httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True)
+    t = threading.Thread(target=httpd.serve_forever, daemon=True)
+    t.start()
+    url = f"https://127.0.0.1:{httpd.server_address[1]}/v1/update/"
+    try:
+        with pytest.raises(OmahaError, match="CERTIFICATE_VERIFY_FAILED|certificate verify failed"):
+            OmahaClient(url, limits=Limits(deadline=10)).check(HOST, [])
+        monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(tmp_path / "ca.pem"))
+        assert OmahaClient(url, limits=Limits(deadline=10)).check(HOST, []).update is None
+        tunnels: list[bytes] = []
+
+        def connect_proxy(conn, request, stop) -> None:
+            import socket
+            tunnels.append(request.split(b"\r\n")[0])
+            host, _, port = request.split(b" ")[1].decode().rpartition(":")
+            with socket.create_connection((host, int(port))) as up:
+                conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+
+                def pump(a, b) -> None:
+                    try:
+                        while data := a.recv(65536):
+                            b.sendall(data)
+                    except OSError:
+                        pass
+                    finally:
+                        with contextlib.suppress(OSError):
+                            b.shutdown(socket.SHUT_WR)
+                back = threading.Thread(target=pump, args=(up, conn), daemon=True)
+                back.start()
+                pump(conn, up)
+                back.join(10)
+        px = raw_server(connect_proxy)
+        via = OmahaClient(url, proxy=f"http://127.0.0.1:{px.port}", limits=Limits(deadline=10))
+        assert via.check(HOST, []).update is None
+        assert len(tunnels) == 1 and tunnels[0].startswith(f"CONNECT 127.0.0.1:{httpd.server_address[1]} ".encode())
+        drip.set()
+        start = time.monotonic()
+        with pytest.raises(OmahaError, match="within 2 s"):
+            OmahaClient(url, limits=Limits(deadline=2)).check(HOST, [])
+        assert time.monotonic() - start < 4
+    finally:
+        drip.clear()
+        httpd.shutdown()
+        httpd.server_close()
+
+
+@pytest.mark.timeout(30)
+def test_http_proxy_gets_the_absolute_url_and_credentials(raw_server) -> None:
+    seen: list[bytes] = []
+
+    def proxy(conn, request, stop) -> None:
+        seen.append(request)
+        conn.sendall(_answer(NOUPDATE))
+    p = raw_server(proxy)
+    client = OmahaClient("http://updates.invalid/v1/update/", proxy=f"http://u:p%40ss@127.0.0.1:{p.port}",
+                         limits=Limits(deadline=10))
+    assert client.check(HOST, []).update is None
+    head = seen[0].split(b"\r\n")
+    assert head[0] == b"POST http://updates.invalid/v1/update/ HTTP/1.1"
+    import base64
+    assert b"Proxy-Authorization: Basic " + base64.b64encode(b"u:p@ss") in head
+    with pytest.raises(OmahaError, match="only http:// proxies"):
+        OmahaClient("http://x/", proxy="socks5://127.0.0.1:1").check(HOST, [])
