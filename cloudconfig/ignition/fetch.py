@@ -222,7 +222,11 @@ class Fetcher:
         if accept:
             h["Accept"] = accept
         h.update(dict(headers))
-        timeout = None if self.header_timeout is None else (self.header_timeout, self.header_timeout)
+        # each read waits at most httpResponseHeaders, and never past the overall deadline (so that
+        # httpResponseHeaders: 0, "no timeout", still cannot hold the first boot forever)
+        left = max(deadline - time.monotonic(), 0.001)
+        wait = left if self.header_timeout is None else min(self.header_timeout, left)
+        timeout = (wait, wait)
         try:
             with self.session.get(url, headers=h, stream=True, timeout=timeout, allow_redirects=True) as resp:
                 if resp.status_code >= 500:
@@ -261,7 +265,9 @@ class Fetcher:
 
 
     def _timed_out(self) -> str:
-        return f"no response within {self.header_timeout or 0:g} s (ignition.timeouts.httpResponseHeaders)"
+        if self.header_timeout is None:
+            return f"no response within {self.total:g} s (ignition.timeouts.httpTotal)"
+        return f"no response within {self.header_timeout:g} s (ignition.timeouts.httpResponseHeaders)"
 
 
 class _Retry(Exception):

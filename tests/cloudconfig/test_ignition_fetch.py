@@ -284,3 +284,15 @@ def test_https_with_a_certificate_authority_from_the_config(tmp_path: Path) -> N
         httpd.shutdown()
         httpd.server_close()
         t.join(timeout=5)
+
+
+def test_no_read_timeout_still_ends_at_the_total_deadline(tmp_path: Path) -> None:
+    """httpResponseHeaders: 0 means no per-read timeout; httpTotal still bounds the wait for headers."""
+    with serving() as s, Fetcher(attempts=1) as f:
+        url = s.add("/slow", b"x", delay=6)
+        cfg = ign(ignition={"version": "3.4.0", "timeouts": {"httpResponseHeaders": 0, "httpTotal": 1}},
+                  storage={"files": [{"path": "/etc/x", "contents": {"source": url}}]})
+        start = time.monotonic()
+        with pytest.raises(FetchError, match=r"no response within 1 s \(ignition.timeouts.httpTotal\)"):
+            ignition.apply(cfg, fresh_root(tmp_path), fetcher=f)
+    assert time.monotonic() - start < 4

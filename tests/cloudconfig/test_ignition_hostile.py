@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import time
 from pathlib import Path
 
@@ -119,3 +120,19 @@ def test_a_huge_file_list_is_validated_quickly() -> None:
     start = time.monotonic()
     rep = ignition.validate(json.dumps({"ignition": {"version": "3.4.0"}, "storage": {"files": files}}).encode())
     assert rep.ok and time.monotonic() - start < 20
+
+
+@pytest.mark.parametrize(("link", "target"), [
+    ("root/.ssh", "/etc"),  # keys would be written into /etc
+    ("root/.ssh/authorized_keys", "/etc/shadow"),  # shadow would be copied to old_authorized_keys
+    ("root/.ssh/authorized_keys.d", "/etc/cron.d"),
+])
+def test_symlinks_below_a_home_are_not_followed(tmp_path: Path, link: str, target: str) -> None:
+    root = fresh_root(tmp_path)
+    (root / "root/.ssh").mkdir(parents=True) if link != "root/.ssh" else (root / "root").mkdir()
+    (root / "etc/cron.d").mkdir()
+    os.symlink(target, root / link)
+    before = tree(root, skip_marker=False)
+    with pytest.raises(ConfigApplyError, match="is a symlink or not a"):
+        ignition.apply(ign(passwd={"users": [{"name": "root", "sshAuthorizedKeys": ["ssh-ed25519 K"]}]}), root)
+    assert tree(root, skip_marker=False) == before
