@@ -299,8 +299,8 @@ def parse_response(data: bytes) -> Response:
     uc = app.find("updatecheck")
     if out.app_status != "ok":
         # Nebraska says why in the app status (error-unknownApplication, error-noPackageFound, ...).
-        detail = uc.get("status") if uc is not None else ""
-        raise OmahaError(f"update server refused the app: {out.app_status}" + (f" ({detail})" if detail else ""))
+        detail = (uc.get("status") or "")[:80] if uc is not None else ""
+        raise OmahaError(f"update server refused the app: {out.app_status[:80]}" + (f" ({detail})" if detail else ""))
     if uc is None:
         raise OmahaError("Omaha response has no <updatecheck>")
     try:

@@ -181,6 +181,7 @@ HOSTILE_OFFERS = {
                   "at most 16"),
     "negative size": (lambda: _offer().replace(b'size="1234"', b'size="-5"'), "invalid payload size"),
     "huge size": (lambda: _offer().replace(b'size="1234"', b'size="' + b"9" * 30 + b'"'), "not an integer"),
+    "huge app status": (lambda: omaha.build_response(APPID, app_status="error-" + "x" * 500_000), "refused the app"),
 }
 
 
@@ -190,6 +191,7 @@ def test_offers_the_host_must_not_follow(case: str) -> None:
     with pytest.raises(OmahaError) as ei:
         omaha.parse_response(make())
     assert words in str(ei.value) and ei.value.code == omaha.ERR_OMAHA_INVALID, str(ei.value)
+    assert len(str(ei.value)) < 300  # what the server sent is cut, not copied into the state and the log
 
 
 def test_poll_interval_is_bounded() -> None:
