@@ -59,9 +59,11 @@ def _error(status: int, message: str) -> JSONResponse:
 
 def make_router(store: Store, *, read_tokens: list[str] | None = None, admin_tokens: list[str] | None = None,
                 clock: Callable[[], float] = time.time, stale_after: float = DEFAULT_STALE,
-                resolve_target: Callable[[str], str | None] | None = None) -> Router:
+                resolve_target: Callable[[str], str | None] | None = None,
+                on_change: Callable[[], None] | None = None) -> Router:
     """The API over `store`. `resolve_target(group)`: the release a group's channel offers now (the
-    server's catalog knows "newest"); without it a channel's pinned version is the target."""
+    server's catalog knows "newest"); without it a channel's pinned version is the target.
+    `on_change()` runs after every successful change (the server drops its cached channel versions)."""
     readers = list(read_tokens or []) + list(admin_tokens or [])
     admins = list(admin_tokens or [])
 
@@ -76,9 +78,12 @@ def make_router(store: Store, *, read_tokens: list[str] | None = None, admin_tok
             if not any(bearer_matches(auth, t) for t in tokens):
                 return _error(403, "this change needs an admin token")
             try:
-                body = await _json_body(request) if write else None
-                result = await run_in_threadpool(fn, request, body) if write else await run_in_threadpool(fn,
-                                                                                                          request)
+                if write:
+                    result = await run_in_threadpool(fn, request, await _json_body(request))
+                    if on_change is not None:
+                        on_change()
+                else:
+                    result = await run_in_threadpool(fn, request)
             except ApiError as exc:
                 return _error(exc.status, str(exc))
             except BodyTooLarge as exc:

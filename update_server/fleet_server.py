@@ -28,6 +28,7 @@ from update_server.releases import Catalog, Release
 
 log = logging.getLogger("obelisk.update_server")
 PRUNE_EVERY = 3600.0
+CHANNEL_TTL = 2.0  # seconds a group's channel version is reused before it is read again
 
 
 @dataclass
@@ -47,6 +48,7 @@ class Fleet:
         self.read_tokens, self.admin_tokens = read_tokens or [], admin_tokens or []
         self.metrics = FleetMetrics(store, clock=clock, stale_after=stale_after)
         self._published: dict[tuple[str, str], float] = {}
+        self._channels: dict[str, tuple[float, str | None]] = {}
         self._next_prune = 0.0
         self._lock = threading.Lock()
 
@@ -60,15 +62,16 @@ class Fleet:
         return self.catalog.choose(app_id, group, arch)
 
     def _channel_version(self, group: str) -> str | None:
-        """The version the group's channel pins (a group nobody configured follows the channel of its name)."""
-        try:
-            name = self.store.group(group).channel
-        except LookupError:
-            name = group
-        try:
-            return self.store.channel(name).version
-        except LookupError:
-            return None
+        """The group's channel's pinned version, cached for CHANNEL_TTL (a change reaches every replica by then)."""
+        now = time.monotonic()
+        hit = self._channels.get(group)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        version = self.store.channel_version_of(group)
+        if len(self._channels) > 10_000:
+            self._channels.clear()
+        self._channels[group] = (now + CHANNEL_TTL, version)
+        return version
 
     def _find(self, app_id: str, version: str, arch: str) -> Release | None:
         for r in self.catalog.releases():
@@ -145,7 +148,8 @@ class Fleet:
 
     def routes(self) -> list[BaseRoute]:
         api = make_router(self.store, read_tokens=self.read_tokens, admin_tokens=self.admin_tokens, clock=self.clock,
-                          stale_after=self.stale_after, resolve_target=self.resolve_group_target)
+                          stale_after=self.stale_after, resolve_target=self.resolve_group_target,
+                          on_change=self._channels.clear)
         return [Route("/metrics", self.metrics.endpoint), *api.routes]
 
     def summary(self) -> dict[str, Any]:

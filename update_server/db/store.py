@@ -10,9 +10,11 @@ across server processes and SQLite takes its write lock), reads the counts, asks
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import re
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -147,6 +149,7 @@ class ChannelInfo:
 class Store:
     def __init__(self, url: str, *, pool_size: int = 5) -> None:
         self.url = url
+        self._write_lock: Any = threading.Lock() if url.startswith("sqlite") else contextlib.nullcontext()
         try:
             if url.startswith("sqlite"):
                 self.engine = _sqlite_engine(url)
@@ -192,7 +195,9 @@ class Store:
 
     @contextmanager
     def write(self) -> Iterator[Connection]:
-        with self.engine.begin() as c:
+        # SQLite: writers of this process queue here, not in SQLite's busy handler, whose sleeps of
+        # up to 100 ms made the p99 of contended check-ins 40 times the p50.
+        with self._write_lock, self.engine.begin() as c:
             yield c
 
     @contextmanager
@@ -227,6 +232,14 @@ class Store:
         if row is None:
             raise NotFound(f"no channel {name!r}: create it with 'obelisk fleet channel set {name} VERSION'")
         return _channel(row)
+
+    def channel_version_of(self, group: str) -> str | None:
+        """The version the group's channel pins (an unconfigured group follows the channel of its name)."""
+        with self.read() as c:
+            row = c.execute(_GROUP_SETUP_VERSION, {"g": group}).first()
+            if row is None:
+                return c.execute(sa.select(m.channels.c.version).where(m.channels.c.name == group)).scalar()
+            return row.version
 
     def channels(self) -> list[ChannelInfo]:
         with self.read() as c:
@@ -564,6 +577,9 @@ _GROUP_SETUP = (sa.select(m.groups.c.policy, m.groups.c.channel, m.channels.c.fl
                           m.channels.c.updated_at.label("ch_updated"))
                 .select_from(m.groups.outerjoin(m.channels, m.channels.c.name == m.groups.c.channel))
                 .where(m.groups.c.name == sa.bindparam("g")))
+_GROUP_SETUP_VERSION = (sa.select(m.channels.c.version)
+                        .select_from(m.groups.outerjoin(m.channels, m.channels.c.name == m.groups.c.channel))
+                        .where(m.groups.c.name == sa.bindparam("g")))
 _CHANNEL_SETUP = sa.select(m.channels.c.floors, m.channels.c.updated_at).where(m.channels.c.name == sa.bindparam("c"))
 _EXPIRE = (sa.update(m.attempts).where((_a.group_name == sa.bindparam("g")) & (_a.outcome == "pending")
                                        & (_a.started_at < sa.bindparam("cutoff")))

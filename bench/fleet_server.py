@@ -1,0 +1,282 @@
+"""Omaha check-ins per second with 10,000 known instances, SQLite and PostgreSQL, against /health.
+
+    python -m bench fleet_server [--duration 5] [--concurrency 1,8,32,64] [--instances 10000] [--db sqlite,postgresql]
+
+For each database it starts a server process (uvicorn, one process) whose `POST /v1/update` parses
+the Omaha request with the real codec, runs `Fleet.check_in` (upsert, events, the rollout guard)
+and answers with the real response builder; the database holds --instances hosts already. The
+route is local to this bench until `obelisk update serve` is wired to the fleet state; then
+`--server serve` should point at it instead. Endpoints, each at every concurrency, back to back:
+
+- health : GET /health, the ceiling of Starlette + uvicorn on this machine;
+- current: an update check from a host already on the newest release (the common check-in: one
+  upsert, no lock);
+- held   : an update check from a host on an older release in a group whose rate is used up (the
+  guard's whole path: the group's row lock, counts, the decision, the note).
+
+Machine ids rotate over all known instances. PostgreSQL is a throwaway cluster on a Unix socket
+(initdb + pg_ctl as nobody, removed after). The load generator is `wrk` (Debian package) with a
+Lua script; percentiles are wrk's (closed loop, not corrected for coordinated omission).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+
+APP_ID = "{e96281a6-d1af-4bde-9a0a-97b76e56dc57}"
+NEW, OLD = "2.0.0", "1.0.0"
+
+LUA = """
+local kind = "%s"
+local n = %d
+local i = 0
+function init(args)
+  i = (tid or 0) * 7919
+end
+function request()
+  i = i + 1
+  local k = i %% n
+  local version = "%s"
+  local track = "current"
+  if kind == "held" then version = "%s"; track = "held" end
+  local body = '<?xml version="1.0" encoding="UTF-8"?>\\n<request protocol="3.0" version="obelisk-update_engine-0.1.0" '
+    .. 'installsource="scheduler" ismachine="1"><os version="Chateau" platform="CoreOS" sp=""></os>'
+    .. '<app appid="%s" version="' .. version .. '" track="' .. track .. '" machineid="'
+    .. string.format("%%032x", k) .. '" board="amd64-usr"><ping active="1"></ping><updatecheck></updatecheck>'
+    .. '</app></request>'
+  return wrk.format("POST", "/v1/update/", {["Content-Type"] = "text/xml"}, body)
+end
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format('BENCHJSON {"requests": %%d, "duration_us": %%d, "p50": %%d, "p99": %%d, "errors": %%d}\\n',
+    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99),
+    e.connect + e.read + e.write + e.timeout + e.status))
+end
+local threads = 0
+function setup(thread)
+  thread:set("tid", threads)
+  threads = threads + 1
+end
+"""
+
+HEALTH_LUA = LUA.split("function request()")[0] + """function request()
+  return wrk.format("GET", "/health")
+end
+function done""" + LUA.split("function done")[1]
+
+
+# ---------------------------------------------------------------- the server process
+
+
+def serve(database: str, releases: Path, port: int) -> None:
+    """Child process: the bench-local Omaha route over Fleet.check_in (see the module docstring)."""
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.concurrency import run_in_threadpool
+    from starlette.requests import Request
+    from starlette.responses import PlainTextResponse, Response
+    from starlette.routing import Route
+
+    from update_engine import omaha
+    from update_server.db.store import Store
+    from update_server.fleet_server import Fleet
+    from update_server.releases import Catalog
+
+    fleet = Fleet(Store(database, pool_size=16), Catalog(releases), prune_after=None)
+
+    async def update(request: Request) -> Response:
+        req = omaha.parse_request(await request.body())
+        ans = await run_in_threadpool(fleet.check_in, req, request.client.host if request.client else "")
+        if ans.release is None:
+            return Response(omaha.build_response(req.app.appid, ping=req.app.ping), media_type="text/xml")
+        upd = omaha.Update(version=ans.release.version, urls=[], package_name="update.payload",
+                           size=ans.release.size, sha256=ans.release.sha256)
+        return Response(omaha.build_response(req.app.appid, update=upd, codebase="http://x/", ping=req.app.ping),
+                        media_type="text/xml")
+
+    async def health(request: Request) -> Response:
+        return PlainTextResponse("ok")
+
+    app = Starlette(routes=[Route("/v1/update/", update, methods=["POST"]), Route("/health", health)])
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False, loop="asyncio")
+
+
+# ---------------------------------------------------------------- set-up
+
+
+def _pg_bin(tool: str) -> str:
+    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{tool}"))
+    if not found:
+        raise SystemExit("error: PostgreSQL is missing (apt-get install postgresql)")
+    return found[-1]
+
+
+def _as_nobody(argv: list[str]) -> None:
+    if os.geteuid() == 0:
+        argv = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", *argv]
+    subprocess.run(argv, check=True, capture_output=True, timeout=120)
+
+
+def start_pg(root: Path) -> str:
+    sock = root / "sock"
+    sock.mkdir()
+    if os.geteuid() == 0:
+        nb = pwd.getpwnam("nobody")
+        for p in (root, sock):
+            os.chown(p, nb.pw_uid, nb.pw_gid)
+    _as_nobody([_pg_bin("initdb"), "-D", str(root / "data"), "-U", "obelisk", "-A", "trust", "--no-sync"])
+    _as_nobody([_pg_bin("pg_ctl"), "-D", str(root / "data"), "-l", str(root / "log"), "-w", "-o",
+                f"-k {sock} -c listen_addresses='' -c max_connections=100", "start"])
+    return f"postgresql+psycopg://obelisk@/postgres?host={sock}"
+
+
+def stop_pg(root: Path) -> None:
+    if (root / "data" / "postmaster.pid").exists():
+        _as_nobody([_pg_bin("pg_ctl"), "-D", str(root / "data"), "-m", "fast", "-w", "stop"])
+
+
+def publish(releases: Path) -> None:
+    import hashlib
+
+    for v in (OLD, NEW):
+        d = releases / "tiny" / v
+        d.mkdir(parents=True)
+        data = v.encode() * 1000
+        (d / "update.payload").write_bytes(data)
+        (d / "release.json").write_text(json.dumps({"name": "tiny", "version": v, "app_id": APP_ID, "arch": "amd64",
+                                                    "artifacts": {"update.payload": {
+                                                        "size": len(data),
+                                                        "sha256": hashlib.sha256(data).hexdigest()}}}))
+
+
+def fill(url: str, n: int) -> None:
+    """n hosts in group `current` on the newest release; group `held` with its one start a day used up.
+
+    The `held` requests reuse the same machine ids (a host moving group is an upsert like any other).
+    """
+    import sqlalchemy as sa
+
+    from update_server.db import models as m
+    from update_server.db.store import Store
+
+    store = Store(url)
+    now = time.time()
+    rows = [{"machine_id": f"{i:032x}", "group_name": "current", "app_id": APP_ID, "version": NEW, "arch": "amd64",
+             "first_seen": now, "last_checkin": now, "status": "complete", "updated_at": now} for i in range(n)]
+    with store.write() as c:
+        c.execute(sa.insert(m.instances), rows)
+    # `held`: a group whose single allowed start per day is already used up by a host outside the rotation.
+    store.set_policy("held", {"max_updates_per_period": 1, "period": "1d"}, now)
+    store.grant("held", "f" * 32, OLD, NEW, now)
+    store.close()
+
+
+# ---------------------------------------------------------------- measuring
+
+
+def run_wrk(lua: str, base: str, conns: int, duration: float, work: Path) -> dict:
+    script = work / "bench.lua"
+    script.write_text(lua)
+    out = subprocess.run(["wrk", "-t", "1", "-c", str(conns), "-d", f"{duration:g}s", "--timeout", "10s",
+                          "--latency", "-s", str(script), base], capture_output=True, text=True, check=True)
+    line = next((x for x in out.stdout.splitlines() if x.startswith("BENCHJSON ")), None)
+    if line is None:
+        raise RuntimeError(f"wrk printed no summary:\n{out.stdout}\n{out.stderr}")
+    r = json.loads(line[len("BENCHJSON "):])
+    r["rps"] = r["requests"] / (r["duration_us"] / 1e6)
+    return r
+
+
+def bench_db(kind: str, url: str, args: argparse.Namespace, work: Path) -> list[tuple]:
+    fill(url, args.instances)
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    proc = subprocess.Popen([sys.executable, "-m", "bench.fleet_server", "--serve", url, str(work / "releases"),
+                             str(port)], env=env, stderr=subprocess.PIPE)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                requests.get(base + "/health", timeout=1)
+                break
+            except requests.RequestException:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit(f"server did not start: {proc.stderr.read().decode()[-2000:]}") from None
+                time.sleep(0.1)
+        rows = []
+        n = args.instances
+        for c in args.concurrency:
+            health = run_wrk(HEALTH_LUA % ("health", n), base, c, args.duration, work)
+            for name in ("current", "held"):
+                r = run_wrk(LUA % (name, n, NEW, OLD, APP_ID), base, c, args.duration, work)
+                rows.append((kind, c, name, r["rps"], r["p50"] / 1000, r["p99"] / 1000, r["errors"],
+                             r["rps"] / health["rps"]))
+            rows.append((kind, c, "health", health["rps"], health["p50"] / 1000, health["p99"] / 1000,
+                         health["errors"], 1.0))
+        return rows
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main(argv: list[str]) -> None:
+    if argv[:1] == ["--serve"]:
+        serve(argv[1], Path(argv[2]), int(argv[3]))
+        return
+    ap = argparse.ArgumentParser(prog="python -m bench fleet_server")
+    ap.add_argument("--duration", type=float, default=5.0)
+    ap.add_argument("--concurrency", default="1,8,32,64")
+    ap.add_argument("--instances", type=int, default=10_000)
+    ap.add_argument("--db", default="sqlite,postgresql")
+    args = ap.parse_args(argv)
+    args.concurrency = [int(x) for x in args.concurrency.split(",")]
+    if shutil.which("wrk") is None:
+        raise SystemExit("error: wrk is not installed (apt-get install wrk)")
+    rows: list[tuple] = []
+    for kind in args.db.split(","):
+        work = Path(tempfile.mkdtemp(prefix=f"bench-fleet-{kind}-"))
+        try:
+            publish(work / "releases")
+            if kind == "sqlite":
+                rows += bench_db(kind, f"sqlite:///{work / 'fleet.sqlite'}", args, work)
+            else:
+                pg = work / "pg"
+                pg.mkdir()
+                try:
+                    rows += bench_db(kind, start_pg(pg), args, work)
+                finally:
+                    stop_pg(pg)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    print(f"{'db':<11}{'conc':>5}  {'endpoint':<8}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'err':>5}{'vs health':>11}")
+    for kind, c, name, rps, p50, p99, err, ratio in rows:
+        print(f"{kind:<11}{c:>5}  {name:<8}{rps:>9.0f}{p50:>9.2f}{p99:>9.2f}{err:>5}{ratio:>11.2f}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
