@@ -1,4 +1,4 @@
-"""`obelisk image`: parse, call, print. (`obelisk key` is builder/keycli.py: hosts run it too.)"""
+"""`obelisk image`: parse, call, print. (`obelisk key` is obelisk/keycli.py: hosts run it too.)"""
 
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ import requests
 import urllib3
 import yaml
 
-from cloudconfig.validate import MAX_USERDATA, TooLarge, gunzip
+from cloudconfig.validate import MAX_USERDATA, DecompressedTooLarge, gunzip
 from obelisk.errors import ObeliskError
 from obelisk.inputs import check_input
 
@@ -119,7 +119,7 @@ def _body(r: requests.Response, url: str, s: Settings, limit: int) -> bytes:
     if encoding in ("gzip", "x-gzip"):
         try:
             return gunzip(bytes(body), limit)
-        except TooLarge:
+        except DecompressedTooLarge:
             raise _too_large(url, limit) from None
         except ValueError as exc:
             raise DatasourceError(f"{url}: the answer says gzip but does not decompress ({exc})") from None

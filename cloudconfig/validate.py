@@ -20,6 +20,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from cloudconfig import schema
 from cloudconfig.schema import Field
+from obelisk.errors import ObeliskError
 
 MAX_USERDATA = 16 * 1024 * 1024
 # write_files content after base64/gzip: per file, and all files together (apply holds them in its plan).
@@ -81,7 +82,7 @@ class Report:
         self.entries.append(Entry(line, column, level, path, message))
 
 
-class TooLarge(ValueError):
+class DecompressedTooLarge(ObeliskError, ValueError):
     """Data that would decompress to more than the limit; nothing past the limit was produced."""
 
     def __init__(self, limit: int) -> None:
@@ -96,7 +97,7 @@ _INFLATE_STEP = 1024 * 1024  # output produced per call: memory stays near the l
 def gunzip(data: bytes, limit: int) -> bytes:
     """gzip (one or several members, as gzip.decompress) with at most ``limit`` bytes of output.
 
-    Raises TooLarge past the limit and ValueError for data that is not gzip or is cut short.
+    Raises DecompressedTooLarge past the limit and ValueError for data that is not gzip or is cut short.
     """
     out = bytearray()
     rest = data
@@ -111,7 +112,7 @@ def gunzip(data: bytes, limit: int) -> bytes:
                     raise ValueError("the gzip data is cut short")
                 out += chunk
                 if len(out) > limit:
-                    raise TooLarge(limit)
+                    raise DecompressedTooLarge(limit)
         except zlib.error as exc:
             raise ValueError(f"not gzip data ({exc})") from None
         rest = d.unused_data
@@ -134,7 +135,7 @@ def decode_userdata(raw: bytes) -> tuple[str | None, Report | None]:
     if raw[:2] == _GZIP_MAGIC:
         try:
             raw = gunzip(raw, MAX_USERDATA)
-        except TooLarge:
+        except DecompressedTooLarge:
             rep = Report("invalid")
             rep.add(1, 1, "error", "", f"decompressed user-data exceeds {MAX_USERDATA} bytes")
             return None, rep
@@ -424,7 +425,7 @@ def decode_content(content: str | bytes, encoding: str | None) -> bytes:
     if enc.startswith("gz"):
         try:
             data = gunzip(data, MAX_FILE)
-        except TooLarge:
+        except DecompressedTooLarge:
             raise ValueError(f"content cannot be decoded as {enc}: it exceeds {MAX_FILE} bytes when decompressed "
                              "(the limit per file)") from None
         except ValueError as exc:

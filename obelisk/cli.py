@@ -18,7 +18,7 @@ import typer
 # sub-command -> (module, attribute of its typer app)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "image": ("builder.cli", "image_app"),
-    "key": ("builder.keycli", "key_app"),  # hosts run `key verify`: no builder code beyond this module
+    "key": ("obelisk.keycli", "key_app"),  # hosts run `key verify` too
     "boot": ("bootloader.cli", "app"),
     "update": ("update_engine.cli", "app"),
     "lock": ("update_engine.reboot.cli", "app"),

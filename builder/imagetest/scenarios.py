@@ -32,6 +32,7 @@ from bootloader import gpt, slots
 from builder.build import data_dir
 from builder.imagetest import qemu
 from obelisk import signing
+from obelisk.errors import ObeliskError
 from obelisk.inputs import check_input
 from obelisk.tools import run
 
@@ -39,8 +40,8 @@ PLACEHOLDER_GUID = uuid.UUID("00000000-0000-0000-0000-000000000001")
 GROW_BYTES = 256 << 20  # the boot scenario enlarges the disk by this much before the first boot
 
 
-class ScenarioFailed(AssertionError):
-    pass
+class ScenarioFailed(ObeliskError, AssertionError):
+    """A scenario's check did not hold; the message says which and what the guest showed."""
 
 
 @dataclass

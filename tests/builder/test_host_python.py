@@ -29,9 +29,9 @@ def test_host_files_leave_out_the_builder_provisioning_and_tests() -> None:
     tops = collections.Counter(f.split("/")[0] for f in files)
     print("host files by package:", dict(sorted(tops.items())))
     assert "provision" not in tops and "tests" not in tops
-    assert [f for f in files if f.startswith("builder/")] == ["builder/__init__.py", "builder/keycli.py"]
+    assert "builder" not in tops, [f for f in files if f.startswith("builder/")]
     for needed in ("obelisk/cli.py", "bootloader/cli.py", "update_engine/cli.py", "update_engine/reboot/cli.py",
-                   "cloudconfig/cli.py", "update_engine/daemon.py", "bootloader/slots.py"):
+                   "cloudconfig/cli.py", "update_engine/daemon.py", "bootloader/slots.py", "obelisk/keycli.py"):
         assert needed in files, needed
     assert not any("__pycache__" in f or f.endswith(".pyc") for f in files)
 
@@ -56,7 +56,7 @@ def test_the_host_commands_run_from_the_shipped_files_alone(tmp_path: Path) -> N
     site = _host_dir(tmp_path)
     gone = subprocess.run([sys.executable, "-S", "-c", "import builder.build"], env={"PYTHONPATH": f"{site}:{PURELIB}"},
                           cwd=site, capture_output=True, text=True, timeout=60)
-    assert gone.returncode != 0 and "No module named 'builder.build'" in gone.stderr
+    assert gone.returncode != 0 and "No module named 'builder'" in gone.stderr
     top = _host(site, "--help")
     assert top.returncode == 0, top.stderr
     for name in python_stage.HOST_COMMANDS:

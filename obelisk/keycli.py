@@ -1,7 +1,7 @@
 """`obelisk key`: generate, sign, verify. Parse, call, print.
 
-Hosts run ``obelisk key verify`` (the image test hook checks its run.sh with it), so this module
-ships in the image: it imports nothing of the builder, only the ground floor (``obelisk``).
+Hosts run ``obelisk key verify`` (the image test hook checks its run.sh with it), so the key
+commands live on the ground floor, which every image carries, beside the signing they wrap.
 """
 
 from __future__ import annotations
