@@ -123,10 +123,6 @@ TRANSITIONS: dict[Status, frozenset[Status]] = {
 IN_FLIGHT = frozenset(TRANSITIONS) - {S.IDLE, S.UPDATED_NEED_REBOOT}  # a run was under way when this was saved
 
 
-class IllegalTransition(RuntimeError):
-    """A bug: the daemon tried a move ``TRANSITIONS`` does not allow (not an ObeliskError: it must be seen)."""
-
-
 class StateMachine:
     """The daemon's persisted state; ``move`` is the only way it changes (checked, saved, announced)."""
 
@@ -150,7 +146,8 @@ class StateMachine:
         with self.lock:
             here = self.state
             if to not in TRANSITIONS[here]:
-                raise IllegalTransition(f"update state {here} cannot go to {to}")
+                # A bug, not bad input: a plain RuntimeError, so no CLI's clean_errors() hides its traceback.
+                raise RuntimeError(f"bug: update state {here} cannot go to {to}")
             for k in fields:
                 if not hasattr(self.st, k):
                     raise AttributeError(f"DaemonState has no field {k!r}")
