@@ -6,6 +6,11 @@ already on (or past) the chosen version → `noupdate`; events are acknowledged 
 memory (`GET /v1/events`, for an admin token only: it lists every machine id) and optionally in a
 JSONL file that rotates to `FILE.1` at MAX_EVENTS_FILE bytes. Request bodies are read with a bound
 (413 past MAX_BODY), never held whole first.
+
+With a `fleet` (update_server.fleet_server.Fleet: state in SQLite or PostgreSQL) every request of a
+served app id is also tracked (instance, events, status) and an update check is answered with what
+the group's rollout policy allows now (`noupdate` while it holds the host); the fleet API
+(`/api/v1/fleet/...`) and `/metrics` are served beside it. See docs/fleet.md.
 """
 
 from __future__ import annotations
@@ -17,9 +22,11 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
@@ -28,7 +35,10 @@ from obelisk.errors import ObeliskError
 from obelisk.serving import BodyTooLarge, bearer_matches, read_body
 from obelisk.versions import compare_versions
 from update_engine import omaha
-from update_server.releases import PAYLOAD_NAME, Catalog
+from update_server.releases import PAYLOAD_NAME, Catalog, Release
+
+if TYPE_CHECKING:
+    from update_server.fleet_server import Fleet
 
 MAX_BODY = 64 * 1024  # Nebraska's cap
 MAX_EVENTS = 10_000  # kept in memory for GET /v1/events
@@ -94,8 +104,10 @@ def _text(status: int, message: str, **headers: str) -> Response:
 
 
 def make_app(catalog: Catalog, *, events: EventLog | None = None, public_url: str | None = None,
-             poll_interval: int | None = None, admin_token: str | None = None) -> Starlette:
-    """admin_token: the bearer token that opens GET /v1/events; without one that endpoint is off (403)."""
+             poll_interval: int | None = None, admin_token: str | None = None, fleet: Fleet | None = None
+             ) -> Starlette:
+    """admin_token: the bearer token that opens GET /v1/events; without one that endpoint is off (403).
+    fleet: track instances and apply rollout policy (and serve the fleet API and /metrics)."""
     events = events or EventLog()
 
     async def update(request: Request) -> Response:
@@ -123,11 +135,22 @@ def make_app(catalog: Catalog, *, events: EventLog | None = None, public_url: st
                                        updatecheck="error-internal" if a.updatecheck else None,
                                        events=len(a.events), ping=a.ping)
             return Response(xml, media_type="text/xml")
+        rel: Release | None = None
+        if fleet is not None:
+            from update_server.tracking import TrackingError
+
+            ip = request.client.host if request.client else ""
+            try:
+                answer = await run_in_threadpool(fleet.check_in, req, ip)
+            except TrackingError as exc:
+                return PlainTextResponse(f"bad Omaha request: {exc}", status_code=400)
+            rel = answer.release
         if not a.updatecheck:
             return Response(omaha.build_response(a.appid, updatecheck=None, events=len(a.events), ping=a.ping),
                             media_type="text/xml")
-        arch = omaha.arch_of_board(a.board) if a.board else req.os_arch
-        rel = catalog.choose(a.appid, a.track, arch)
+        if fleet is None:
+            arch = omaha.arch_of_board(a.board) if a.board else req.os_arch
+            rel = catalog.choose(a.appid, a.track, arch)
         if rel is None or compare_versions(rel.version, a.version) <= 0:
             xml = omaha.build_response(a.appid, events=len(a.events), ping=a.ping, poll_interval=poll_interval)
             return Response(xml, media_type="text/xml")
@@ -170,6 +193,7 @@ def make_app(catalog: Catalog, *, events: EventLog | None = None, public_url: st
         Route("/v1/events", list_events),
         Route("/v1/releases", list_releases),
         Route("/health", health),
+        *(fleet.routes() if fleet is not None else []),
     ]
     app = Starlette(routes=routes)
     app.state.events = events

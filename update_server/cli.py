@@ -20,8 +20,14 @@ def serve(
                                                   "(rotated to FILE.1 at 64 MiB)"),
     public_url: str | None = typer.Option(None, help="base URL hosts reach this server at (default: request's)"),
     poll_interval: int | None = typer.Option(None, help="PollInterval (s) to tell hosts"),
-    admin_token_file: Path | None = typer.Option(None, help="open GET /v1/events to clients sending this "
-                                                            "bearer token (off without it)"),
+    admin_token_file: Path | None = typer.Option(None, help="open GET /v1/events and the fleet API (reads and "
+                                                            "changes) to clients sending this bearer token"),
+    state_dir: Path | None = typer.Option(None, help="fleet state in SQLite: DIR/fleet.sqlite (made if missing); "
+                                                     "tracks instances and applies rollout policy"),
+    database: str | None = typer.Option(None, help="fleet state in PostgreSQL instead: postgresql://USER@HOST/DB "
+                                                   "(replicas share it)"),
+    read_token_file: Path | None = typer.Option(None, help="bearer token for read-only use of the fleet API"),
+    prune_after: str = typer.Option("90d", help="forget instances not seen for this long ('0' = never)"),
 ) -> None:
     """Serve releases to hosts over Omaha at /v1/update/ (Nebraska-compatible), payloads with Range."""
     from update_server.app import EventLog, make_app
@@ -34,8 +40,37 @@ def serve(
         rels = catalog.releases()
         for p in catalog.problems:
             print(f"warning: {p}", file=sys.stderr)
+        fleet = _fleet(catalog, state_dir, database, admin_token, read_token_file, prune_after)
         web = make_app(catalog, events=EventLog(events), public_url=public_url, poll_interval=poll_interval,
-                       admin_token=admin_token)
+                       admin_token=admin_token, fleet=fleet)
         print(f"serving {len(rels)} release(s) from {releases_dir} at http://{shown_address(host, port)}/v1/update/",
               flush=True)
+        if fleet is not None:
+            print(f"fleet state: {fleet.store.describe()} (schema {fleet.store.revision()})", flush=True)
         run_server(web, host, port, log_level="warning")
+
+
+def _fleet(catalog, state_dir: Path | None, database: str | None, admin_token: str | None,  # noqa: ANN001
+           read_token_file: Path | None, prune_after: str):  # noqa: ANN202 - a Fleet, or None when off
+    """The fleet state when --state-dir or --database asks for it (imported only then)."""
+    if state_dir is None and database is None:
+        return None
+    from obelisk.windows import WindowError, parse_duration
+    from update_server.db.store import Store, StoreError, url_for
+    from update_server.fleet_server import Fleet
+
+    if state_dir is not None and database is not None:
+        raise StoreError("give --state-dir (SQLite) or --database (PostgreSQL), not both")
+    try:
+        prune = parse_duration(prune_after).total_seconds() if prune_after.strip() != "0" else None
+    except WindowError as exc:
+        raise StoreError(f"--prune-after: {exc}") from None
+    if state_dir is not None:
+        try:
+            state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"--state-dir {state_dir}: cannot create it: {exc.strerror}") from None
+    read = [read_token(read_token_file, "read token")] if read_token_file else []
+    store = Store(url_for(database, state_dir))
+    return Fleet(store, catalog, read_tokens=read, admin_tokens=[admin_token] if admin_token else [],
+                 prune_after=prune)

@@ -28,6 +28,7 @@ from update_server.releases import Catalog, Release
 
 log = logging.getLogger("obelisk.update_server")
 PRUNE_EVERY = 3600.0
+MAX_EVENTS = 16  # per request, as the Omaha handler's own log keeps (real clients send one or two)
 CHANNEL_TTL = 2.0  # seconds a group's channel version is reused before it is read again
 
 
@@ -80,11 +81,11 @@ class Fleet:
                 return r
         return None
 
-    def published_at(self, app_id: str, version: str) -> float:
+    def published_at(self, app_id: str, version: str, now: float | None = None) -> float:
         key = (app_id.lower(), version)
         at = self._published.get(key)
         if at is None:
-            at = self.store.note_release(app_id, version, self.clock())
+            at = self.store.note_release(app_id, version, self.clock() if now is None else now)
             self._published[key] = at
         return at
 
@@ -108,15 +109,15 @@ class Fleet:
         now = self.clock()
         arch = omaha.arch_of_board(a.board) if a.board else req.os_arch
         rel = self.target(a.appid, a.track, arch) if a.updatecheck else None
-        published = self.published_at(a.appid, rel.version) if rel is not None else None
+        published = self.published_at(a.appid, rel.version, now) if rel is not None else None
         ci = tracking.CheckIn(
             machine_id=a.machineid, group=a.track, version=a.version, app_id=a.appid, arch=arch, ip=ip,
             boot_id=a.bootid, alias=a.machinealias, oem=a.oem, updatecheck=a.updatecheck,
             events=[tracking.CheckEvent(e.type, e.result, e.errorcode, e.previousversion,
-                                        getattr(e, "reason", "") or "") for e in a.events])
+                                        getattr(e, "reason", "") or "") for e in a.events[:MAX_EVENTS]])
         out = tracking.check_in(self.store, ci, now, target=rel.version if rel else None, published_at=published,
                                 history=self.history)
-        failures = sum(1 for e in a.events if e.result == omaha.RESULT_ERROR)
+        failures = sum(1 for e in a.events[:MAX_EVENTS] if e.result == omaha.RESULT_ERROR)
         d = out.decision
         self.metrics.observe(a.track, updatecheck=a.updatecheck, started=bool(d and d.new_start), failures=failures)
         if out.halted:

@@ -359,7 +359,7 @@ def _switches(state: GroupState, policy: Policy, version: str) -> Decision | Non
 def _gates(instance: InstanceView, state: GroupState, policy: Policy, now: float, version: str) -> Decision:
     published = state.published_at if state.published_at is not None else now
     eligible = published + policy.soak_s
-    if now < eligible:
+    if policy.soak_s > 0 and now < eligible:
         return Decision(False, "soak", f"{state.target} soaks until {_ts(eligible)}", version, eligible)
     opens = policy.wave_open_at(instance.seed, rollout_start(state, policy))
     if opens is None:

@@ -164,6 +164,10 @@ class Store:
     def dialect(self) -> str:
         return self.engine.dialect.name
 
+    def describe(self) -> str:
+        """The database for a log line (no password)."""
+        return self._safe_url()
+
     def _safe_url(self) -> str:
         return sa.engine.make_url(self.url).render_as_string(hide_password=True)
 
