@@ -174,7 +174,7 @@ def _find_program(tree: Path, name: str) -> tuple[Path, Path | None]:
 
 def _libs(binary: Path, root: Path | None) -> list[Path]:
     """Shared libraries of a binary (ldd on the host's copy; mapped into the tree when it has them)."""
-    out = run(["ldd", binary.resolve()], check=False).stdout
+    out = run(["ldd", in_tree(root, binary) if root is not None else binary.resolve()], check=False).stdout
     libs = []
     for line in out.splitlines():
         parts = line.split()
@@ -184,13 +184,48 @@ def _libs(binary: Path, root: Path | None) -> list[Path]:
         elif parts and parts[0].startswith("/"):
             path = parts[0]
         if path:
+            # Kept at the path ldd names (where the loader looks); read through in_tree when copied.
             cand = root / path.lstrip("/") if root else None
-            libs.append(cand if cand is not None and cand.exists() else Path(path))
+            libs.append(cand if cand is not None and in_tree(root, cand).is_file() else Path(path))
     return libs
 
 
-def _read(p: Path) -> bytes:
-    return p.resolve().read_bytes() if p.is_symlink() else p.read_bytes()
+def in_tree(tree: Path, path: Path) -> Path:
+    """``path`` (below ``tree``) with every symlink resolved the way a chroot into ``tree`` would.
+
+    An absolute link target starts again at ``tree``; ``..`` stops at ``tree``. So a hostile
+    tree's ``usr/sbin/veritysetup -> /etc/shadow`` names the tree's own /etc/shadow, never the build
+    host's. Raises InitramfsError for a link loop.
+    """
+    tree = Path(tree)
+    parts = list(Path(path).relative_to(tree).parts)
+    done: list[str] = []
+    hops = 0
+    while parts:
+        part = parts.pop(0)
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if done:
+                done.pop()
+            continue
+        here = tree.joinpath(*done, part)
+        if here.is_symlink():
+            hops += 1
+            if hops > 40:
+                raise InitramfsError(f"{path}: too many levels of symbolic links in the image tree")
+            target = Path(os.readlink(here))
+            if target.is_absolute():
+                done = []
+            parts = list(target.parts[1:] if target.is_absolute() else target.parts) + parts
+            continue
+        done.append(part)
+    return tree.joinpath(*done)
+
+
+def _read(p: Path, root: Path | None) -> bytes:
+    """A file of the image tree (symlinks resolved inside it) or, with ``root`` None, of the build host."""
+    return (in_tree(root, p) if root is not None else p.resolve()).read_bytes()
 
 
 def build(tree: Path, out: Path) -> None:
@@ -217,7 +252,7 @@ def build(tree: Path, out: Path) -> None:
     mod_lines = []
     for m in resolve_modules(moddir, MODULES):
         rel = f"usr/lib/modules/{kver}/{m.relative_to(moddir)}"
-        a.add_file(rel, m.read_bytes())
+        a.add_file(rel, _read(m, tree))
         mod_lines.append("/" + rel)
     a.add_file("etc/obelisk/modules", ("\n".join(mod_lines) + "\n").encode())
 
@@ -226,10 +261,11 @@ def build(tree: Path, out: Path) -> None:
             path, root = _find_program(tree, prog)
         except ToolError as exc:
             raise InitramfsError(f"initramfs needs {prog}: {exc}") from exc
-        a.add_file(f"usr/sbin/{prog}", _read(path), 0o755)
+        a.add_file(f"usr/sbin/{prog}", _read(path, root), 0o755)
         for lib in _libs(path, root):
             # Libraries go to the path the dynamic loader expects (ld.so in lib64, the rest in lib).
-            a.add_file(_usr_path(lib, root).lstrip("/"), _read(lib), 0o755)
+            from_tree = root is not None and lib.is_relative_to(root)
+            a.add_file(_usr_path(lib, root).lstrip("/"), _read(lib, root if from_tree else None), 0o755)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
