@@ -45,11 +45,12 @@ class Stream(Protocol):
 
 
 class TransferFailed(ApplyError):
-    """A network problem worth a retry from the last checkpoint."""
+    """A network problem, worth a retry from the last checkpoint unless ``final`` (or an HTTP 4xx)."""
 
-    def __init__(self, message: str, http_status: int | None = None) -> None:
+    def __init__(self, message: str, http_status: int | None = None, *, final: bool = False) -> None:
         super().__init__(message, omaha.ERR_DOWNLOAD_TRANSFER)
         self.http_status = http_status
+        self.final = final or (http_status is not None and 400 <= http_status < 500)
 
 
 def reason(exc: BaseException) -> str:
@@ -88,6 +89,8 @@ class HttpStream:
         read_timeout = max(1.0, t.low_speed_time)
         try:
             self.resp = session.get(url, headers=headers, stream=True, timeout=(t.connect_timeout, read_timeout))
+        except requests.TooManyRedirects:
+            raise TransferFailed(f"cannot fetch {url}: more than {MAX_REDIRECTS} redirects", final=True) from None
         except requests.RequestException as exc:
             raise TransferFailed(f"cannot fetch {url}: {reason(exc)}") from None
         if self.resp.status_code >= 400:
@@ -211,7 +214,7 @@ class Retrier:
             try:
                 return src.open(offset)
             except TransferFailed as exc:
-                if (exc.http_status and 400 <= exc.http_status < 500) or attempt >= self.t.retries:
+                if exc.final or attempt >= self.t.retries:
                     raise
                 attempt += 1
                 self.sleep(self.t.retry_delay)

@@ -94,9 +94,9 @@ def test_retries_skip_4xx_and_stop_on_request(raw_server) -> None:
 def test_redirects_are_bounded(raw_server) -> None:
     loop = raw_server(lambda conn, request, stop: conn.sendall(
         _answer(b"", "302 Found", f"Location: http://127.0.0.1:{loop.port}/again\r\n")))
-    with pytest.raises(TransferFailed, match="redirects"):
-        Source(loop.url, Transfer(retries=0)).open(0)
-    assert loop.hits == 6  # the first request and five redirects
+    with pytest.raises(TransferFailed, match="more than 5 redirects"):
+        Retrier(FAST, lambda: False).open(Source(loop.url, FAST), 0)
+    assert loop.hits == 6  # the first request and five redirects, and no retry of a loop
     to_file = raw_server(lambda conn, request, stop: conn.sendall(
         _answer(b"", "302 Found", "Location: file:///etc/passwd\r\n")))
     with pytest.raises(TransferFailed):
