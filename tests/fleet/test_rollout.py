@@ -214,3 +214,17 @@ def test_preview_equals_what_the_server_then_does(store: Store) -> None:
         now += HOUR
     assert actual == {mid: planned[mid].at for mid in ids}
     assert max_in_any_window(list(actual.values()), 1.5 * HOUR) == 5
+
+
+def test_a_timed_out_canary_halts_even_when_everyone_else_is_held(store: Store) -> None:
+    """Held hosts skip the group lock; a pending attempt past its timeout still sends them through it."""
+    store.set_policy("prod", {"safe_mode": True, "update_timeout": "1h"}, T0)
+    ids = machine_ids(5, "canarytimeout")
+    sim = Sim(store, "prod", "2.0.0", published_at=T0)
+    sim.add(ids)
+    assert sim.checkin(ids[0], T0).offer
+    sim.granted.pop(ids[0])  # the first host goes silent
+    assert sim.checkin(ids[1], T0 + HOUR - 1).code == "safe_mode"
+    d = sim.checkin(ids[1], T0 + HOUR + 1)
+    assert d.code == "halted" and "did not finish" in store.attempts_of("prod")[0]["reason"]
+    assert "safe mode" in store.group("prod").halt_reason

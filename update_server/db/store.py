@@ -359,18 +359,46 @@ class Store:
 
     def grant_in(self, c: Connection, group: str, machine_id: str, version: str, target: str | None, now: float,
                  *, published_at: float | None = None) -> Decision:
-        """`grant` inside the caller's transaction (which has already locked the instance row)."""
+        """`grant` inside the caller's transaction (which has already locked the instance row).
+
+        First an unlocked look: a host the policy holds anyway (rate used up, window closed, wave
+        not open...) is answered without the group's lock, so held hosts do not queue behind each
+        other. Holding on a stale read is safe; only an offer is decided again under the lock.
+        """
         if _no_update(version, target):
             return decide(InstanceView(machine_id, version), GroupState(group, target), Policy(), now)
         assert target is not None
+        st = c.execute(_READ_STATE, {"g": group}).first()
+        if st is not None:
+            d, _ = self._decide(c, st, group, machine_id, version, target, now, published_at, locked=False)
+            if not d.offer and not self._has_expired(c, group, now):  # timeouts are settled under the lock
+                c.execute(_NOTE, {"m": machine_id, "note": d.reason[:m.TEXT_LEN]})
+                return d
         st = self._lock_state(c, group, now)
+        d, pending = self._decide(c, st, group, machine_id, version, target, now, published_at, locked=True)
+        if d.offer and d.new_start:
+            if pending is not None:  # an older grant the host never finished (the channel moved on)
+                c.execute(_SUPERSEDE, {"m": machine_id, "now": now})
+            c.execute(_NEW_ATTEMPT, {"g": group, "m": machine_id, "from": version, "v": d.version, "now": now})
+            c.execute(_GRANTED, {"m": machine_id, "note": d.reason[:m.TEXT_LEN], "v": d.version})
+        else:
+            c.execute(_NOTE, {"m": machine_id, "note": d.reason[:m.TEXT_LEN]})
+        return d
+
+    def _has_expired(self, c: Connection, group: str, now: float) -> bool:
+        policy, _, _ = self._group_setup(c, group)
+        return c.execute(_ANY_EXPIRED, {"g": group, "cutoff": now - policy.timeout_s}).first() is not None
+
+    def _decide(self, c: Connection, st: Any, group: str, machine_id: str, version: str, target: str, now: float,
+                published_at: float | None, *, locked: bool) -> tuple[Decision, str | None]:
+        """Read the group's counts and decide; under the lock also expire timed-out attempts and halt when due."""
         policy, floors, channel_set_at = self._group_setup(c, group)
         offered = next_version(version, target, floors)
-        if policy.timeout_s:
+        if locked and policy.timeout_s:
             c.execute(_EXPIRE, {"g": group, "cutoff": now - policy.timeout_s, "now": now})
         canary, canary_id = _canary(c, group, offered, st.failures_since) if policy.safe_mode else ("none", "")
         halted, reason = st.halted, st.halt_reason
-        if not halted:
+        if locked and not halted:
             why = _safe_mode_halt(canary, canary_id, offered) or self._halt_check(c, group, policy, st.failures_since)
             if why is not None:
                 _halt(c, group, why, now)
@@ -383,15 +411,7 @@ class Store:
                             last.finished_at if failed else None)
         state = GroupState(group, target, floors, published_at, channel_set_at, st.paused, halted, reason,
                            int(counted[0]), counted[1], canary, canary_id)
-        d = decide(inst, state, policy, now)
-        if d.offer and d.new_start:
-            if pending is not None:  # an older grant the host never finished (the channel moved on)
-                c.execute(_SUPERSEDE, {"m": machine_id, "now": now})
-            c.execute(_NEW_ATTEMPT, {"g": group, "m": machine_id, "from": version, "v": d.version, "now": now})
-            c.execute(_GRANTED, {"m": machine_id, "note": d.reason[:m.TEXT_LEN], "v": d.version})
-        else:
-            c.execute(_NOTE, {"m": machine_id, "note": d.reason[:m.TEXT_LEN]})
-        return d
+        return decide(inst, state, policy, now), pending
 
     def _lock_state(self, c: Connection, group: str, now: float) -> Any:
         """Lock the group's state row (an UPDATE: PostgreSQL row lock, SQLite write lock) and read it."""
@@ -577,6 +597,10 @@ _a, _r, _i = m.attempts.c, m.rollout_state.c, m.instances.c
 _TOUCH = sa.update(m.instances).where(_i.machine_id == sa.bindparam("m")).values(updated_at=sa.bindparam("now"))
 _LOCK_STATE = (sa.update(m.rollout_state).where(_r.group_name == sa.bindparam("g")).values(seq=_r.seq + 1)
                .returning(_r.paused, _r.halted, _r.halt_reason, _r.failures_since))
+_READ_STATE = sa.select(_r.paused, _r.halted, _r.halt_reason, _r.failures_since).where(
+    _r.group_name == sa.bindparam("g"))
+_ANY_EXPIRED = sa.select(_a.id).where((_a.group_name == sa.bindparam("g")) & (_a.outcome == "pending")
+                                      & (_a.started_at < sa.bindparam("cutoff"))).limit(1)
 _GROUP_SETUP = (sa.select(m.groups.c.policy, m.groups.c.channel, m.channels.c.floors,
                           m.channels.c.updated_at.label("ch_updated"))
                 .select_from(m.groups.outerjoin(m.channels, m.channels.c.name == m.groups.c.channel))
