@@ -2,17 +2,15 @@
 
     python -m bench fleet_server [--duration 5] [--concurrency 1,8,32,64] [--instances 10000] [--db sqlite,postgresql]
 
-For each database it starts a server process (uvicorn, one process) whose `POST /v1/update` parses
-the Omaha request with the real codec, runs `Fleet.check_in` (upsert, events, the rollout guard)
-and answers with the real response builder; the database holds --instances hosts already. The
-route is local to this bench until `obelisk update serve` is wired to the fleet state; then
-`--server serve` should point at it instead. Endpoints, each at every concurrency, back to back:
+For each database it starts the real `obelisk update serve --database URL` (uvicorn, one process)
+over a database that already holds --instances hosts. Endpoints, each at every concurrency, back
+to back:
 
 - health : GET /health, the ceiling of Starlette + uvicorn on this machine;
 - current: an update check from a host already on the newest release (the common check-in: one
   upsert, no lock);
 - held   : an update check from a host on an older release in a group whose rate is used up (the
-  guard's whole path: the group's row lock, counts, the decision, the note).
+  guard's read path: policy, counts, the decision and the note; only an offer takes the group lock).
 
 Machine ids rotate over all known instances. PostgreSQL is a throwaway cluster on a Unix socket
 (initdb + pg_ctl as nobody, removed after). The load generator is `wrk` (Debian package) with a
@@ -75,42 +73,6 @@ HEALTH_LUA = LUA.split("function request()")[0] + """function request()
   return wrk.format("GET", "/health")
 end
 function done""" + LUA.split("function done")[1]
-
-
-# ---------------------------------------------------------------- the server process
-
-
-def serve(database: str, releases: Path, port: int) -> None:
-    """Child process: the bench-local Omaha route over Fleet.check_in (see the module docstring)."""
-    import uvicorn
-    from starlette.applications import Starlette
-    from starlette.concurrency import run_in_threadpool
-    from starlette.requests import Request
-    from starlette.responses import PlainTextResponse, Response
-    from starlette.routing import Route
-
-    from update_engine import omaha
-    from update_server.db.store import Store
-    from update_server.fleet_server import Fleet
-    from update_server.releases import Catalog
-
-    fleet = Fleet(Store(database, pool_size=16), Catalog(releases), prune_after=None)
-
-    async def update(request: Request) -> Response:
-        req = omaha.parse_request(await request.body())
-        ans = await run_in_threadpool(fleet.check_in, req, request.client.host if request.client else "")
-        if ans.release is None:
-            return Response(omaha.build_response(req.app.appid, ping=req.app.ping), media_type="text/xml")
-        upd = omaha.Update(version=ans.release.version, urls=[], package_name="update.payload",
-                           size=ans.release.size, sha256=ans.release.sha256)
-        return Response(omaha.build_response(req.app.appid, update=upd, codebase="http://x/", ping=req.app.ping),
-                        media_type="text/xml")
-
-    async def health(request: Request) -> Response:
-        return PlainTextResponse("ok")
-
-    app = Starlette(routes=[Route("/v1/update/", update, methods=["POST"]), Route("/health", health)])
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False, loop="asyncio")
 
 
 # ---------------------------------------------------------------- set-up
@@ -202,9 +164,10 @@ def run_wrk(lua: str, base: str, conns: int, duration: float, work: Path) -> dic
 def bench_db(kind: str, url: str, args: argparse.Namespace, work: Path) -> list[tuple]:
     fill(url, args.instances)
     port = _free_port()
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    proc = subprocess.Popen([sys.executable, "-m", "bench.fleet_server", "--serve", url, str(work / "releases"),
-                             str(port)], env=env, stderr=subprocess.PIPE)
+    obelisk = str(Path(sys.executable).with_name("obelisk"))
+    proc = subprocess.Popen([obelisk, "update", "serve", str(work / "releases"), "--listen", f"127.0.0.1:{port}",
+                             "--database", url, "--prune-after", "0"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 30
@@ -224,8 +187,10 @@ def bench_db(kind: str, url: str, args: argparse.Namespace, work: Path) -> list[
                 r = run_wrk(LUA % (name, n, NEW, OLD, APP_ID), base, c, args.duration, work)
                 rows.append((kind, c, name, r["rps"], r["p50"] / 1000, r["p99"] / 1000, r["errors"],
                              r["rps"] / health["rps"]))
+                _print_row(rows[-1])
             rows.append((kind, c, "health", health["rps"], health["p50"] / 1000, health["p99"] / 1000,
                          health["errors"], 1.0))
+            _print_row(rows[-1])
         return rows
     finally:
         proc.terminate()
@@ -245,9 +210,6 @@ def _free_port() -> int:
 
 
 def main(argv: list[str]) -> None:
-    if argv[:1] == ["--serve"]:
-        serve(argv[1], Path(argv[2]), int(argv[3]))
-        return
     ap = argparse.ArgumentParser(prog="python -m bench fleet_server")
     ap.add_argument("--duration", type=float, default=5.0)
     ap.add_argument("--concurrency", default="1,8,32,64")
@@ -258,6 +220,7 @@ def main(argv: list[str]) -> None:
     if shutil.which("wrk") is None:
         raise SystemExit("error: wrk is not installed (apt-get install wrk)")
     rows: list[tuple] = []
+    print(HEADER, flush=True)
     for kind in args.db.split(","):
         work = Path(tempfile.mkdtemp(prefix=f"bench-fleet-{kind}-"))
         try:
@@ -265,17 +228,23 @@ def main(argv: list[str]) -> None:
             if kind == "sqlite":
                 rows += bench_db(kind, f"sqlite:///{work / 'fleet.sqlite'}", args, work)
             else:
-                pg = work / "pg"
-                pg.mkdir()
+                pg = Path(tempfile.mkdtemp(prefix="bench-fleet-pg-"))  # its own folder: nobody must reach it
                 try:
                     rows += bench_db(kind, start_pg(pg), args, work)
                 finally:
                     stop_pg(pg)
+                    shutil.rmtree(pg, ignore_errors=True)
         finally:
             shutil.rmtree(work, ignore_errors=True)
-    print(f"{'db':<11}{'conc':>5}  {'endpoint':<8}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'err':>5}{'vs health':>11}")
-    for kind, c, name, rps, p50, p99, err, ratio in rows:
-        print(f"{kind:<11}{c:>5}  {name:<8}{rps:>9.0f}{p50:>9.2f}{p99:>9.2f}{err:>5}{ratio:>11.2f}")
+    print(f"done: {len(rows)} measurements")
+
+
+HEADER = f"{'db':<11}{'conc':>5}  {'endpoint':<8}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'err':>5}{'vs health':>11}"
+
+
+def _print_row(row: tuple) -> None:
+    kind, c, name, rps, p50, p99, err, ratio = row
+    print(f"{kind:<11}{c:>5}  {name:<8}{rps:>9.0f}{p50:>9.2f}{p99:>9.2f}{err:>5}{ratio:>11.2f}", flush=True)
 
 
 if __name__ == "__main__":
