@@ -53,24 +53,27 @@ def _kind(mode: int) -> str:
 
 @dataclass
 class Change:
-    op: str  # "write" | "symlink" | "remove" | "mkdir" | "chmod"
+    op: str  # "write" | "symlink" | "hardlink" | "remove" | "mkdir" | "chmod"
     path: str  # absolute path inside the target root
     data: bytes | None = None
     mode: int | None = None
     uid: int | None = None
     gid: int | None = None
-    target: str | None = None  # symlink target
+    target: str | None = None  # symlink target; for a hard link the in-root path it links to
     why: str = ""
 
     def describe(self, planned: bool = False) -> str:
         """'wrote /etc/x ...' after a commit, 'would write /etc/x ...' for a dry run."""
         verb = {"write": ("wrote", "would write"), "symlink": ("linked", "would link"),
-                "remove": ("removed", "would remove"), "mkdir": ("created directory", "would create directory"),
+                "hardlink": ("hard-linked", "would hard-link"), "remove": ("removed", "would remove"),
+                "mkdir": ("created directory", "would create directory"),
                 "chmod": ("set mode/owner of", "would set mode/owner of")}[self.op][planned]
         if self.op == "write":
             return f"{verb} {self.path} (mode {self.mode:04o}, {len(self.data or b'')} bytes){self._why()}"
         if self.op == "symlink":
             return f"{verb} {self.path} -> {self.target}{self._why()}"
+        if self.op == "hardlink":
+            return f"{verb} {self.path} to {self.target}{self._why()}"
         if self.op in ("mkdir", "chmod"):
             return f"{verb} {self.path} (mode {self.mode:04o}, owner {self.uid}:{self.gid}){self._why()}"
         return f"{verb} {self.path}{self._why()}"
@@ -85,7 +88,7 @@ class Change:
                 raise ConfigApplyError(f"{self.path}: {what} {n} is out of range (0 to {MAX_ID})")
         if self.mode is not None and not (isinstance(self.mode, int) and 0 <= self.mode <= 0o7777):
             raise ConfigApplyError(f"{self.path}: mode {self.mode!r} is not a file mode (0000 to 7777)")
-        if self.op == "symlink" and (not self.target or "\0" in self.target):
+        if self.op in ("symlink", "hardlink") and (not self.target or "\0" in self.target):
             raise ConfigApplyError(f"{self.path}: bad link target {self.target!r}")
 
 
@@ -219,13 +222,38 @@ class Plan:
             if not stat.S_ISDIR(st.st_mode):
                 raise ConfigApplyError(f"cannot write {path}: {cur} exists in {self.root} and is not a directory")
 
-    def _lstat(self, path: str) -> os.stat_result | None:
+    def lstat(self, path: str) -> os.stat_result | None:
+        """The root's own entry at ``path`` (the last component not followed); None when absent."""
         try:
             return os.lstat(self.host(path))
         except (FileNotFoundError, NotADirectoryError):
             return None
         except OSError as exc:
             raise ConfigApplyError(f"cannot use {path}: {exc.strerror}") from None
+
+    def planned(self, path: str) -> Change | None:
+        """The change planned for ``path`` so far, if any."""
+        return self._pending.get(norm(path))
+
+    def kind(self, path: str) -> str | None:
+        """"file" | "dir" | "link" | "hardlink" | "other" | None (absent), planned changes first."""
+        ch = self.planned(path)
+        if ch is not None:
+            return {"write": "file", "symlink": "link", "mkdir": "dir", "chmod": "dir", "hardlink": "hardlink",
+                    "remove": None}[ch.op]
+        st = self.lstat(path)
+        if st is None:
+            return None
+        return ("file" if stat.S_ISREG(st.st_mode) else "dir" if stat.S_ISDIR(st.st_mode)
+                else "link" if stat.S_ISLNK(st.st_mode) else "other")
+
+    def owner_mode(self, path: str) -> tuple[int, int, int] | None:
+        """(uid, gid, mode) as planned, else as on disk; None when absent or planned as a link."""
+        ch = self.planned(path)
+        if ch is not None and ch.op in ("write", "mkdir", "chmod"):
+            return ch.uid or 0, ch.gid or 0, ch.mode or 0
+        st = self.lstat(path)
+        return None if st is None else (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode))
 
     # --- planning -------------------------------------------------------------------------------
     def write(self, path: str, data: bytes, mode: int = 0o644, uid: int = 0, gid: int = 0, why: str = "") -> bool:
@@ -236,7 +264,7 @@ class Plan:
         if pend is not None and pend.op == "write" and (pend.data, pend.mode, pend.uid, pend.gid) == (data, mode, uid,
                                                                                                      gid):
             return False
-        st = self._lstat(path)
+        st = self.lstat(path)
         if st is not None and stat.S_ISDIR(st.st_mode):
             raise ConfigApplyError(f"{path} is a directory in {self.root}; cannot write a file there")
         if (st is not None and stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == mode
@@ -249,7 +277,9 @@ class Plan:
         self._add(Change("write", path, data=data, mode=mode, uid=uid, gid=gid, why=why))
         return True
 
-    def symlink(self, path: str, target: str, why: str = "") -> bool:
+    def symlink(self, path: str, target: str, why: str = "", uid: int | None = None, gid: int | None = None) -> bool:
+        """Plan a symbolic link (owned by uid:gid when given, else by whoever commits); nothing is planned
+        when the link is there already."""
         path = norm(path)
         self._check_parents(path)
         pend = self._pending.get(path)
@@ -260,17 +290,25 @@ class Plan:
                 self.changes.remove(pend)
                 del self._pending[path]
             return False
-        st = self._lstat(path)
+        st = self.lstat(path)
         if pend is None and st is not None and stat.S_ISDIR(st.st_mode):
             raise ConfigApplyError(f"{path} is a directory in {self.root}; cannot replace it with a link")
-        self._add(Change("symlink", path, target=target, why=why))
+        self._add(Change("symlink", path, target=target, uid=uid, gid=gid, why=why))
+        return True
+
+    def hardlink(self, path: str, target: str, why: str = "") -> bool:
+        """Plan a hard link at ``path`` to the in-root file ``target`` (it must exist when committed: plan the
+        target's write first)."""
+        path = norm(path)
+        self._check_parents(path)
+        self._add(Change("hardlink", path, target=norm(target), why=why))
         return True
 
     def remove(self, path: str, why: str = "") -> bool:
         path = norm(path)
         if not self.exists(path):
             return False
-        st = self._lstat(path)
+        st = self.lstat(path)
         if st is not None and stat.S_ISDIR(st.st_mode):
             raise ConfigApplyError(f"{path} is a directory in {self.root}; refusing to remove it")
         self._add(Change("remove", path, why=why))
@@ -281,7 +319,7 @@ class Plan:
         self._check_parents(path)
         if path in self._pending:
             return False
-        st = self._lstat(path)
+        st = self.lstat(path)
         if st is not None:
             if not stat.S_ISDIR(st.st_mode):
                 raise ConfigApplyError(f"{path} exists in {self.root} and is not a directory")
@@ -313,7 +351,8 @@ class Plan:
             ch.check()
         if os.geteuid() != 0:
             # chown would fail half-way through; refuse before the first write instead
-            foreign = [c for c in self.changes if c.op in ("write", "mkdir", "chmod")
+            foreign = [c for c in self.changes if (c.op in ("write", "mkdir", "chmod") or
+                                                   (c.op == "symlink" and (c.uid or c.gid)))
                        and ((c.uid or 0) != os.geteuid() or (c.gid or 0) not in os.getgroups() + [os.getegid()])]
             if foreign:
                 raise ConfigApplyError(f"{foreign[0].path} must be owned by {foreign[0].uid}:{foreign[0].gid}, "
@@ -328,7 +367,7 @@ class Plan:
 
     def _commit_one(self, ch: Change) -> None:
         host = self.host(ch.path)
-        if ch.op in ("write", "symlink", "mkdir"):
+        if ch.op in ("write", "symlink", "hardlink", "mkdir"):
             _make_parents(host.parent, self.root)
         if ch.op == "write":
             _atomic_write(host, ch.data or b"", ch.mode or 0, ch.uid or 0, ch.gid or 0)
@@ -337,6 +376,14 @@ class Plan:
             if os.path.lexists(tmp):
                 os.unlink(tmp)
             os.symlink(ch.target or "", tmp)
+            if ch.uid is not None or ch.gid is not None:
+                os.lchown(tmp, -1 if ch.uid is None else ch.uid, -1 if ch.gid is None else ch.gid)
+            os.replace(tmp, host)
+        elif ch.op == "hardlink":
+            tmp = host.with_name(f".{host.name}.obelisk-tmp")
+            if os.path.lexists(tmp):
+                os.unlink(tmp)
+            os.link(self.host(ch.target or ""), tmp, follow_symlinks=False)
             os.replace(tmp, host)
         elif ch.op == "remove":
             os.unlink(host)
@@ -347,7 +394,7 @@ class Plan:
             _own_dir(host, ch.mode or 0, ch.uid or 0, ch.gid or 0)
 
 
-_VERBS = {"write": "write", "symlink": "link", "remove": "remove", "mkdir": "create directory",
+_VERBS = {"write": "write", "symlink": "link", "hardlink": "hard-link", "remove": "remove", "mkdir": "create directory",
           "chmod": "set mode/owner of"}
 
 

@@ -9,6 +9,7 @@ user only gets its password hash and SSH keys updated.
 
 from __future__ import annotations
 
+import stat
 import time
 from dataclasses import dataclass
 
@@ -154,28 +155,84 @@ def plan_keys(plan: Plan, user: str, keys: list[str]) -> None:
     if acct is None:
         raise ConfigApplyError(f"ssh keys for {user}: user does not exist in {plan.root}/etc/passwd")
     home = _home(plan, acct)
-    ssh = f"{home.rstrip('/')}/.ssh"
     plan.mkdir(home, 0o700, acct.uid, acct.gid, why=f"home of {user}") if not plan.exists(home) else None
-    plan.mkdir(ssh, 0o700, acct.uid, acct.gid)
-    plan.mkdir(f"{ssh}/authorized_keys.d", 0o700, acct.uid, acct.gid)
-    d_files: dict[str, bytes] = {}
+    ours = "".join(k.strip() + "\n" for k in keys if k.strip()).encode()
+    plan_key_files(plan, acct, home, KEYS_NAME, ours)
+
+
+def plan_key_files(plan: Plan, acct: Account, home: str, fragment: str, ours: bytes, *,
+                   fix_modes: bool = True) -> None:
+    """``ours`` as ~/.ssh/authorized_keys.d/``fragment``, and ~/.ssh/authorized_keys the join of that
+    directory (update-ssh-keys' layout, used by cloud-config and Ignition). Keys that were in
+    authorized_keys before the directory existed are kept as the fragment ``old_authorized_keys``.
+    ``fix_modes``: existing ~/.ssh directories are set to 0700 and the user (cloud-config); Ignition
+    only creates missing ones."""
+    ssh = f"{home.rstrip('/')}/.ssh"
     ddir = f"{ssh}/authorized_keys.d"
+    refuse_links_below_home(plan, acct.name, ssh)
+    for d in (ssh, ddir):
+        if fix_modes or not plan.exists(d):
+            plan.mkdir(d, 0o700, acct.uid, acct.gid, why=f"ssh keys of {acct.name}")
+    fragments: dict[str, bytes] = {}
     if plan.is_dir(ddir):
-        for name in plan.listdir(ddir):
-            data = None if name.startswith(".") else plan.read(f"{ddir}/{name}")
-            if data is not None:  # read through the plan: a link in there stays inside the root
-                d_files[name] = data
+        fragments = _key_fragments(plan, acct.name, ddir)
     elif plan.exists(f"{ssh}/authorized_keys"):
         # keep keys that were there before we managed the file (update-ssh-keys does the same)
         old = plan.read(f"{ssh}/authorized_keys") or b""
-        d_files["old_authorized_keys"] = old
-        plan.write(f"{ssh}/authorized_keys.d/old_authorized_keys", old, 0o600, acct.uid, acct.gid)
-    ours = "".join(k.strip() + "\n" for k in keys if k.strip()).encode()
-    d_files[KEYS_NAME] = ours
-    plan.write(f"{ssh}/authorized_keys.d/{KEYS_NAME}", ours, 0o600, acct.uid, acct.gid, why=f"ssh keys of {user}")
-    joined = b"".join(d_files[n] if d_files[n].endswith(b"\n") or not d_files[n] else d_files[n] + b"\n"
-                      for n in sorted(d_files))
-    plan.write(f"{ssh}/authorized_keys", joined, 0o600, acct.uid, acct.gid, why=f"ssh keys of {user}")
+        fragments["old_authorized_keys"] = old
+        plan.write(f"{ddir}/old_authorized_keys", old, 0o600, acct.uid, acct.gid)
+    fragments[fragment] = ours
+    why = f"ssh keys of {acct.name}"
+    plan.write(f"{ddir}/{fragment}", ours, 0o600, acct.uid, acct.gid, why=why)
+    joined = b"".join(d if d.endswith(b"\n") or not d else d + b"\n" for _, d in sorted(fragments.items()))
+    plan.write(f"{ssh}/authorized_keys", joined, 0o600, acct.uid, acct.gid, why=why)
+
+
+def refuse_links_below_home(plan: Plan, user: str, ssh: str) -> None:
+    """Below the home the user, not the config, controls the tree, and apply runs as root: a symlink
+    there would make root write keys where it points (``~/.ssh -> /etc``), or copy the file it points
+    to into a file the user owns (``~/.ssh/authorized_keys -> /etc/shadow`` would become
+    ``old_authorized_keys``). A hard link does the same where the kernel allows one. All refused,
+    naming the path, before anything is written."""
+    for d in (ssh, f"{ssh}/authorized_keys.d"):
+        _refuse_foreign(plan, user, d, directory=True)
+    _refuse_foreign(plan, user, f"{ssh}/authorized_keys", directory=False)
+
+
+def _refuse_foreign(plan: Plan, user: str, path: str, *, directory: bool) -> None:
+    if plan.planned(path) is not None:
+        return  # planned by this apply, not the user's
+    st = plan.lstat(path)
+    if st is None:
+        return
+    where = f"ssh keys of {user}: {path} in {plan.root}"
+    if stat.S_ISLNK(st.st_mode):
+        raise ConfigApplyError(f"{where} is a symlink (to {plan.link_target(path)}); refusing to follow it (remove "
+                               "the link and apply again; nothing was changed)")
+    if directory and not stat.S_ISDIR(st.st_mode):
+        raise ConfigApplyError(f"{where} is not a directory; refusing to use it (nothing was changed)")
+    if not directory and not stat.S_ISREG(st.st_mode):
+        raise ConfigApplyError(f"{where} is not a regular file; refusing to read or replace it (nothing was "
+                               "changed)")
+    if not directory and st.st_nlink > 1:
+        raise ConfigApplyError(f"{where} has {st.st_nlink} hard links (it may be another file, such as "
+                               "/etc/shadow); refusing to read or replace it (nothing was changed)")
+
+
+def _key_fragments(plan: Plan, user: str, ddir: str) -> dict[str, bytes]:
+    """The fragments in authorized_keys.d (dotfiles and directories skipped), each checked as
+    authorized_keys is: their contents are joined into a file the user owns."""
+    out = {}
+    for name in plan.listdir(ddir):
+        path = f"{ddir}/{name}"
+        st = plan.lstat(path)
+        if name.startswith(".") or (st is not None and stat.S_ISDIR(st.st_mode)):
+            continue
+        _refuse_foreign(plan, user, path, directory=False)
+        data = plan.read(path)
+        if data is not None:
+            out[name] = data
+    return out
 
 
 def _home(plan: Plan, acct: Account) -> str:

@@ -20,7 +20,6 @@ import datetime
 import hashlib
 import json
 import os
-import stat
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -56,82 +55,17 @@ class InvalidIgnition(ConfigApplyError):
         self.report = report
 
 
-class HardLink(Change):
-    def describe(self, planned: bool = False) -> str:
-        return f"{'would hard-link' if planned else 'hard-linked'} {self.path} to {self.target}{self._why()}"
-
-
 class IgnitionPlan(Plan):
-    """rootfs.Plan plus what Ignition needs beyond cloud-config: hard links and owned symlinks.
-
-    Both are committed after the base changes; the result file is always the very last write, so a
-    commit that fails part-way never leaves a host marked as provisioned."""
-
-    def hardlink(self, path: str, target: str, why: str = "") -> bool:
-        self._check_parents(path)
-        self._add(HardLink("hardlink", path, target=target, why=why))
-        return True
-
-    def planned(self, path: str) -> Change | None:
-        return self._pending.get(path)
-
-    def kind(self, path: str) -> str | None:
-        """"file" | "dir" | "link" | "hardlink" | "other" | None, planned changes first."""
-        ch = self._pending.get(path)
-        if ch is not None:
-            return {"write": "file", "symlink": "link", "mkdir": "dir", "chmod": "dir", "hardlink": "hardlink",
-                    "remove": None}[ch.op]
-        st = self._lstat(path)
-        if st is None:
-            return None
-        return ("file" if stat.S_ISREG(st.st_mode) else "dir" if stat.S_ISDIR(st.st_mode)
-                else "link" if stat.S_ISLNK(st.st_mode) else "other")
-
-    def owner_mode(self, path: str) -> tuple[int, int, int] | None:
-        ch = self._pending.get(path)
-        if ch is not None and ch.op in ("write", "mkdir", "chmod"):
-            return ch.uid or 0, ch.gid or 0, ch.mode or 0
-        st = self._lstat(path)
-        return None if st is None else (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode))
+    """rootfs.Plan whose result file is always the very last write, so a commit that fails part-way
+    never leaves a host marked as provisioned (a storage.files entry could have planned that path first)."""
 
     def commit(self) -> None:
-        if os.geteuid() != 0:
-            owned = [c for c in self.changes if c.op == "symlink" and (c.uid or c.gid)]
-            if owned:
-                raise ConfigApplyError(f"{owned[0].path} must be owned by {owned[0].uid}:{owned[0].gid}, which "
-                                       "needs root: run apply as root (nothing was changed)")
         everything = self.changes
-        marker = [c for c in everything if c.path == MARKER]
-        base = [c for c in everything if c.op != "hardlink" and c.path != MARKER]
+        self.changes = [c for c in everything if c.path != MARKER] + [c for c in everything if c.path == MARKER]
         try:
-            self.changes = base
-            super().commit()
-            for c in base:
-                if c.op == "symlink" and (c.uid or c.gid):
-                    os.lchown(self.host(c.path), c.uid or 0, c.gid or 0)
-            for c in everything:
-                if c.op == "hardlink":
-                    self._commit_hardlink(c)
-            self.changes = marker
             super().commit()
         finally:
             self.changes = everything
-
-    def _commit_hardlink(self, c: Change) -> None:
-        host = self.host(c.path)
-        missing = []
-        d = host.parent
-        while not d.exists() and d != self.root and d != d.parent:
-            missing.append(d)
-            d = d.parent
-        for m in reversed(missing):  # as rootfs: missing parents are 0755 root:root
-            os.mkdir(m, 0o755)
-            os.chmod(m, 0o755)
-        tmp = host.with_name(f".{host.name}.obelisk-tmp")
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
-        os.link(self.host(c.target or ""), tmp, follow_symlinks=False)
-        os.replace(tmp, host)
 
 
 @dataclass
@@ -467,10 +401,8 @@ def _plan_link(p: IgnitionPlan, link: dict[str, Any], path: str, resolve: Resolv
         raise ConfigApplyError(f"{link['path']}: a non-symlink already exists at that path and overwrite is false "
                                "(nothing was changed)")
     uid, gid = _owner(p, link, 0, 0)
-    p.symlink(path, target, why="storage.links")
-    ch = p.planned(path)
-    if ch is not None:
-        ch.uid, ch.gid = uid, gid  # lchown after the commit (IgnitionPlan.commit)
+    # 0 is left to the committer (root on a host); lchown only for another owner, as Ignition's default
+    p.symlink(path, target, why="storage.links", uid=uid or None, gid=gid or None)
 
 
 def _plan_hardlink(p: IgnitionPlan, link: dict[str, Any], path: str, real: str, kind: str | None,

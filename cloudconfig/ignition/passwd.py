@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from cloudconfig.rootfs import ConfigApplyError, Plan
-from cloudconfig.users import lookup_group, lookup_user
+from cloudconfig.users import lookup_group, lookup_user, plan_key_files
 
 KEYS_NAME = "ignition"
 DEFAULT_SHELL = "/bin/bash"
@@ -272,39 +272,6 @@ def plan_home_and_keys(plan: Plan, u: dict[str, Any], resolve: Callable[[str], s
         plan.mkdir(home, 0o700, acct.uid, acct.gid, why=f"home of {u['name']}")
     if not keys:
         return
-    ssh = f"{home.rstrip('/')}/.ssh"
-    _owned_by_user(plan, u["name"], [ssh, f"{ssh}/authorized_keys.d"], f"{ssh}/authorized_keys")
-    for d in (ssh, f"{ssh}/authorized_keys.d"):
-        if not plan.exists(d):
-            plan.mkdir(d, 0o700, acct.uid, acct.gid, why=f"ssh keys of {u['name']}")
-    fragments: dict[str, bytes] = {}
-    ddir = plan.host(f"{ssh}/authorized_keys.d")
-    if ddir.is_dir():
-        for f in sorted(ddir.iterdir()):
-            if f.is_file() and not f.is_symlink() and not f.name.startswith("."):
-                fragments[f.name] = f.read_bytes()
-    elif plan.exists(f"{ssh}/authorized_keys"):
-        old = plan.read(f"{ssh}/authorized_keys") or b""  # keep keys from before the fragments, as update-ssh-keys
-        fragments["old_authorized_keys"] = old
-        plan.write(f"{ssh}/authorized_keys.d/old_authorized_keys", old, 0o600, acct.uid, acct.gid)
     text = "\n".join(keys)
     ours = (text if text.endswith("\n") else text + "\n").encode()
-    fragments[KEYS_NAME] = ours
-    why = f"ssh keys of {u['name']}"
-    plan.write(f"{ssh}/authorized_keys.d/{KEYS_NAME}", ours, 0o600, acct.uid, acct.gid, why=why)
-    joined = b"".join(d if d.endswith(b"\n") or not d else d + b"\n" for _, d in sorted(fragments.items()))
-    plan.write(f"{ssh}/authorized_keys", joined, 0o600, acct.uid, acct.gid, why=why)
-
-
-def _owned_by_user(plan: Plan, user: str, dirs: list[str], keys_file: str) -> None:
-    """Below the home, the user (not the config) controls the tree: a symlink there would make root
-    write keys where the link points, or copy the file it points to into the user's hands."""
-    for d in dirs:
-        host = plan.host(d)
-        if host.is_symlink() or (host.exists() and not host.is_dir()):
-            raise ConfigApplyError(f"ssh keys of {user}: {d} is a symlink or not a directory; refusing to follow it "
-                                   "(nothing was changed)")
-    host = plan.host(keys_file)
-    if host.is_symlink() or (host.exists() and not host.is_file()):
-        raise ConfigApplyError(f"ssh keys of {user}: {keys_file} is a symlink or not a regular file; refusing to "
-                               "read or replace it (nothing was changed)")
+    plan_key_files(plan, acct, home, KEYS_NAME, ours, fix_modes=False)  # symlinks below the home are refused

@@ -176,7 +176,7 @@ LINKS = [
     ("etc/systemd/system/x.service", "{out}/x.service", "enable", "x.service in .* is a link to"),
     ("etc/hostname", "{out}/hostname", "hosts", "/etc/hostname in .* is a link to"),
     ("etc/environment", "{out}/environment", "env", "/etc/environment in .* is a link to"),
-    ("home/core/.ssh/authorized_keys.d/evil", "{out}/evil", "keys", "authorized_keys.d/evil in .* is a link to"),
+    ("home/core/.ssh/authorized_keys.d/evil", "{out}/evil", "keys", "authorized_keys.d/evil in .* is a symlink"),
 ]
 
 
