@@ -3,6 +3,9 @@
 Order follows coreos-cloudinit: hostname, users, the core user's keys, write_files and the
 generated files (etcd, update.conf, lock.conf, /etc/hosts, /etc/environment), then units.
 Nothing is written unless the whole config validated and planned without error.
+
+Ignition JSON and Butane YAML go to the Ignition engine (cloudconfig.ignition: first boot only);
+once Ignition provisioned a host, cloud-config is not applied on top of it (Flatcar's rule).
 """
 
 from __future__ import annotations
@@ -10,10 +13,11 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cloudconfig import bootstrap, schema, units, users
+from cloudconfig import bootstrap, ignition, schema, units, users
 from cloudconfig.datasources import Metadata
 from cloudconfig.model import CloudConfig, User
 from cloudconfig.rootfs import Change, ConfigApplyError, Plan
@@ -51,6 +55,7 @@ class ApplyResult:
     commands: list[list[str]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     dry_run: bool = False
+    skipped: bool = False  # nothing was applied on purpose; the reason is in notes
 
     @property
     def changed(self) -> bool:
@@ -66,12 +71,21 @@ def is_live(root: Path) -> bool:
 
 def apply_userdata(raw: bytes, root: Path, *, metadata: Metadata | None = None,
                    addresses: dict[str, str] | None = None, live: bool | None = None,
-                   dry_run: bool = False, name: str = "user-data") -> ApplyResult:
-    """Validate and apply; raises InvalidConfig / ConfigApplyError (nothing changed) on any problem."""
+                   dry_run: bool = False, name: str = "user-data", files_dir: Path | None = None,
+                   force: bool = False, fetcher: ignition.Fetcher | None = None) -> ApplyResult:
+    """Validate and apply; raises InvalidConfig / ConfigApplyError (nothing changed) on any problem.
+
+    Ignition/Butane user-data is applied by ``cloudconfig.ignition`` (``files_dir``, ``force`` and
+    ``fetcher`` are its); it raises InvalidIgnition / FetchError, also with nothing changed."""
     root = Path(root)
     if not root.is_dir():
         raise ConfigApplyError(f"target root {root} is not a directory")
     live = is_live(root) if live is None else live
+    if ignition.detect(raw):
+        return _apply_ignition(raw, root, live=live, dry_run=dry_run, name=name, files_dir=files_dir, force=force,
+                               fetcher=fetcher)
+    if ignition.provisioned_by_ignition(root):
+        return _skipped_for_ignition(root, dry_run)
     md = metadata or Metadata()
     values = {**md.addresses(), **(addresses or {})}
     for key, value in values.items():
@@ -92,9 +106,9 @@ def apply_userdata(raw: bytes, root: Path, *, metadata: Metadata | None = None,
         rep = Report("invalid")
         rep.add(1, 1, "error", "", 'the first line must be "#cloud-config" or begin with "#!" (a script)')
         raise InvalidConfig(f"{name}: unrecognized user-data format; nothing was changed", rep)
-    if kind == "ignition":
-        result.notes.append("user-data is an Ignition config: obelisk cloudconfig does not apply Ignition")
-        return result
+    if kind == "ignition":  # JSON that detect's quick look missed (escaped key names): the engine reports it
+        return _apply_ignition(raw, root, live=live, dry_run=dry_run, name=name, files_dir=files_dir, force=force,
+                               fetcher=fetcher)
     missing = sorted(v for v in used_variables(text) if v not in values)
     if kind == "cloud-config" and missing:
         raise ConfigApplyError(f"{name} uses ${missing[0]} but the datasource gave no {missing[0].replace('_', ' ')} "
@@ -124,6 +138,35 @@ def apply_userdata(raw: bytes, root: Path, *, metadata: Metadata | None = None,
     if live:
         _run_commands(plan)
     return result
+
+
+def _apply_ignition(raw: bytes, root: Path, *, live: bool, dry_run: bool, name: str, files_dir: Path | None,
+                    force: bool, fetcher: ignition.Fetcher | None) -> ApplyResult:
+    failed: list[str] = []
+    res = ignition.apply(raw, root, files_dir=files_dir, fetcher=fetcher, live=live, dry_run=dry_run, force=force,
+                         name=name, run_command=_runner(failed) if live else None)
+    return ApplyResult(res.kind, changes=res.changes, notes=[*res.notes, *failed], commands=res.commands,
+                       warnings=res.warnings, dry_run=dry_run, skipped=res.provisioned_before)
+
+
+def _skipped_for_ignition(root: Path, dry_run: bool) -> ApplyResult:
+    when = (ignition.marker_of(root) or {}).get("provisioningDate") or "an unknown time"
+    res = ApplyResult("cloud-config", dry_run=dry_run, skipped=True)
+    res.notes.append(f"{root.as_posix().rstrip('/')}{ignition.MARKER}: provisioned by Ignition at {str(when)[:40]}: "
+                     "cloud-config is not applied on top (Flatcar's rule)")
+    return res
+
+
+def _runner(failed: list[str]) -> Callable[[list[str]], None]:
+    """systemctl after an Ignition commit: a failure is a note (the files are in place), as for cloud-config."""
+    def run_one(argv: list[str]) -> None:  # pragma: no cover - systemctl only exists on the running system
+        from obelisk.tools import ToolError, run
+
+        try:
+            run(argv, timeout=120)
+        except ToolError as exc:
+            failed.append(f"{' '.join(argv)} failed: {exc}")
+    return run_one
 
 
 def _plan_script(plan: Plan, data: bytes, live: bool) -> None:

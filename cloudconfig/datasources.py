@@ -1,5 +1,6 @@
-"""Where user-data comes from: a file, a URL on the kernel command line, an OpenStack config
-drive, a NoCloud seed, or EC2 instance metadata (IMDSv2 first, IMDSv1 as fallback).
+"""Where user-data comes from: a file, a URL on the kernel command line (cloud-config-url= or
+Ignition's ignition.config.url=), an OpenStack config drive, a NoCloud seed, or EC2 instance
+metadata (IMDSv2 first, IMDSv1 as fallback).
 
 Sources are probed in that order. Local sources are looked at once; network sources retry with
 exponential backoff, like coreos-cloudinit's HTTP client: 4xx means "no user-data here"
@@ -157,7 +158,7 @@ def http_get(url: str, s: Settings, *, headers: dict[str, str] | None = None, me
 
 # --- the sources ---------------------------------------------------------------------------------
 
-def read_file(path: str | os.PathLike[str], what: str = "cloud-config file", limit: int = MAX_USERDATA) -> bytes:
+def read_file(path: str | os.PathLike[str], what: str = "user-data file", limit: int = MAX_USERDATA) -> bytes:
     """A user-named file: never a FIFO or device (check_input), never more than ``limit`` bytes in memory."""
     p = check_input(path, what)
     try:
@@ -195,20 +196,28 @@ def from_file(s: Settings) -> Fetched | None:
     if s.file:
         return Fetched(f"file ({s.file})", read_file(s.file))
     for p in DEFAULT_FILES:
-        data = _optional(Path(p), "cloud-config file", MAX_USERDATA)
+        data = _optional(Path(p), "user-data file", MAX_USERDATA)
         if data is not None:
             return Fetched(f"file ({p})", data)
     return None
 
 
+IGNITION_URL_KEYS = ("ignition.config.url", "flatcar.config.url", "coreos.config.url")
+
+
 def cmdline_url(text: str) -> str | None:
-    """`cloud-config-url=` (or with underscores) on the kernel command line; the last one wins."""
-    found = None
+    """The user-data URL on the kernel command line: Ignition's `ignition.config.url=` (or Flatcar's
+    older `flatcar.config.url=` / `coreos.config.url=`), else `cloud-config-url=` (or with
+    underscores). The last one of a kind wins; an Ignition URL wins over a cloud-config one, as on
+    Flatcar cloud-config is not applied on top of Ignition anyway."""
+    found: dict[bool, str] = {}
     for tok in text.split():
         key, eq, value = tok.partition("=")
-        if eq and key.replace("_", "-") == "cloud-config-url":
-            found = value
-    return found
+        if eq and key in IGNITION_URL_KEYS:
+            found[True] = value
+        elif eq and key.replace("_", "-") == "cloud-config-url":
+            found[False] = value
+    return found.get(True) or found.get(False)
 
 
 def from_url(s: Settings) -> Fetched | None:

@@ -36,6 +36,7 @@ from cloudconfig.rootfs import Change, ConfigApplyError, Plan
 from cloudconfig.units import install_section
 from cloudconfig.users import lookup_group, lookup_user
 from cloudconfig.validate import MAX_USERDATA
+from obelisk.errors import EXIT_FAILED
 
 MARKER = "/etc/.ignition-result.json"
 PRESET = "/etc/systemd/system-preset/20-ignition.preset"
@@ -49,6 +50,8 @@ MAX_SYMLINKS = 40  # as the kernel's ELOOP
 
 class InvalidIgnition(ConfigApplyError):
     """A config (the user's or one it references) has errors; ``report`` has them. Nothing was changed."""
+
+    exit_code = EXIT_FAILED  # as cloud-config's InvalidConfig and `validate`: 1 = the config has errors
 
     def __init__(self, message: str, report: IgnitionReport) -> None:
         super().__init__(message)

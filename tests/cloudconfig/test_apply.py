@@ -247,9 +247,8 @@ def test_script_is_saved_not_run(root: Path) -> None:
     assert not apply_userdata(b"#!/bin/sh\ntouch /tmp/should-not-exist-obelisk\n", root).changed
 
 
-def test_ignition_and_empty_do_nothing(root: Path) -> None:
+def test_empty_does_nothing(root: Path) -> None:
     digest = tree_digest(root)
-    assert not apply_userdata(b'{"ignition": {"version": "3.3.0"}}', root).changed
     assert not apply_userdata(b"", root).changed
     assert tree_digest(root) == digest
 

@@ -446,10 +446,10 @@ def _special(tmp_path: Path, kind: str) -> Path:
 
 
 SPECIAL_ERRORS = {
-    "fifo": "{p}: is a FIFO, not a cloud-config file: give a regular file",
-    "dir": "{p}: is a directory, not a cloud-config file: give a regular file",
-    "chardev": "{p}: is a character device, not a cloud-config file: give a regular file",
-    "big": "{p}: larger than 16777216 bytes (the limit for a cloud-config file)",
+    "fifo": "{p}: is a FIFO, not a user-data file: give a regular file",
+    "dir": "{p}: is a directory, not a user-data file: give a regular file",
+    "chardev": "{p}: is a character device, not a user-data file: give a regular file",
+    "big": "{p}: larger than 16777216 bytes (the limit for a user-data file)",
 }
 
 
@@ -550,7 +550,7 @@ def test_cli_catches_only_obelisk_errors() -> None:
     """Every except in cli.py names an ObeliskError subclass; a bug is a traceback, not a tidy line."""
     tree = ast.parse(Path(cli_module.__file__).read_text())
     caught = [ast.unparse(h.type) if h.type else "bare" for h in ast.walk(tree) if isinstance(h, ast.ExceptHandler)]
-    assert caught == ["InvalidConfig"]
+    assert caught == ["(InvalidConfig, ignition.InvalidIgnition)"]
 
 
 def test_a_bug_is_not_hidden_by_the_cli(root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -159,6 +159,17 @@ def test_cmdline_parsing() -> None:
     assert cmdline_url("root=/dev/sda cloud-config-urlx=1") is None
 
 
+@pytest.mark.parametrize("key", ["ignition.config.url", "flatcar.config.url", "coreos.config.url"])
+def test_cmdline_ignition_url(key: str) -> None:
+    assert cmdline_url(f"console=ttyS0 {key}=http://x/a.ign quiet") == "http://x/a.ign"
+    assert cmdline_url(f"{key}=http://x/1 {key}=http://x/2") == "http://x/2"  # the last one wins
+    # an Ignition URL wins over cloud-config-url= in either order (cloud-config is not applied on top of Ignition)
+    assert cmdline_url(f"cloud-config-url=http://x/cc {key}=http://x/i") == "http://x/i"
+    assert cmdline_url(f"{key}=http://x/i cloud-config-url=http://x/cc") == "http://x/i"
+    assert cmdline_url(f"{key}= cloud-config-url=http://x/cc") == "http://x/cc"  # empty: as if absent
+    assert cmdline_url(f"{key.replace('.', '_')}=http://x/i {key}x=http://x/j {key.upper()}=http://x/k") is None
+
+
 def test_configdrive_directory(tmp_path: Path, root: Path) -> None:
     drive = tmp_path / "config-2"
     latest = drive / "openstack/latest"

@@ -58,7 +58,7 @@ def test_several_files_are_prefixed() -> None:
 def test_missing_file_is_one_clean_line(tmp_path: Path) -> None:
     res = runner.invoke(app, ["validate", str(tmp_path / "nope.yaml")])
     assert res.exit_code == 2
-    assert res.stderr.strip() == f"error: {tmp_path / 'nope.yaml'}: no such cloud-config file: check the path"
+    assert res.stderr.strip() == f"error: {tmp_path / 'nope.yaml'}: no such user-data file: check the path"
 
 
 def test_gzip_userdata_is_unpacked() -> None:
@@ -108,4 +108,4 @@ def test_through_the_installed_cli(obelisk_bin: str, tmp_path: Path) -> None:
     assert res.returncode == 1 and res.stdout == bad.with_suffix(".expected").read_text()
     res = subprocess.run([obelisk_bin, "cloudconfig", "validate", str(tmp_path / "x")], capture_output=True,
                          text=True, timeout=60)
-    assert res.returncode == 2 and res.stderr == f"error: {tmp_path / 'x'}: no such cloud-config file: check the path\n"
+    assert res.returncode == 2 and res.stderr == f"error: {tmp_path / 'x'}: no such user-data file: check the path\n"
