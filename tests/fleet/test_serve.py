@@ -133,7 +133,7 @@ def test_two_replicas_on_one_postgresql_never_pass_the_rate(serve, pg_server: Pg
     def one(i: int) -> bool:
         return (a if i % 2 else b).check(ids[i], "1.0.0").update is not None
 
-    with ThreadPoolExecutor(16) as pool:
+    with ThreadPoolExecutor(16) as pool:  # every host's first check-in also races the release's first sighting
         offered = sum(pool.map(one, range(len(ids))))
     assert offered == 7
     metrics = requests.get(a.url + "/metrics", timeout=10).text

@@ -225,7 +225,7 @@ class Store:
                 values["floors"] = json.dumps(list(fl))
             if row is None:
                 values.setdefault("floors", "[]")
-                c.execute(sa.insert(m.channels).values(name=name, **values))
+                c.execute(_insert(c, m.channels).values(name=name, **values).on_conflict_do_nothing())
             else:
                 c.execute(sa.update(m.channels).where(m.channels.c.name == name).values(**values))
         return self.channel(name)
@@ -258,9 +258,9 @@ class Store:
         with self.write() as c:
             row = c.execute(sa.select(m.groups).where(m.groups.c.name == name)).first()
             if row is None:
-                c.execute(sa.insert(m.groups).values(name=name, channel=channel or name,
-                                                     policy=json.dumps((policy or Policy()).to_dict()),
-                                                     updated_at=now))
+                c.execute(_insert(c, m.groups).values(name=name, channel=channel or name,
+                                                      policy=json.dumps((policy or Policy()).to_dict()),
+                                                      updated_at=now).on_conflict_do_nothing())
             else:
                 values: dict[str, Any] = {"updated_at": now}
                 if channel is not None:
@@ -281,8 +281,8 @@ class Store:
             base = policy_from_json(row.policy) if row is not None else Policy()
             new = base.updated(changes)  # raises before any write in this transaction
             if row is None:
-                c.execute(sa.insert(m.groups).values(name=name, channel=name, policy=json.dumps(new.to_dict()),
-                                                     updated_at=now))
+                c.execute(_insert(c, m.groups).values(name=name, channel=name, policy=json.dumps(new.to_dict()),
+                                                      updated_at=now).on_conflict_do_nothing())
             else:
                 c.execute(sa.update(m.groups).where(m.groups.c.name == name)
                           .values(policy=json.dumps(new.to_dict()), updated_at=now))
@@ -327,12 +327,10 @@ class Store:
             at = c.execute(sa.select(m.releases.c.published_at).where(key)).scalar()
         if at is not None:
             return at
-        with self.write() as c:
-            at = c.execute(sa.select(m.releases.c.published_at).where(key)).scalar()
-            if at is None:
-                c.execute(sa.insert(m.releases).values(app_id=app_id.lower(), version=version, published_at=now))
-                at = now
-        return at
+        with self.write() as c:  # replicas may see it first at the same moment: the first insert wins
+            c.execute(_insert(c, m.releases).values(app_id=app_id.lower(), version=version, published_at=now)
+                      .on_conflict_do_nothing())
+            return c.execute(sa.select(m.releases.c.published_at).where(key)).scalar_one()
 
     def set_published(self, app_id: str, version: str, at: float) -> None:
         """Set a release's publish time (an operator back-dating a release that was already soaked elsewhere)."""
@@ -626,10 +624,13 @@ _GRANTED = sa.update(m.instances).where(_i.machine_id == sa.bindparam("m")).valu
 _NOTE = sa.update(m.instances).where(_i.machine_id == sa.bindparam("m")).values(note=sa.bindparam("note"))
 
 
+def _insert(c: Connection, table: sa.Table) -> Any:
+    """The dialect's INSERT, which has ON CONFLICT (PostgreSQL and SQLite both)."""
+    return (sa.dialects.postgresql.insert if c.dialect.name == "postgresql" else sa.dialects.sqlite.insert)(table)
+
+
 def _ensure_state(c: Connection, group: str, now: float) -> None:
-    ins = (sa.dialects.postgresql.insert if c.dialect.name == "postgresql" else sa.dialects.sqlite.insert)(
-        m.rollout_state).values(group_name=group, updated_at=now).on_conflict_do_nothing()
-    c.execute(ins)
+    c.execute(_insert(c, m.rollout_state).values(group_name=group, updated_at=now).on_conflict_do_nothing())
 
 
 def _halt(c: Connection, group: str, reason: str, now: float) -> None:
