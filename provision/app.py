@@ -1,14 +1,16 @@
 """The provisioning server's HTTP side (an ASGI app; `obelisk provision serve` runs it under uvicorn).
 
 Read side (no login; may be limited to networks): `/boot.ipxe`, `/ipxe`, `/grub`, `/cloud`,
-`/generic`, `/metadata`, `/assets/...`. Write side (`/api/v1/...`): off unless the server was given
+`/ignition` (the cloud template as Ignition JSON, Butane translated), `/generic`, `/metadata`,
+`/assets/...`. Write side (`/api/v1/...`): off unless the server was given
 a bearer token file or a mutual-TLS listener; see provision/write_api.py.
 
 Every failure answers one line naming the cause (and logs it): 404 when something is missing (no
 group, profile, template or release), 400 when a template needs a request label the request did not
 give (or gave malformed) or a label's value holds a control character or a line break, 500 when
 something is broken (an invalid file in the data folder, a template that fails strictly on the
-group's data, a cloud-config that does not validate). A host is never handed a half-rendered or
+group's data, a cloud-config or Ignition/Butane config that does not validate); /ignition for a
+profile whose cloud template is a cloud-config is a 404. A host is never handed a half-rendered or
 unvalidated config.
 """
 
@@ -60,7 +62,7 @@ def make_app(settings: Settings) -> Starlette:
             try:
                 res = handler(request)
                 return await res if not isinstance(res, Response) else res
-            except (NoMatch, NotFound, AssetError) as exc:
+            except (NoMatch, NotFound, AssetError, render.NotIgnition) as exc:  # NotIgnition before RenderError
                 return _fail(404, str(exc), request)
             except (render.LabelMissing, BadLabel) as exc:  # LabelMissing before RenderError, its base
                 return _fail(400, str(exc), request)
@@ -87,7 +89,11 @@ def make_app(settings: Settings) -> Starlette:
         host, spec, title = boot(request)
         return text(render.grub_script(spec, host.ctx.server_url, title, host.labels.values))
 
-    def templated(kind: str) -> Callable[[Request], Response]:
+    renderers = {"cloud": render.render_cloud, "generic": render.render, "ignition": render.render_ignition}
+
+    def templated(route: str) -> Callable[[Request], Response]:
+        kind = "generic" if route == "generic" else "cloud"  # /ignition serves the cloud template as Ignition JSON
+
         def handler(request: Request) -> Response:
             host = prov.resolve(request)
             profile = prov.store.profile(host.profile_id)
@@ -95,9 +101,10 @@ def make_app(settings: Settings) -> Starlette:
             if name is None:
                 raise NotFound(f"profile {profile.id!r} (group {host.ctx.group.id!r}) has no {kind}_id")
             source = prov.store.template(kind, name)
-            fn = render.render_cloud if kind == "cloud" else render.render
-            out = fn(source, f"{kind}/{name}", host.ctx)
-            log.info("/%s %s -> group %s, %s/%s", kind, host.labels.text(), host.ctx.group.id, kind, name)
+            out = renderers[route](source, f"{kind}/{name}", host.ctx)
+            log.info("/%s %s -> group %s, %s/%s", route, host.labels.text(), host.ctx.group.id, kind, name)
+            if route == "ignition":
+                return Response(out, media_type="application/json")
             return text(out)
         return handler
 
@@ -127,6 +134,7 @@ def make_app(settings: Settings) -> Starlette:
         Route("/ipxe", read(ipxe), methods=["GET", "HEAD"]),
         Route("/grub", read(grub), methods=["GET", "HEAD"]),
         Route("/cloud", read(templated("cloud")), methods=["GET", "HEAD"]),
+        Route("/ignition", read(templated("ignition")), methods=["GET", "HEAD"]),
         Route("/generic", read(templated("generic")), methods=["GET", "HEAD"]),
         Route("/metadata", read(metadata), methods=["GET", "HEAD"]),
         Route("/assets/{path:path}", read(assets), methods=["GET", "HEAD"]),

@@ -6,6 +6,11 @@ Their data is the group's metadata, then the group's selector (over metadata of 
 then `request.query` (the normalised labels) and `request.raw_query`. Kernel arguments are
 rendered the same way (so `{{ server_url }}` works in them); iPXE's own `${mac:hexhyp}` and the
 like pass through for the firmware to expand.
+
+A profile's cloud template may also be an Ignition JSON or Butane YAML config (recognised by its
+rendered content, `cloudconfig.ignition.detect`): it is validated by the Ignition engine, `/cloud`
+serves it as rendered and `/ignition` serves the Ignition JSON it stands for (Butane translated, as
+matchbox's `/ignition` does).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from urllib.parse import urlsplit
 import jinja2
 from jinja2.sandbox import SandboxedEnvironment
 
+from cloudconfig import ignition
 from cloudconfig.validate import validate_bytes
 from obelisk.errors import ObeliskError
 from provision.model import Group, Profile
@@ -39,6 +45,11 @@ class RenderError(ObeliskError, RuntimeError):
 class LabelMissing(RenderError):
     """The template needs a request label (`request.query.mac`) the request did not give: the
     request's fault, not the data's, so the server answers 400 rather than 500."""
+
+
+class NotIgnition(RenderError):
+    """/ignition for a profile whose cloud template is a cloud-config: there is no Ignition config to
+    serve (a 404, as a profile without cloud_id)."""
 
 
 class TemplateSyntax(ObeliskError, ValueError):
@@ -102,7 +113,9 @@ def yaml_quote(value: Any) -> str:
 _env = SandboxedEnvironment(undefined=_Undefined, autoescape=False, keep_trailing_newline=True)
 _env.filters["yaml"] = yaml_quote
 _compiled: dict[str, jinja2.Template] = {}
-_valid: dict[str, str | None] = {}  # sha256 of a rendered cloud-config -> None (valid) or its first error
+_valid: dict[str, str | None] = {}  # sha256 of a rendered config -> None (valid) or "an invalid ... (first error)"
+_translated: dict[str, str] = {}  # sha256 of a rendered Ignition/Butane config -> its Ignition JSON
+MAX_CACHED = 4096
 
 
 def compile_template(source: str, name: str) -> jinja2.Template:
@@ -155,22 +168,45 @@ def render(source: str, name: str, ctx: Context) -> str:
 
 
 def render_cloud(source: str, name: str, ctx: Context) -> str:
-    """Render, then refuse anything `obelisk cloudconfig validate` would reject."""
+    """Render, then refuse anything `obelisk cloudconfig validate` would reject (a cloud-config, a
+    script, or an Ignition/Butane config; the server has no files dir, so Butane `local:` is refused)."""
     text = render(source, name, ctx)
     key = hashlib.sha256(text.encode()).hexdigest()
     if key not in _valid:
-        report = validate_bytes(text.encode())
+        raw = text.encode()
+        kind = ignition.detect(raw)
+        report = ignition.validate(raw) if kind else validate_bytes(raw)
         first = report.errors[0].text() if report.errors else None
-        if report.kind not in ("cloud-config", "script"):
-            first = first or f"rendered {report.kind} user-data, not a #cloud-config or a script"
-        if len(_valid) > 4096:
+        if kind is None and report.kind not in ("cloud-config", "script"):
+            first = first or f"rendered {report.kind} user-data, not a #cloud-config or a script (nor an Ignition or " \
+                             "Butane config)"
+        what = {"ignition": "Ignition config", "butane": "Butane config"}.get(kind or "", "cloud-config")
+        if len(_valid) > MAX_CACHED:
             _valid.clear()
-        _valid[key] = first
+        _valid[key] = None if first is None else f"an invalid {what} ({first})"
     problem = _valid[key]
     if problem is not None:
-        raise RenderError(f"{name} for group {ctx.group.id!r} rendered an invalid cloud-config ({problem}); "
-                          f"check it with 'obelisk provision check'")
+        raise RenderError(f"{name} for group {ctx.group.id!r} rendered {problem}; check it with 'obelisk provision "
+                          "check'")
     return text
+
+
+def render_ignition(source: str, name: str, ctx: Context) -> str:
+    """/ignition: the rendered (and validated) Ignition config as JSON; Butane is translated first."""
+    text = render_cloud(source, name, ctx)
+    key = hashlib.sha256(text.encode()).hexdigest()
+    out = _translated.get(key)
+    if out is None:
+        if not ignition.detect(text.encode()):
+            raise NotIgnition(f"{name} for group {ctx.group.id!r} renders a cloud-config or script, not an Ignition "
+                              "or Butane config: hosts read it from /cloud")
+        data, report = ignition.translate(text.encode())
+        if data is None:  # pragma: no cover - render_cloud validated the same text
+            raise RenderError(f"{name} for group {ctx.group.id!r}: {report.errors[0].text()}")
+        if len(_translated) > MAX_CACHED:
+            _translated.clear()
+        out = _translated[key] = data.decode()
+    return out
 
 
 # --- boot scripts ----------------------------------------------------------------------------------
