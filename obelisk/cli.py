@@ -24,6 +24,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "lock": ("update_engine.reboot.cli", "app"),
     "cloudconfig": ("cloudconfig.cli", "app"),
     "provision": ("provision.cli", "app"),
+    "fleet": ("fleet.cli", "app"),
 }
 
 # sub-command -> (command name, module, function): commands a server package adds to a host group.

@@ -56,20 +56,20 @@ def _fleet(catalog, state_dir: Path | None, database: str | None, admin_token: s
     if state_dir is None and database is None:
         return None
     from obelisk.windows import WindowError, parse_duration
-    from update_server.db.store import Store, StoreError, url_for
+    from update_server.db.store import FleetStoreError, Store, url_for
     from update_server.fleet_server import Fleet
 
     if state_dir is not None and database is not None:
-        raise StoreError("give --state-dir (SQLite) or --database (PostgreSQL), not both")
+        raise FleetStoreError("give --state-dir (SQLite) or --database (PostgreSQL), not both")
     try:
         prune = parse_duration(prune_after).total_seconds() if prune_after.strip() != "0" else None
     except WindowError as exc:
-        raise StoreError(f"--prune-after: {exc}") from None
+        raise FleetStoreError(f"--prune-after: {exc}") from None
     if state_dir is not None:
         try:
             state_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise StoreError(f"--state-dir {state_dir}: cannot create it: {exc.strerror}") from None
+            raise FleetStoreError(f"--state-dir {state_dir}: cannot create it: {exc.strerror}") from None
     read = [read_token(read_token_file, "read token")] if read_token_file else []
     store = Store(url_for(database, state_dir))
     return Fleet(store, catalog, read_tokens=read, admin_tokens=[admin_token] if admin_token else [],

@@ -43,7 +43,7 @@ class FetchError(ObeliskError):
     exit_code = EXIT_FAILED
 
 
-class DataURLError(ValueError):
+class DataURLError(ObeliskError, ValueError):
     """Not an RFC 2397 data URL."""
 
 

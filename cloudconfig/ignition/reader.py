@@ -21,12 +21,14 @@ from typing import Any
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from obelisk.errors import ObeliskError
+
 MAX_DEPTH = 64
 MAX_YAML_NODES = 200_000
 _TAG = "tag:yaml.org,2002:"
 
 
-class ReadError(Exception):
+class ReadError(ObeliskError):
     """The text is not well-formed JSON/YAML: ``line``/``column`` say where."""
 
     def __init__(self, line: int, column: int, message: str) -> None:

@@ -9,7 +9,7 @@ import sqlalchemy as sa
 from alembic import command
 
 from update_server.db import models
-from update_server.db.store import NotFound, Store, StoreError, alembic_config, head_revision, url_for
+from update_server.db.store import FleetStoreError, NotFound, Store, alembic_config, head_revision, url_for
 from update_server.policy import PolicyError
 
 pytestmark = pytest.mark.timeout(120)
@@ -58,7 +58,7 @@ def test_a_newer_schema_is_refused_with_one_line(db_url: str) -> None:
     with eng.begin() as c:
         c.execute(sa.text("UPDATE alembic_version SET version_num = '0099'"))
     eng.dispose()
-    with pytest.raises(StoreError) as e:
+    with pytest.raises(FleetStoreError) as e:
         Store(url_for(db_url, None))
     msg = str(e.value)
     assert "'0099'" in msg and "newer than this server knows" in msg and "\n" not in msg
@@ -70,17 +70,17 @@ def test_a_newer_schema_is_refused_with_one_line(db_url: str) -> None:
 
 @pytest.mark.parametrize("url", ["mysql://x/y", "postgresql-ish://a", "file:///tmp/x"])
 def test_unsupported_urls_are_refused(url: str) -> None:
-    with pytest.raises(StoreError, match="unsupported database URL"):
+    with pytest.raises(FleetStoreError, match="unsupported database URL"):
         url_for(url, None)
 
 
 def test_sqlite_in_a_missing_folder_says_so(tmp_path) -> None:  # noqa: ANN001
-    with pytest.raises(StoreError, match="does not exist"):
+    with pytest.raises(FleetStoreError, match="does not exist"):
         Store(url_for(None, tmp_path / "nope"))
 
 
 def test_unreachable_postgresql_is_one_line(tmp_path) -> None:  # noqa: ANN001
-    with pytest.raises(StoreError) as e:
+    with pytest.raises(FleetStoreError) as e:
         Store(url_for(f"postgresql://nobody@/x?host={tmp_path}", None))
     assert "cannot open the database" in str(e.value) and "\n" not in str(e.value)
 

@@ -53,7 +53,7 @@ DB_FILE = "fleet.sqlite"
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # groups and channels (FleetLock's group charset)
 
 
-class StoreError(ObeliskError, ValueError):
+class FleetStoreError(ObeliskError, ValueError):
     """The database cannot be used (unknown schema, bad URL, unreachable); one line saying what to do."""
 
 
@@ -75,10 +75,10 @@ def url_for(database: str | None, state_dir: Path | None) -> str:
             return "postgresql+psycopg://" + database.split("://", 1)[1]
         if database.startswith(("postgresql+psycopg://", "sqlite://")):
             return database
-        raise StoreError(f"unsupported database URL {database[:60]!r}: use postgresql://USER@HOST/DB or "
+        raise FleetStoreError(f"unsupported database URL {database[:60]!r}: use postgresql://USER@HOST/DB or "
                          f"sqlite:///PATH")
     if state_dir is None:
-        raise StoreError("no database: pass --database postgresql://... or a --state-dir for the SQLite file")
+        raise FleetStoreError("no database: pass --database postgresql://... or a --state-dir for the SQLite file")
     return f"sqlite:///{state_dir / DB_FILE}"
 
 
@@ -98,7 +98,7 @@ def _sqlite_engine(url: str) -> Engine:
     if path and path != ":memory:":
         parent = Path(path).parent
         if not parent.is_dir():
-            raise StoreError(f"cannot create the database {path}: folder {parent} does not exist")
+            raise FleetStoreError(f"cannot create the database {path}: folder {parent} does not exist")
     engine = sa.create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
 
     @sa.event.listens_for(engine, "connect")
@@ -157,8 +157,8 @@ class Store:
                 self.engine = sa.create_engine(url, pool_size=pool_size, max_overflow=10, pool_pre_ping=True)
             self.migrate()
         except sa.exc.OperationalError as exc:
-            raise StoreError(f"cannot open the database {self._safe_url()}: {str(exc.orig).strip().splitlines()[0]}"
-                             ) from None
+            first = str(exc.orig).strip().splitlines()[0]
+            raise FleetStoreError(f"cannot open the database {self._safe_url()}: {first}") from None
 
     @property
     def dialect(self) -> str:
@@ -192,7 +192,7 @@ class Store:
                 try:
                     script.get_revision(current)
                 except Exception:  # alembic raises several kinds for an unknown id
-                    raise StoreError(
+                    raise FleetStoreError(
                         f"database {self._safe_url()} has schema revision {current!r}, newer than this server "
                         f"knows (newest {script.get_current_head()!r}): run the newer obelisk against it") from None
             command.upgrade(alembic_config(c), target)
