@@ -379,7 +379,8 @@ def _disk_of_partition(dev: Path) -> Path | None:
         return None
 
 
-def _same_file(a: Path, b: Path) -> bool:
+def same_file(a: Path, b: Path) -> bool:
+    """True when both paths name one disk: the same block device, or the same image file."""
     try:
         sa, sb = os.stat(a), os.stat(b)
     except OSError:
@@ -417,7 +418,7 @@ def _running_or_next(disk: Path, slots: list[Slot]) -> int | None:
             booted = find_boot_disk()
         except SlotError:
             booted = None
-        if booted is not None and _same_file(booted, disk):
+        if booted is not None and same_file(booted, disk):
             for s in slots:
                 if s.uuid == part:
                     return s.index

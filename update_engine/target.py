@@ -15,7 +15,6 @@ The other slot is written. An explicit ``--slot`` naming the slot to keep is ref
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,22 +36,12 @@ class Target:
         return layout.name_of(self.index)
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        sa, sb = os.stat(a), os.stat(b)
-    except OSError:
-        return False
-    if sa.st_rdev and sb.st_rdev:
-        return sa.st_rdev == sb.st_rdev
-    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
-
-
 def is_boot_disk(disk: Path) -> bool:
     try:
         booted = slots.find_boot_disk()
     except slots.SlotError:
         return False  # not an obelisk host (a build machine, a test): every disk is "another" disk
-    return _same_file(booted, disk)
+    return slots.same_file(booted, disk)
 
 
 def keep_index(disk: Path, found: list[slots.Slot], *, booted: bool) -> int | None:
