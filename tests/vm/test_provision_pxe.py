@@ -132,7 +132,7 @@ def test_ipxe_script_for_a_mac_boots_the_release(release: Release, tmp_path: Pat
         # 5. The host's cloud-config: node1's, valid.
         r = requests.get(cloud_url, timeout=10)
         assert r.status_code == 200, r.text
-        assert "hostname: node1" in r.text and "role=etcd" in r.text, r.text
+        assert 'hostname: "node1"' in r.text and "role=etcd" in r.text, r.text
         (tmp_path / "node1.yaml").write_text(r.text)
         res = subprocess.run([OBELISK, "cloudconfig", "validate", str(tmp_path / "node1.yaml")],
                              capture_output=True, text=True)
