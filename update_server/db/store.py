@@ -14,7 +14,9 @@ import contextlib
 import functools
 import json
 import re
+import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -93,6 +95,20 @@ def head_revision() -> str:
     return ScriptDirectory(str(MIGRATIONS)).get_current_head() or ""
 
 
+def _set_wal(cur: Any, deadline_s: float = 30.0) -> None:
+    """PRAGMA journal_mode=WAL, retried: two processes opening a new file at once can get SQLITE_BUSY
+    here without SQLite's busy handler being consulted (seen in CI as "database is locked")."""
+    end = time.monotonic() + deadline_s
+    while True:
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > end:
+                raise
+            time.sleep(0.05)
+
+
 def _sqlite_engine(url: str) -> Engine:
     path = sa.engine.make_url(url).database
     if path and path != ":memory:":
@@ -105,7 +121,7 @@ def _sqlite_engine(url: str) -> Engine:
     def _connect(dbapi_conn, _record) -> None:  # noqa: ANN001 - DBAPI objects
         dbapi_conn.isolation_level = None  # we issue BEGIN ourselves (below), as SQLAlchemy's docs advise
         cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA journal_mode=WAL")  # readers do not block the writer
+        _set_wal(cur)  # readers do not block the writer
         cur.execute("PRAGMA synchronous=NORMAL")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.close()
@@ -155,7 +171,7 @@ class Store:
                 self.engine = _sqlite_engine(url)
             else:
                 self.engine = sa.create_engine(url, pool_size=pool_size, max_overflow=10, pool_pre_ping=True)
-            self.migrate()
+            self._migrate_at_start()
         except sa.exc.OperationalError as exc:
             first = str(exc.orig).strip().splitlines()[0]
             raise FleetStoreError(f"cannot open the database {self._safe_url()}: {first}") from None
@@ -179,6 +195,19 @@ class Store:
     def revision(self) -> str | None:
         with self.engine.connect() as c:
             return MigrationContext.configure(c).get_current_revision()
+
+    def _migrate_at_start(self, deadline_s: float = 30.0) -> None:
+        """migrate(), retried while another SQLite process holds the file's lock past the busy timeout's reach
+        (several processes opening one new file at once: seen once in CI as "database is locked")."""
+        end = time.monotonic() + deadline_s
+        while True:
+            try:
+                self.migrate()
+                return
+            except sa.exc.OperationalError as exc:
+                if self.dialect != "sqlite" or "locked" not in str(exc.orig) or time.monotonic() > end:
+                    raise
+                time.sleep(0.1)
 
     def migrate(self, target: str = "head") -> None:
         """Bring the schema to `target`; refuse a revision newer than this code (one line, no change)."""
