@@ -4,7 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := cgpt gdisk fdisk qemu-system-x86 qemu-utils ovmf squashfs-tools cryptsetup-bin \
 	grub-efi-amd64-bin grub-common grub2-common mmdebstrap etcd-server etcd-client dosfstools mtools \
-	busybox-static e2fsprogs kmod cpio xz-utils zstd curl grub-emu wrk postgresql
+	busybox-static e2fsprogs kmod cpio xz-utils zstd curl grub-emu wrk postgresql \
+	chromium chromium-driver openssh-client
 IMAGE ?= images/base.toml
 
 .PHONY: setup image test lint bench clean
