@@ -19,6 +19,7 @@ from pathlib import Path
 from bootloader import grub
 from bootloader.gpt import read_table
 from bootloader.layout import USR_A, USR_B, name_of
+from obelisk import diskio
 from obelisk.errors import ObeliskError
 from obelisk.tools import run
 
@@ -219,9 +220,9 @@ def rewrite_file(disk: Path, path: str, data: bytes) -> None:
             raise EspError(f"ESP file /{path} has another size than the new content: rebuild the image")
         pos = 0
         for off, n in extents:
-            os.pwrite(fd, data[pos : pos + n], off)
+            diskio.pwrite_all(fd, data[pos : pos + n], off)
             pos += n
-        os.fsync(fd)
+        diskio.fsync(fd)
     finally:
         os.close(fd)
 

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from obelisk import diskio
 from obelisk.errors import ObeliskError
 
 SIGNATURE = b"EFI PART"
@@ -154,11 +155,7 @@ class _Beyond(_Bad):
 
 def _pwrite(fd: int, data: bytes, offset: int) -> None:
     """The one place that writes table bytes (tests replace it to interrupt a write)."""
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view = view[n:]
-        offset += n
+    diskio.pwrite_all(fd, data, offset)
 
 
 def _pread(fd: int, size: int, offset: int) -> bytes:
@@ -675,10 +672,10 @@ def _write_copies(fd: int, table: GptTable) -> None:
     pad = entries.ljust(-(-len(entries) // ss) * ss, b"\0")
     _pwrite(fd, pad, table.backup_entries_lba * ss)
     _pwrite(fd, _header(table, table.backup_lba, 1, table.backup_entries_lba, ent_crc), table.backup_lba * ss)
-    os.fsync(fd)
+    diskio.fsync(fd)
     _pwrite(fd, pad, table.primary_entries_lba * ss)
     _pwrite(fd, _header(table, 1, table.backup_lba, table.primary_entries_lba, ent_crc), ss)
-    os.fsync(fd)
+    diskio.fsync(fd)
 
 
 def write_table(disk: Path, table: GptTable) -> None:
@@ -693,7 +690,7 @@ def write_table(disk: Path, table: GptTable) -> None:
         _write_copies(fd, table)
         if not table.mbr_ok:  # after both copies: the PMBR holds no table state
             _pwrite(fd, _pmbr_keeping_boot_code(fd, disk_lbas), 0)
-            os.fsync(fd)
+            diskio.fsync(fd)
 
 
 def moved_to_end(table: GptTable) -> GptTable:
