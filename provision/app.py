@@ -1,7 +1,8 @@
 """The provisioning server's HTTP side (an ASGI app; `obelisk provision serve` runs it under uvicorn).
 
 Read side (no login; may be limited to networks): `/boot.ipxe`, `/ipxe`, `/grub`, `/cloud`,
-`/ignition` (the cloud template as Ignition JSON, Butane translated), `/generic`, `/metadata`,
+`/ignition` (the profile's ignition template, else its cloud template, as Ignition JSON, Butane
+translated), `/generic`, `/metadata`,
 `/assets/...`. Write side (`/api/v1/...`): off unless the server was given
 a bearer token file or a mutual-TLS listener; see provision/write_api.py.
 
@@ -89,19 +90,21 @@ def make_app(settings: Settings) -> Starlette:
         host, spec, title = boot(request)
         return text(render.grub_script(spec, host.ctx.server_url, title, host.labels.values))
 
-    renderers = {"cloud": render.render_cloud, "generic": render.render, "ignition": render.render_ignition}
-
     def templated(route: str) -> Callable[[Request], Response]:
-        kind = "generic" if route == "generic" else "cloud"  # /ignition serves the cloud template as Ignition JSON
-
         def handler(request: Request) -> Response:
             host = prov.resolve(request)
             profile = prov.store.profile(host.profile_id)
-            name = profile.cloud_id if kind == "cloud" else profile.generic_id
+            kind, renderer = {"cloud": ("cloud", render.render_cloud), "generic": ("generic", render.render),
+                              "ignition": ("cloud", render.render_ignition)}[route]
+            if route == "ignition" and profile.ignition_id is not None:
+                # The profile's own Ignition/Butane template; without one, its cloud template if that is one.
+                kind, renderer = "ignition", render.render_ignition_template
+            name = getattr(profile, f"{kind}_id")
             if name is None:
-                raise NotFound(f"profile {profile.id!r} (group {host.ctx.group.id!r}) has no {kind}_id")
+                want = "ignition_id or cloud_id" if route == "ignition" else f"{kind}_id"
+                raise NotFound(f"profile {profile.id!r} (group {host.ctx.group.id!r}) has no {want}")
             source = prov.store.template(kind, name)
-            out = renderers[route](source, f"{kind}/{name}", host.ctx)
+            out = renderer(source, f"{kind}/{name}", host.ctx)
             log.info("/%s %s -> group %s, %s/%s", route, host.labels.text(), host.ctx.group.id, kind, name)
             if route == "ignition":
                 return Response(out, media_type="application/json")

@@ -98,8 +98,8 @@ def check(data: Path, assets: Path | None = None) -> Report:
                   "templates": sum(len(store.ids(k)) for k in TEMPLATE_KINDS)}
     for p in profiles.values():
         where = f"profiles/{p.id}.json"
-        for kind, name in (("cloud", p.cloud_id), ("generic", p.generic_id)):
-            if name is not None and not (data / kind / name).is_file():
+        for kind, name in p.templates():
+            if not (data / kind / name).is_file():
                 rep.add("error", where, f"{kind}_id {name!r}: no {kind}/{name}")
         if p.release and (p.boot.kernel or p.boot.initrd):
             rep.add("error", where, "give either release or boot.kernel/boot.initrd, not both")
@@ -143,12 +143,12 @@ def _render_for(rep: Report, g: Group, p, templates: dict[tuple[str, str], str],
     """Render each of the group's templates with the group's own data and a stand-in request."""
     labels = Labels({**_PROBE_LABELS, **g.selector})
     ctx = render.Context(g, labels, "&".join(f"{k}={v}" for k, v in labels.values.items()), _PROBE_URL)
-    for kind, name in (("cloud", p.cloud_id), ("generic", p.generic_id)):
-        src = templates.get((kind, name)) if name else None
+    for kind, name in p.templates():
+        src = templates.get((kind, name))
         if src is None:
             continue
         try:
-            (render.render_cloud if kind == "cloud" else render.render)(src, f"{kind}/{name}", ctx)
+            render.RENDERERS[kind](src, f"{kind}/{name}", ctx)
         except render.LabelMissing as exc:
             # Not broken data: hosts that send the label are served; the others get a 400.
             rep.add("warning", where, f"{exc}: hosts that do not send it get a 400")

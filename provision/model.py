@@ -1,7 +1,7 @@
 """Profiles, groups and labels: the provisioning data model (owner of the JSON files' format).
 
 A **profile** says what to boot (kernel, initrds, arguments, or an obelisk release) and which
-templates render the host's cloud-config and generic config. A **group** picks hosts by a
+templates render the host's cloud-config, Ignition config and generic config. A **group** picks hosts by a
 **selector** (labels that must all match) and names a profile; its metadata feeds the templates.
 The store, the server, the write API and `obelisk provision check` all read and write through
 these models.
@@ -20,8 +20,8 @@ from obelisk.errors import ObeliskError
 # File-name safe and URL safe: ids become `profiles/<id>.json`, so no separators, no leading dot.
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 _ID = re.compile(ID_PATTERN)
-# Template names live in `cloud/` and `generic/`; the same rule keeps them inside those folders.
-TEMPLATE_KINDS = ("cloud", "generic")
+# Template names live in `cloud/`, `generic/` and `ignition/`; the same rule keeps them inside those folders.
+TEMPLATE_KINDS = ("cloud", "generic", "ignition")
 LABEL_KEY_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,63}$"
 _LABEL_KEY = re.compile(LABEL_KEY_PATTERN)
 MAX_LABEL_VALUE = 256
@@ -125,6 +125,14 @@ class Profile(_Strict):
     boot: Boot = Field(default_factory=Boot)
     cloud_id: TemplateName | None = None
     generic_id: TemplateName | None = None
+    # An Ignition JSON or Butane YAML template (in `ignition/`) that /ignition serves instead of the
+    # cloud template: a profile can hand a host both a cloud-config and an Ignition config.
+    ignition_id: TemplateName | None = None
+
+    def templates(self) -> list[tuple[str, str]]:
+        """The (kind, name) of every template this profile names."""
+        refs = (("cloud", self.cloud_id), ("generic", self.generic_id), ("ignition", self.ignition_id))
+        return [(kind, name) for kind, name in refs if name is not None]
 
 
 class Group(_Strict):

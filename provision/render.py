@@ -10,7 +10,8 @@ like pass through for the firmware to expand.
 A profile's cloud template may also be an Ignition JSON or Butane YAML config (recognised by its
 rendered content, `cloudconfig.ignition.detect`): it is validated by the Ignition engine, `/cloud`
 serves it as rendered and `/ignition` serves the Ignition JSON it stands for (Butane translated, as
-matchbox's `/ignition` does).
+matchbox's `/ignition` does). A profile's `ignition_id` names a template of its own (in `ignition/`,
+Ignition or Butane only) that `/ignition` serves instead, so one profile can give a host both.
 """
 
 from __future__ import annotations
@@ -207,6 +208,21 @@ def render_ignition(source: str, name: str, ctx: Context) -> str:
             _translated.clear()
         out = _translated[key] = data.decode()
     return out
+
+
+def render_ignition_template(source: str, name: str, ctx: Context) -> str:
+    """A profile's ``ignition_id`` template: it must be an Ignition or Butane config (a cloud-config in
+    ``ignition/`` is broken data, a 500, not a missing config)."""
+    try:
+        return render_ignition(source, name, ctx)
+    except NotIgnition:
+        raise RenderError(f"{name} for group {ctx.group.id!r} renders a cloud-config or script; an ignition "
+                          "template must be an Ignition JSON or Butane YAML config (cloud-configs go in cloud/ "
+                          "and the profile's cloud_id)") from None
+
+
+# What renders each template kind (provision/model.py TEMPLATE_KINDS).
+RENDERERS = {"cloud": render_cloud, "generic": render, "ignition": render_ignition_template}
 
 
 # --- boot scripts ----------------------------------------------------------------------------------

@@ -248,8 +248,8 @@ class Store:
     def put_profile(self, profile: Profile) -> bool:
         """Create or replace; True when it was created. Templates it names must exist first."""
         with self._locked():
-            for kind, name in (("cloud", profile.cloud_id), ("generic", profile.generic_id)):
-                if name is not None and not self.template_path(kind, name).is_file():
+            for kind, name in profile.templates():
+                if not self.template_path(kind, name).is_file():
                     raise StoreConflict(f"profile {profile.id!r} names {kind} template {name!r}, which does not exist; "
                                    f"upload the template first")
             return self._put(self.profile_path(profile.id), _dump(profile))

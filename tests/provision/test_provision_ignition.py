@@ -146,3 +146,61 @@ def test_provision_check_takes_butane_templates(data: Path) -> None:
     bad = subprocess.run([OBELISK, "provision", "check", "--data", str(data)], capture_output=True, text=True,
                          timeout=60)
     assert bad.returncode != 0 and "/storage/disks" in bad.stdout + bad.stderr
+
+
+def test_profile_names_an_ignition_template_of_its_own(data: Path, serve, tmp_path: Path) -> None:  # noqa: ANN001
+    """`ignition_id`: one profile gives a host a cloud-config at /cloud and an Ignition config at /ignition;
+    a cloud-config in ignition/ is broken data (500), a missing template is refused by check and the API."""
+    _data(data)
+    put(data, "cloud/both.yaml", "#cloud-config\nhostname: {{ role | replace(' ', '-') }}\n")
+    put(data, "ignition/both.bu", BUTANE)
+    put(data, "ignition/wrong.yaml", "#cloud-config\nhostname: x\n")
+    for ident, extra in (("both", {"cloud_id": "both.yaml", "ignition_id": "both.bu"}),
+                         ("wrong", {"ignition_id": "wrong.yaml"}), ("generic", {"generic_id": "none"})):
+        put(data, f"profiles/{ident}.json", {"release": "tiny", **extra})
+        put(data, f"groups/{ident}.json", {"profile": ident, "selector": {"os": ident},
+                                           "metadata": {"role": "web server", "ssh_key": KEY}})
+    put(data, "generic/none", "x={{ role }}\n")
+    s = serve(data)
+    cloud = raw(s, f"/cloud?os=both&mac={MAC}")
+    assert cloud.status == 200 and cloud.text == "#cloud-config\nhostname: web-server\n", cloud.text
+    ign = raw(s, f"/ignition?os=both&mac={MAC}")
+    assert ign.status == 200 and ign.headers["content-type"] == "application/json", ign.text
+    assert json.loads(ign.body)["passwd"]["users"] == [{"name": "core", "sshAuthorizedKeys": [KEY]}]
+    # without ignition_id the cloud template stands in (it is Butane for os=flatcar), as before
+    assert raw(s, f"/ignition?os=flatcar&mac={MAC}").status == 200
+    for target, status, needle in (
+            ("/ignition?os=wrong", 500, "ignition/wrong.yaml for group 'wrong' renders a cloud-config or script; an "
+                                        "ignition template must be an Ignition JSON or Butane YAML config"),
+            ("/ignition?os=generic", 404, "profile 'generic' (group 'generic') has no ignition_id or cloud_id"),
+            ("/cloud?os=wrong", 404, "has no cloud_id")):
+        got = raw(s, target)
+        assert got.status == status, (target, got.status, got.text)
+        assert needle in one_line_error(got), (target, got.text)
+    clean_log(s)
+    # obelisk provision check renders ignition templates too, and names a missing one
+    res = CliRunner().invoke(build_app(["provision"]), ["provision", "check", "--data", str(data)])
+    assert res.exit_code != 0 and "ignition/wrong.yaml for group 'wrong' renders a cloud-config" in res.output, \
+        res.output
+    (data / "groups/wrong.json").unlink()
+    put(data, "profiles/wrong.json", {"release": "tiny", "ignition_id": "gone.bu"})
+    res = CliRunner().invoke(build_app(["provision"]), ["provision", "check", "--data", str(data)])
+    assert res.exit_code != 0 and "ignition_id 'gone.bu': no ignition/gone.bu" in res.output, res.output
+
+
+def test_write_api_takes_ignition_templates(tmp_path: Path) -> None:
+    import requests
+    from prov_helpers import AUTH, serving_rw
+
+    with serving_rw(tmp_path) as (s, data):
+        def api(method: str, path: str, **kw: object) -> requests.Response:
+            return requests.request(method, f"{s.url}/api/v1{path}", headers={**AUTH, "Connection": "close"},
+                                    timeout=30, **kw)
+        r = api("PUT", "/profiles/ign", json={"release": "tiny", "ignition_id": "host.bu"})
+        assert r.status_code == 409 and "ignition template 'host.bu', which does not exist" in r.text, r.text
+        assert api("PUT", "/templates/ignition/host.bu", data=BUTANE.encode()).status_code in (200, 201)
+        assert api("PUT", "/profiles/ign", json={"release": "tiny", "ignition_id": "host.bu"}).status_code in (200, 201)
+        assert api("GET", "/templates/ignition").json() == {"templates": ["host.bu"]}
+        r = api("DELETE", "/templates/ignition/host.bu")
+        assert r.status_code == 409 and "used by profile(s) ign" in r.text, r.text
+        assert (data / "ignition/host.bu").read_text() == BUTANE

@@ -272,7 +272,7 @@ BAD = [
     ("template name with a final newline", "PUT", "/templates/cloud/x%0A", b"x", None),
     ("profile id with a final newline", "PUT", "/profiles/p%0A", b'{"boot": {"kernel": "/k"}}', None),
     ("group id with a final newline", "GET", "/groups/default%0A", None, 404),
-    ("template kind", "PUT", "/templates/ignition/x", b"x", 404),
+    ("template kind", "PUT", "/templates/bogus/x", b"x", 404),
     ("template kind traversal", "PUT", "/templates/..%2Fgroups/default.json", b"{}", 404),
     ("template not UTF-8", "PUT", "/templates/cloud/t", b"#cloud-config\n\xff", 422),
     ("template with NUL", "PUT", "/templates/cloud/t", b"#cloud-config\n\x00", 422),
