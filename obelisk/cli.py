@@ -25,6 +25,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "cloudconfig": ("cloudconfig.cli", "app"),
     "provision": ("provision.cli", "app"),
     "fleet": ("fleet.cli", "app"),
+    "install": ("builder.install_cli", "app"),  # `obelisk install RELEASE --disk /dev/sdX` (bare metal)
 }
 
 # sub-command -> (command name, module, function): commands a server package adds to a host group.
