@@ -5,7 +5,8 @@ PY := $(VENV)/bin/python
 APT_PACKAGES := cgpt gdisk fdisk qemu-system-x86 qemu-utils ovmf squashfs-tools cryptsetup-bin \
 	grub-efi-amd64-bin grub-common grub2-common mmdebstrap etcd-server etcd-client dosfstools mtools \
 	busybox-static e2fsprogs kmod cpio xz-utils zstd curl grub-emu wrk postgresql \
-	chromium chromium-driver openssh-client
+	chromium chromium-driver openssh-client \
+	libparted-dev pkg-config
 IMAGE ?= images/base.toml
 
 .PHONY: setup image test lint bench clean
@@ -19,7 +20,7 @@ IMAGE ?= images/base.toml
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e '.[dev]'
+	$(VENV)/bin/pip install -q -e '.[dev,install]'
 	touch $@
 
 setup: .stamp-apt $(VENV)/.installed
