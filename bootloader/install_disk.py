@@ -64,13 +64,21 @@ def _kind(path: Path) -> tuple[str, os.stat_result]:
     raise InstallTargetError(f"{path}: is neither a block device nor a regular file: give a disk such as /dev/sdX")
 
 
-def _ignore(_type: int, _options: int, _message: str) -> int:
-    """libparted's questions ("fix the GPT?") are answered "ignore", never "fix": inspecting must not write.
+_handler: list[object] = []  # the registered handler and its answer, kept alive here
 
-    Module-level on purpose: pyparted keeps no reference to the handler, so a lambda would be freed
-    while libparted still calls it (a segfault, seen here)."""
-    import parted
-    return parted.EXCEPTION_RESOLVE_IGNORE
+
+def _ignore(_type: int, _options: int, _message: str) -> int:
+    """libparted's questions ("fix the GPT?") are answered "ignore", never "fix": inspecting must not write."""
+    return _handler[1]  # type: ignore[return-value]
+
+
+def _register(parted: object) -> None:
+    """Once per process: pyparted keeps no reference of its own to the handler and drops one from the
+    previous handler on each registration, so a lambda, or a second registration, is freed while
+    libparted still calls it (segfaults, both seen here)."""
+    if not _handler:
+        _handler.extend([_ignore, parted.EXCEPTION_RESOLVE_IGNORE])  # type: ignore[attr-defined]
+        parted.register_exn_handler(_ignore)  # type: ignore[attr-defined]
 
 
 def _parted(path: Path) -> tuple[int, int, str, list[Partition]]:
@@ -82,7 +90,7 @@ def _parted(path: Path) -> tuple[int, int, str, list[Partition]]:
         raise InstallTargetError(
             "pyparted is not installed: run 'pip install pyparted' (needs the Debian packages libparted-dev and "
             "pkg-config), or 'make setup'") from None
-    parted.register_exn_handler(_ignore)
+    _register(parted)
     try:
         dev = parted.getDevice(str(path))
     except (_ped.IOException, _ped.DeviceException) as exc:

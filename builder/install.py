@@ -97,8 +97,9 @@ def plan(source: str, disk: Path, *, config: Path | None = None, key: Path | Non
 def run(p: Plan, progress: disk_install.Progress | None = None) -> list[str]:
     """Write what ``p`` says; returns what was done, one line each."""
     disk, r = p.target.path, p.release
+    chunks = r.open()  # a URL is requested before the first write: a refusal leaves the disk untouched
     try:
-        _written, head = disk_install.stream_image(r.chunks(), disk, r.size, progress, expect_sha256=r.sha256)
+        _written, head = disk_install.stream_image(chunks, disk, r.size, progress, expect_sha256=r.sha256)
     except disk_install.InstallError:
         raise
     except ObeliskError as exc:  # the source failed mid-stream (a download broke off)

@@ -46,9 +46,18 @@ def install_cmd(
             return
         prog = Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), DownloadColumn(),
                         TransferSpeedColumn(), console=err)
-        with prog:
-            task = prog.add_task(f"writing {disk}", total=p.release.size)
-            done = install.run(p, progress=lambda n, total: prog.update(task, completed=n, total=total))
+        task: list[int] = []
+
+        def progress(n: int, total: int) -> None:
+            if not task:  # only once bytes flow, so a refusal prints nothing but its error line
+                prog.start()
+                task.append(prog.add_task(f"writing {disk}", total=total))
+            prog.update(task[0], completed=n)
+
+        try:
+            done = install.run(p, progress=progress)
+        finally:
+            prog.stop()
     for line in done:
         print(line)
     print(f"installed {p.release.name} {p.release.version} on {disk}")

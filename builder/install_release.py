@@ -42,25 +42,41 @@ class ReleaseSource:
     local: Path | None = None  # disk.raw of a local release
     url: str | None = None  # disk.raw of a remote one
 
-    def chunks(self) -> Iterator[bytes]:
-        """disk.raw's bytes, in blocks (the caller checks size and SHA-256 as they pass)."""
+    def open(self) -> Iterator[bytes]:
+        """disk.raw's bytes, in blocks; the caller checks size and SHA-256 as they pass.
+
+        For a URL the request is made here, before the caller writes anything: an HTTP error or a
+        Content-Length other than the signed size is refused while the disk is still untouched.
+        """
         if self.local is not None:
-            with open(self.local, "rb") as f:
-                while chunk := f.read(BLOCK):
-                    yield chunk
-            return
+            return self._file(self.local)
         assert self.url is not None
         try:
-            with requests.get(self.url, stream=True, timeout=TIMEOUT) as resp:
-                if resp.status_code != 200:
-                    raise ReleaseSourceError(f"{self.url}: HTTP {resp.status_code}")
-                length = resp.headers.get("Content-Length")
-                if length is not None and length.isdigit() and int(length) != self.size:
-                    raise ReleaseSourceError(f"{self.url}: {int(length):,} bytes, the signed release says "
-                                             f"{self.size:,}: truncated or replaced")
+            resp = requests.get(self.url, stream=True, timeout=TIMEOUT)
+        except requests.RequestException as exc:
+            raise ReleaseSourceError(f"{self.url}: download failed: {type(exc).__name__} — nothing was written") \
+                from None
+        length = resp.headers.get("Content-Length")
+        problem = (f"HTTP {resp.status_code}" if resp.status_code != 200 else
+                   f"{int(length):,} bytes, the signed release says {self.size:,}: truncated or replaced"
+                   if length is not None and length.isdigit() and int(length) != self.size else "")
+        if problem:
+            resp.close()
+            raise ReleaseSourceError(f"{self.url}: {problem} — nothing was written")
+        return self._http(resp)
+
+    @staticmethod
+    def _file(path: Path) -> Iterator[bytes]:
+        with open(path, "rb") as f:
+            while chunk := f.read(BLOCK):
+                yield chunk
+
+    def _http(self, resp: requests.Response) -> Iterator[bytes]:
+        try:
+            with resp:
                 yield from resp.iter_content(BLOCK)
         except requests.RequestException as exc:
-            raise ReleaseSourceError(f"{self.url}: download failed: {type(exc).__name__}") from None
+            raise ReleaseSourceError(f"{self.url}: download broke off: {type(exc).__name__}") from None
 
 
 def _key(key: Path | None) -> list[signing.PublicKey]:
@@ -126,10 +142,11 @@ def _get_small(url: str) -> bytes:
     try:
         with requests.get(url, stream=True, timeout=TIMEOUT) as resp:
             if resp.status_code != 200:
-                raise ReleaseSourceError(f"{url}: HTTP {resp.status_code}: not an obelisk release folder URL")
+                raise ReleaseSourceError(f"{url}: HTTP {resp.status_code}: not an obelisk release folder URL — nothing "
+                                         "was written")
             data = resp.raw.read(MAX_SMALL + 1, decode_content=True)
     except requests.RequestException as exc:
-        raise ReleaseSourceError(f"{url}: cannot fetch: {type(exc).__name__}") from None
+        raise ReleaseSourceError(f"{url}: cannot fetch: {type(exc).__name__} — nothing was written") from None
     if len(data) > MAX_SMALL:
         raise ReleaseSourceError(f"{url}: larger than {MAX_SMALL} bytes: not an obelisk release file")
     return data
