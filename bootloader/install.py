@@ -13,6 +13,7 @@ partition table, never a half-written one that looks whole.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import stat
@@ -31,6 +32,7 @@ TAIL = 1024 * 1024  # the old backup GPT is in the disk's last 33 sectors; a MiB
 BLOCK = 4 * 1024 * 1024
 OEM_LABEL = "OEM"
 EXT4_MAGIC = 0xEF53
+BLKRRPART = 0x125F  # ioctl: make the kernel read the partition table again
 
 Progress = Callable[[int, int], None]  # (bytes done, total)
 
@@ -201,3 +203,18 @@ def fit_gpt(disk: Path) -> list[str]:
     finally:
         os.close(fd)
     return fixed
+
+
+def reread_partitions(disk: Path) -> str | None:
+    """Ask the kernel to read the new table (as `blockdev --rereadpt`), so /dev/sdX1.. match the image;
+    returns why it could not, for a note (a loop device without partition scanning says EINVAL)."""
+    if not stat.S_ISBLK(os.stat(disk).st_mode):
+        return None
+    fd = os.open(disk, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, BLKRRPART)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    finally:
+        os.close(fd)
+    return None

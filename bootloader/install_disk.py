@@ -20,6 +20,7 @@ from pathlib import Path
 from obelisk.errors import ObeliskError
 
 SYS_BLOCK = Path("/sys/block")
+SYS_CLASS_BLOCK = Path("/sys/class/block")
 
 
 class InstallTargetError(ObeliskError):
@@ -182,6 +183,8 @@ def usage(path: Path, st: os.stat_result) -> list[str]:
         devices, reasons = block_tree(name)
     else:  # a partition given as the disk, or a name sysfs does not know: its own number only
         devices, reasons = {f"{major}:{minor}"}, []
+        if (SYS_CLASS_BLOCK / name / "partition").exists():
+            reasons.append("it is a partition, not a whole disk (the image has its own partition table)")
     reasons += [f"mounted on {m}" for m in mounts_on(_read("/proc/self/mountinfo"), devices)]
     reasons += [f"in use as swap ({s})" for s in swaps_on(_read("/proc/swaps"), devices)]
     if not reasons and _busy(path):

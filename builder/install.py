@@ -113,4 +113,8 @@ def run(p: Plan, progress: disk_install.Progress | None = None) -> list[str]:
         done.append(f"put {p.config.path} in OEM (partition {oem.index}) as /{OEM_CONFIG}")
     disk_install.write_head(disk, head)
     done += [f"gpt: {line}" for line in disk_install.fit_gpt(disk)]
+    why = disk_install.reread_partitions(disk)
+    if why:
+        done.append(f"note: the kernel did not re-read the partition table ({why}): partition devices appear "
+                    "after 'partprobe' or a reboot")
     return done
