@@ -169,7 +169,7 @@ def build(def_path: Path, *, out: Path, version: str | None = None, key: Path | 
     stages = pipeline.run_all(ctx, console=console)
     files = release_stage.artifacts(ctx)
     rel = ctx["release"]
-    for name in ("release.json", "SHA256SUMS", "SHA256SUMS.sig"):
+    for name in ("release.json", "packages.json", "SHA256SUMS", "SHA256SUMS.sig"):
         files[name] = rel.path(name)
     dest = out / defn.name / version
     pipeline.publish(files, dest)

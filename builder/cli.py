@@ -69,10 +69,25 @@ def image_verify(
 def image_inspect(
     target: Path = typer.Argument(..., metavar="DISK_OR_RELEASE", help="A disk image or a release folder"),
     json_out: bool = typer.Option(False, "--json"),
+    packages: bool = typer.Option(False, "--packages", help="list the packages inside (name, version, source)"),
 ) -> None:
-    """Partitions, slots, versions and root hashes of a disk image or release."""
+    """Partitions, slots, versions and root hashes of a disk image or release; --packages: what is inside."""
     with clean_errors():
-        info = inspect.inspect(target)
+        if packages:
+            pkgs = inspect.release_packages(target)
+        else:
+            info = inspect.inspect(target)
+    if packages:
+        if json_out:
+            print(json.dumps({"packages": pkgs}, indent=2))
+            return
+        table = Table(title=f"{len(pkgs)} packages in {target}")
+        for col in ("name", "version", "source", "kind"):
+            table.add_column(col)
+        for p in pkgs:
+            table.add_row(p["name"], p["version"], p["source"], p["kind"])
+        Console().print(table)
+        return
     if json_out:
         print(json.dumps(info, indent=2))
         return

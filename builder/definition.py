@@ -168,6 +168,35 @@ class Disk(_Strict):
         return (self.size_mib or self.layout_mib()) * MIB
 
 
+UNIT_RE = re.compile(r"[A-Za-z0-9@_.:-]+\.(service|socket|timer|path|target)")
+
+
+def _unit_name(v: str) -> str:
+    if not UNIT_RE.fullmatch(v):
+        raise ValueError(f"{v!r} is not a systemd unit name, like ssh.service")
+    return v
+
+
+UnitName = Annotated[str, AfterValidator(_unit_name)]
+
+
+class Units(_Strict):
+    """Which units of the tree start at boot, decided in /usr (so a new /usr brings its choice along)."""
+
+    # Enabled in /usr from the unit's own [Install] WantedBy= (e.g. ssh.service from openssh-server).
+    enable: list[UnitName] = []
+    # Installed but not started: the links package scripts made in /etc are removed (e.g. etcd.service,
+    # which waits for cloud-config to configure it).
+    disable: list[UnitName] = []
+
+    @model_validator(mode="after")
+    def _disjoint(self) -> Units:
+        both = sorted(set(self.enable) & set(self.disable))
+        if both:
+            raise ValueError(f"{', '.join(both)} cannot be in both units.enable and units.disable")
+        return self
+
+
 class ImageDefinition(_Strict):
     name: str
     version: str = "0.1.0"
@@ -184,6 +213,7 @@ class ImageDefinition(_Strict):
     source: Source
     kernel: Kernel = Kernel()
     disk: Disk = Disk()
+    units: Units = Units()
 
     @field_validator("name")
     @classmethod

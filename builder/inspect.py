@@ -73,3 +73,19 @@ def inspect(target: Path) -> dict:
     if not target.exists() and not target.is_symlink():
         raise InspectError(f"{target}: no such file or folder")
     return {"disk": inspect_disk(check_input(target, "disk image", block_device=True))}
+
+
+def release_packages(target: Path) -> list[dict]:
+    """The package manifest of a release folder (its release.json's ``packages``)."""
+    if not target.is_dir():
+        raise InspectError(f"{target}: --packages needs a release folder (out/<name>/<version>), not a disk")
+    release = inspect(target)["release"]
+    pkgs = release.get("packages")
+    if pkgs is None:
+        raise InspectError(f"{target}: release.json has no package manifest (built by an older obelisk): "
+                           "rebuild the release")
+    if not isinstance(pkgs, list) or not all(isinstance(p, dict) and {"name", "version", "source", "kind"}
+                                             <= p.keys() for p in pkgs):
+        raise InspectError(f"{target}: release.json's packages is not a list of name/version/source entries: "
+                           "the file is damaged; rebuild or re-download the release")
+    return [{k: str(p[k]) for k in ("name", "version", "source", "kind")} for p in pkgs]

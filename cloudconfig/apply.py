@@ -219,7 +219,8 @@ def _plan_config(plan: Plan, cfg: CloudConfig, md: Metadata, values: dict[str, s
         uid, gid = users.resolve_owner(plan, owner)
         plan.write(wf.path, data, mode, uid, gid, why="write_files")
     written = {wf.path for wf in cfg.write_files}
-    bootstrap.plan_etcd(plan, cfg)
+    tls_changed = any(c.path in tls["etcd"] | tls["private"] for c in plan.changes)
+    bootstrap.plan_etcd(plan, cfg, live, tls_changed)
     bootstrap.plan_update(plan, cfg)
     bootstrap.plan_lock(plan, cfg)
     if cfg.oem.get("id"):

@@ -59,14 +59,21 @@ def render_env(env: dict[str, str]) -> str:
     return head + "".join(f"{k}={_quote(v)}\n" for k, v in env.items())
 
 
-def plan_etcd(plan: Plan, cfg: CloudConfig) -> None:
+def plan_etcd(plan: Plan, cfg: CloudConfig, live: bool = False, tls_changed: bool = False) -> None:
+    """ETCD_* settings for Debian's etcd.service. The image ships etcd installed but not enabled: on the
+    live host, a config with an etcd section enables it, and starts it (restarts it when its settings or
+    TLS files changed). Queued with --no-block: this runs before etcd.service, which waits for it."""
     if not cfg.etcd:
         return
     env = etcd_environment(cfg.etcd, cfg.etcd_legacy)
-    plan.write(ETCD_ENV, render_env(env).encode(), 0o644, why="coreos.etcd2")
+    changed = plan.write(ETCD_ENV, render_env(env).encode(), 0o644, why="coreos.etcd2")
     dropin = ("# Written by obelisk cloudconfig: etcd member/proxy settings from coreos.etcd2\n"
               f"[Service]\nEnvironmentFile={ETCD_ENV}\n")
-    plan.write(ETCD_DROPIN, dropin.encode(), 0o644, why="coreos.etcd2")
+    changed |= plan.write(ETCD_DROPIN, dropin.encode(), 0o644, why="coreos.etcd2")
+    if live:
+        plan.commands.append(["systemctl", "enable", "etcd.service"])
+        plan.commands.append(["systemctl", "--no-block", "restart" if changed or tls_changed else "start",
+                              "etcd.service"])
 
 
 def _conf_error(name: str, exc: Exception) -> ConfigApplyError:

@@ -199,3 +199,26 @@ def fetch_cmd(
                           "userdata": got.userdata.decode("utf-8", "replace")}, indent=2))
     else:
         sys.stdout.buffer.write(got.userdata)
+
+
+@app.command("status")
+def status_cmd(
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+) -> None:
+    """Whether the services cloud-config set up (etcd, the update daemon) came up, and why not (from the journal).
+    Exit 1 when one of them failed."""
+    from cloudconfig import status
+    from obelisk.tools import run
+
+    def runner(argv: list[str]) -> str:
+        return run(argv, check=False, timeout=30).stdout
+
+    with clean_errors():
+        states = status.status(runner)
+    if as_json:
+        print(json.dumps(status.to_json(states), indent=2))
+    else:
+        for st in states:
+            print(st.line())
+    if not all(s.ok for s in states):
+        raise typer.Exit(EXIT_FAILED)

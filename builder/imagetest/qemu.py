@@ -91,11 +91,12 @@ def prepare_vars(dest: Path) -> Path:
     return dest
 
 
-def qemu_argv(disk: Path, vars_fd: Path, *, extra_disks: list[Path] = (), memory_mib: int = 768, smp: int = 1
-              ) -> list[str]:
+def qemu_argv(disk: Path, vars_fd: Path, *, extra_disks: list[Path] = (), memory_mib: int = 768, smp: int = 1,
+              net: list[str] = ()) -> list[str]:
+    """``net``: QEMU network arguments (default: no network at all)."""
     argv = [
         require("qemu-system-x86_64"), "-accel", "tcg", "-machine", "q35", "-m", str(memory_mib), "-smp", str(smp),
-        "-nographic", "-nic", "none", "-no-user-config", "-nodefaults", "-serial", "stdio",
+        "-nographic", *(net or ["-nic", "none"]), "-no-user-config", "-nodefaults", "-serial", "stdio",
         "-drive", f"if=pflash,format=raw,readonly=on,file={OVMF_CODE}",
         "-drive", f"if=pflash,format=raw,file={vars_fd}",
         "-drive", f"file={disk},format=raw,if=virtio,cache=writeback",

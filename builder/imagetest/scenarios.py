@@ -30,7 +30,7 @@ from pathlib import Path
 
 from bootloader import gpt, slots
 from builder.build import data_dir
-from builder.imagetest import qemu
+from builder.imagetest import hostvm, qemu
 from obelisk import signing
 from obelisk.errors import ObeliskError
 from obelisk.inputs import check_input
@@ -531,12 +531,20 @@ def power_loss_in_guest(ctx: Context) -> str:
             f"both following boots ran A; {describe(disk)}")
 
 
+def scenario_host(ctx: Context) -> str:
+    """SSH, containers, etcd and identity on the default image (builder/imagetest/host.py)."""
+    from builder.imagetest import host  # it builds on this module
+
+    return host.scenario_host(ctx)
+
+
 SCENARIOS: dict[str, Callable[[Context], str]] = {
     "boot": scenario_boot,
     "update": scenario_update,
     "rollback": scenario_rollback,
     "badverity": scenario_badverity,
     "power-loss": scenario_power_loss,
+    "host": scenario_host,
 }
 
 
@@ -548,7 +556,7 @@ def run_scenario(ctx: Context, name: str) -> Outcome:
     try:
         msg = SCENARIOS[name](ctx)
         ok = True
-    except (ScenarioFailed, qemu.VmError) as exc:
+    except (ScenarioFailed, qemu.VmError, hostvm.GuestError) as exc:
         ok, msg = False, str(exc)
     except Exception as exc:  # a tool or builder error: report it as this scenario's failure
         ok, msg = False, f"{type(exc).__name__}: {exc}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from builder import fsutil
+from builder import fsutil, packages
 from obelisk import signing
 
 DEPENDS = ("usr", "disk", "payload", "formats")
@@ -38,6 +38,10 @@ def run(ctx, out: Path) -> dict:
     for name, path in artifacts(ctx).items():
         ctx.log(f"release: sha256 {name}")
         arts[name] = {"size": path.stat().st_size, "sha256": fsutil.sha256_file(path)}
+    manifest_file = ctx["tree"].path("tree") / packages.MANIFEST_PATH
+    manifest = json.loads(manifest_file.read_text()) if manifest_file.is_file() else packages.to_json([])
+    pkg_blob = (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode()
+    (out / "packages.json").write_bytes(pkg_blob)
     release = {
         "format": RELEASE_FORMAT,
         "name": d.name,
@@ -55,10 +59,12 @@ def run(ctx, out: Path) -> dict:
         "trusted_key_ids": [n.removesuffix(".pub") for n, _pem in ctx.trusted_keys],
         "partitions": ctx["disk"].meta.get("partitions", {}),
         "artifacts": arts,
+        "packages": manifest["packages"],
     }
     blob = (json.dumps(release, indent=2, sort_keys=True) + "\n").encode()
     (out / "release.json").write_bytes(blob)
-    sums = {**{n: a["sha256"] for n, a in arts.items()}, "release.json": fsutil.sha256_bytes(blob)}
+    sums = {**{n: a["sha256"] for n, a in arts.items()}, "release.json": fsutil.sha256_bytes(blob),
+            "packages.json": fsutil.sha256_bytes(pkg_blob)}
     text = "".join(f"{h}  {n}\n" for n, h in sorted(sums.items())).encode()
     (out / "SHA256SUMS").write_bytes(text)
     (out / "SHA256SUMS.sig").write_bytes(signing.sign(ctx.private_key, text))

@@ -10,8 +10,8 @@ import tempfile
 from pathlib import Path
 
 from bootloader import initramfs
-from builder import fsutil, kernel
-from builder.definition import DebianSource
+from builder import debs, fsutil, kernel, packages
+from builder.definition import DebianSource, TinySource
 from obelisk import tools
 from obelisk.signing import IMAGE_KEYS_DIR
 
@@ -45,6 +45,7 @@ def inputs(ctx) -> dict:
         "pretty_name": ctx.definition.pretty_name,
         "epoch": ctx.epoch,
         "exclude": ctx.definition.kernel.exclude,
+        "units": ctx.definition.units.model_dump(mode="json"),
     }
 
 
@@ -71,6 +72,10 @@ def run(ctx, out: Path) -> dict:
     for d in overlay_dirs(ctx):
         copy_overlay(d, tree)
         enable_units(d, tree)
+    units = ctx.definition.units
+    apply_unit_choices(tree, units.enable, units.disable)
+    for rel in strip_machine_identity(tree):
+        ctx.log(f"tree: removed per-machine /{rel}")
     keys = fsutil.dirs_inside(tree, IMAGE_KEYS_DIR)
     for name, pem in ctx.trusted_keys:
         fsutil.remove_tree(keys / name)
@@ -84,13 +89,27 @@ def run(ctx, out: Path) -> dict:
         launcher.unlink(missing_ok=True)
         launcher.write_text(LAUNCHER)
         launcher.chmod(0o755)
+    pkgs = packages.read_tree(tree, unpacked_debs(ctx))
+    packages.write_manifest(tree, pkgs)
     factory_etc(tree)
     ctx.log("tree: initramfs")
     initramfs.build(tree, boot / "initrd.img")
     if not (boot / "initrd.img").is_file():
         raise tools.ToolError("bootloader.initramfs.build made no initrd.img")
     fsutil.clamp_mtimes(tree, ctx.epoch)
-    return {"kernel_version": kver}
+    return {"kernel_version": kver, "packages": len(pkgs)}
+
+
+def unpacked_debs(ctx) -> list[packages.Package]:
+    """Packages a tiny image unpacks without dpkg (busybox, the kernel): dpkg's status does not know them."""
+    src = ctx.definition.source
+    if not isinstance(src, TinySource):
+        return []
+    out = []
+    for name in (src.busybox_package, ctx.definition.kernel.package):
+        deb = debs.resolve(name, ctx.cache)
+        out.append(packages.Package(deb.package, deb.version, f"{deb.package} ({deb.version})", "file", "amd64"))
+    return out
 
 
 def copy_overlay(src: Path, tree: Path) -> None:
@@ -121,16 +140,74 @@ def enable_units(overlay: Path, tree: Path) -> None:
     for unit in sorted(units.iterdir()):
         if unit.suffix not in (".service", ".timer", ".socket", ".path") or not unit.is_file():
             continue
-        section = ""
-        for line in unit.read_text(errors="replace").splitlines():
-            line = line.strip()
-            if line.startswith("["):
-                section = line
-            elif section == "[Install]" and line.startswith("WantedBy="):
-                for target in line.split("=", 1)[1].split():
-                    link = fsutil.dirs_inside(tree, f"usr/lib/systemd/system/{target}.wants") / unit.name
-                    if not link.exists() and not link.is_symlink():
-                        link.symlink_to(f"../{unit.name}")
+        enable_in_usr(tree, unit.name, unit.read_text(errors="replace"))
+
+
+def wanted_by(unit_text: str) -> list[str]:
+    """The targets a unit's ``[Install]`` section names in ``WantedBy=``."""
+    section, targets = "", []
+    for line in unit_text.splitlines():
+        line = line.strip()
+        if line.startswith("["):
+            section = line
+        elif section == "[Install]" and line.startswith("WantedBy="):
+            targets += line.split("=", 1)[1].split()
+    return targets
+
+
+def enable_in_usr(tree: Path, name: str, unit_text: str) -> list[str]:
+    """Links in /usr/lib/systemd/system/<target>.wants/ for each WantedBy= target; the targets."""
+    targets = wanted_by(unit_text)
+    for target in targets:
+        link = fsutil.dirs_inside(tree, f"usr/lib/systemd/system/{target}.wants") / name
+        if not link.exists() and not link.is_symlink():
+            link.symlink_to(f"../{name}")
+    return targets
+
+
+# Where package scripts (deb-systemd-helper) and overlays enable units.
+UNIT_DIRS = ("etc/systemd/system", "usr/lib/systemd/system")
+
+
+def apply_unit_choices(tree: Path, enable: list[str], disable: list[str]) -> None:
+    """The definition's ``[units]``: ``enable`` links a unit of the tree into its WantedBy= targets in
+    /usr; ``disable`` removes every .wants/.requires link to it (it stays installed: something else, such
+    as cloud-config, starts it when it is configured)."""
+    for name in enable:
+        unit = tree / "usr/lib/systemd/system" / name
+        if not unit.is_file():
+            raise tools.ToolError(f"units.enable: {name} is not in the tree's /usr/lib/systemd/system: "
+                                  "add the package that ships it to source.packages")
+        if not enable_in_usr(tree, name, unit.read_text(errors="replace")):
+            raise tools.ToolError(f"units.enable: {name} has no WantedBy= in [Install]: nothing to enable it in")
+    for name in disable:
+        for base in UNIT_DIRS:
+            d = tree / base
+            if not d.is_dir():
+                continue
+            for link in d.glob(f"*.wants/{name}"):
+                link.unlink()
+            for link in d.glob(f"*.requires/{name}"):
+                link.unlink()
+
+
+# Made by package scripts at build time, but one per machine: every copy of the image would share
+# them (SSH host keys: hosts could impersonate each other). Each host makes its own on first boot.
+PER_MACHINE_FILES = ("etc/ssh/ssh_host_*", "var/lib/dbus/machine-id")
+
+
+def strip_machine_identity(tree: Path) -> list[str]:
+    removed = []
+    for pattern in PER_MACHINE_FILES:
+        for f in sorted(tree.glob(pattern)):
+            if f.is_file() or f.is_symlink():
+                f.unlink()
+                removed.append(str(f.relative_to(tree)))
+    mid = tree / "etc/machine-id"
+    if mid.is_file() and mid.read_text().strip() not in ("", "uninitialized"):
+        mid.write_text("")  # empty: systemd makes one on first boot
+        removed.append("etc/machine-id")
+    return removed
 
 
 def _in_usr(rel: Path) -> Path:
