@@ -31,6 +31,7 @@ from obelisk.tools import require, run
 class Context(Protocol):
     """What this scenario uses of ``scenarios.Context`` (that module registers this one: no import back)."""
 
+    release: Path
     work: Path
     boot_timeout: float
     obelisk: list[str]
@@ -234,6 +235,12 @@ def check_second_host(ctx: Context, work: Path, key: Path, pubkey: str, first: H
 
 
 def scenario_host(ctx: Context) -> str:
+    usr = ctx.release / "usr.img"
+    listing = run(["unsquashfs", "-l", usr, "sbin/sshd", "bin/podman", "bin/etcd"], check=False).stdout
+    missing = [t for t in ("sbin/sshd", "bin/podman", "bin/etcd") if t not in listing]
+    if missing:
+        raise ScenarioFailed(f"the image has no {', '.join(missing)}: the host scenario needs a host image "
+                             "such as images/base.toml")
     work = ctx.work / "host"
     work.mkdir(parents=True, exist_ok=True)
     key, pubkey = ssh_key(work / "id_ed25519")

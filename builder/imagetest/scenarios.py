@@ -538,6 +538,9 @@ def scenario_host(ctx: Context) -> str:
     return host.scenario_host(ctx)
 
 
+# Scenarios that need the default image's host parts (sshd, podman, etcd): tests/vm/test_host.py runs them.
+HOST_IMAGE_ONLY = ("host",)
+
 SCENARIOS: dict[str, Callable[[Context], str]] = {
     "boot": scenario_boot,
     "update": scenario_update,

@@ -61,7 +61,7 @@ def ctx(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config) -
 
 
 @pytest.mark.vm
-@pytest.mark.parametrize("name", list(scenarios.SCENARIOS))
+@pytest.mark.parametrize("name", [n for n in scenarios.SCENARIOS if n not in scenarios.HOST_IMAGE_ONLY])
 def test_scenario(ctx: scenarios.Context, name: str) -> None:
     out = scenarios.run_scenario(ctx, name)
     _say(out.line())

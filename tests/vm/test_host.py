@@ -1,0 +1,47 @@
+"""The default image as a host, in a real VM: `obelisk image test RELEASE -s host` on images/base.toml.
+
+Builds base from its definition (about 5 minutes cold on a 2-core machine; OBELISK_TEST_CACHE reuses a
+stage cache), then boots it under QEMU TCG with user networking restricted to forwarded loopback ports
+and checks SSH, podman, etcd, the lock, the health check, and a second host's identity (see
+builder/imagetest/host.py). Per-step times are printed past pytest's capture.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from testlib import OBELISK, REPO, need_tools, say
+
+from builder.imagetest import scenarios
+
+BASE = REPO / "images" / "base.toml"
+
+
+@pytest.mark.vm
+@pytest.mark.timeout(3600)
+def test_host_scenario(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config) -> None:
+    need_tools("qemu-system-x86_64", "mmdebstrap", "mksquashfs", "veritysetup", "ssh", "ssh-keygen", "ssh-keyscan",
+               "etcdctl", "mkfs.fat", "mcopy", "unsquashfs")
+    out = tmp_path_factory.mktemp("host-release")
+    subprocess.run([OBELISK, "key", "generate", str(out / "key")], check=True, capture_output=True)
+    key = out / "key" / "obelisk.key"
+    cache = Path(os.environ.get("OBELISK_TEST_CACHE") or out / "cache")
+
+    def log(line: str) -> None:
+        say(pytestconfig, line)
+
+    release = scenarios.build_release(BASE, out / "rel", "0.1.0", key, log, cache)
+    work = release / "test"
+    work.mkdir()
+
+    def no_more_builds() -> Path:
+        raise AssertionError("the host scenario builds no other release")
+
+    ctx = scenarios.Context(release=release, work=work, boot_timeout=600.0, next_release=no_more_builds,
+                            broken_release=no_more_builds, obelisk=[OBELISK], log=log, signing_key=key)
+    result = scenarios.run_scenario(ctx, "host")
+    log(result.line())
+    assert result.ok, f"{result.line()}\nlogs under {work / 'host'}"
