@@ -13,7 +13,7 @@ from bhelpers import Built, obelisk
 def test_release_holds_every_artifact(tiny: Built) -> None:
     names = sorted(p.name for p in tiny.release.iterdir())
     assert names == sorted(["disk.raw", "disk.qcow2", "vmlinuz", "initrd", "usr.img", "update.payload",
-                            "release.json", "SHA256SUMS", "SHA256SUMS.sig"])
+                            "release.json", "packages.json", "SHA256SUMS", "SHA256SUMS.sig"])
     rel = tiny.release_json
     for key in ("name", "version", "build_id", "app_id", "arch", "verity_root_hash", "hash_offset", "usr_size",
                 "artifacts", "inputs_digest"):
