@@ -23,7 +23,8 @@ REPO = Path(__file__).resolve().parent.parent
 OBELISK = str(Path(sys.executable).with_name("obelisk"))
 
 
-def _build(defn: str, out: Path, cache: Path, key: Path) -> tuple[float, dict]:
+def build_once(defn: str, out: Path, cache: Path, key: Path) -> tuple[float, dict]:
+    """(seconds, the --json summary) of one `obelisk image build` (SOURCE_DATE_EPOCH fixed)."""
     env = {**os.environ, "SOURCE_DATE_EPOCH": os.environ.get("SOURCE_DATE_EPOCH", "1704067200")}
     start = time.monotonic()
     proc = subprocess.run([OBELISK, "image", "build", defn, "--out", out, "--cache", cache, "--key", key, "--json"],
@@ -71,8 +72,8 @@ def main(argv: list[str]) -> None:
         cache.mkdir(exist_ok=True)
         if not (cache / "debs").exists():
             (cache / "debs").symlink_to(debs)
-        cold, res = _build(args.definition, work / "out-cold", cache, key)
-        warm, res2 = _build(args.definition, work / "out-warm", cache, key)
+        cold, res = build_once(args.definition, work / "out-cold", cache, key)
+        warm, res2 = build_once(args.definition, work / "out-warm", cache, key)
         cached = sum(1 for s in res2["stages"].values() if s["cached"])
         print(f"definition       {args.definition}")
         print("cold stages      " + ", ".join(f"{n} {s['seconds']:.1f}s" for n, s in res["stages"].items()))
@@ -87,7 +88,7 @@ def main(argv: list[str]) -> None:
             cache2.mkdir(exist_ok=True)
             if not (cache2 / "debs").exists():
                 (cache2 / "debs").symlink_to(debs)
-            cold2, res3 = _build(args.definition, work / "out-cold2", cache2, key)
+            cold2, res3 = build_once(args.definition, work / "out-cold2", cache2, key)
             rel2 = Path(res3["release_dir"])
             for name in ("usr.img", "update.payload", "disk.raw"):
                 same = _same(rel / name, rel2 / name)

@@ -18,25 +18,15 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
+from bench.build import build_once as build
 from builder.imagetest import qemu
 
 REPO = Path(__file__).resolve().parent.parent
 OBELISK = str(Path(sys.executable).with_name("obelisk"))
 BEFORE = "bench/definitions/base-before.toml"
 AFTER = "images/base.toml"
-
-
-def build(defn: str, out: Path, cache: Path, key: Path) -> tuple[float, dict]:
-    env = {**os.environ, "SOURCE_DATE_EPOCH": os.environ.get("SOURCE_DATE_EPOCH", "1704067200")}
-    start = time.monotonic()
-    proc = subprocess.run([OBELISK, "image", "build", defn, "--out", out, "--cache", cache, "--key", key, "--json"],
-                          cwd=REPO, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"build of {defn} failed: {proc.stderr.strip().splitlines()[-1:]}")
-    return time.monotonic() - start, json.loads(proc.stdout)
 
 
 def boot_seconds(release: Path, work: Path, timeout: float = 900.0) -> tuple[float, float]:
