@@ -55,6 +55,15 @@ def _entry_check_seconds(cache: Path, res: dict) -> float:
     return time.monotonic() - start
 
 
+def prepare(work: Path) -> tuple[Path, Path]:
+    """(the shared .deb download folder, a fresh signing key) for builds under ``work``: "cold" then
+    measures building, not the network."""
+    debs = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "obelisk" / "debs"
+    debs.mkdir(parents=True, exist_ok=True)
+    subprocess.run([OBELISK, "key", "generate", work / "key", "--force"], check=True, capture_output=True)
+    return debs, work / "key" / "obelisk.key"
+
+
 def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(prog="python -m bench build")
     ap.add_argument("--definition", default="images/tiny.toml")
@@ -64,10 +73,7 @@ def main(argv: list[str]) -> None:
     with tempfile.TemporaryDirectory(prefix="obelisk-bench-") as tmp:
         work = args.keep or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        debs = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "obelisk" / "debs"
-        debs.mkdir(parents=True, exist_ok=True)
-        subprocess.run([OBELISK, "key", "generate", work / "key", "--force"], check=True, capture_output=True)
-        key = work / "key" / "obelisk.key"
+        debs, key = prepare(work)
         cache = work / "cache"
         cache.mkdir(exist_ok=True)
         if not (cache / "debs").exists():

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -21,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 from bench.build import build_once as build
+from bench.build import prepare
 from builder.imagetest import qemu
 
 REPO = Path(__file__).resolve().parent.parent
@@ -100,10 +100,7 @@ def main(argv: list[str]) -> None:
     with tempfile.TemporaryDirectory(prefix="obelisk-bench-host-") as tmp:
         work = args.keep or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        debs = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "obelisk" / "debs"
-        debs.mkdir(parents=True, exist_ok=True)
-        subprocess.run([OBELISK, "key", "generate", work / "key", "--force"], check=True, capture_output=True)
-        key = work / "key" / "obelisk.key"
+        debs, key = prepare(work)
         results = {}
         for label, defn in (("before", BEFORE), ("after", AFTER)):
             cache = work / f"cache-{label}"
