@@ -145,7 +145,7 @@ class UpdateConf(BaseModel):
 
 
 def read_release(path: Path = RELEASE_FILE) -> dict[str, str]:
-    """`/usr/share/obelisk/release` (VERSION, APPID, NAME, BUILD_ID); empty if absent."""
+    """`/usr/share/obelisk/release` (VERSION, APPID, ARCH, NAME, BUILD_ID); empty if absent."""
     try:
         return parse_kv(path.read_text(), str(path))
     except OSError:

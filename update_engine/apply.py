@@ -27,10 +27,10 @@ from pathlib import Path
 
 from obelisk.inputs import InputFileError, check_input
 from obelisk.signing import PublicKey
-from update_engine import disklock, omaha, payload, progress, target
+from update_engine import disklock, installed, omaha, payload, progress, target
 from update_engine.errors import ApplyError, Stopped, payload_failure
 from update_engine.payload import Manifest, PayloadError
-from update_engine.policy import Policy, check_policy
+from update_engine.policy import Overrides, Policy, check_policy, resolve
 from update_engine.postinstall import postinstall
 from update_engine.progress import MANIFEST_FILE, PROGRESS_FILE, Checkpointer, Progress, clear_progress
 from update_engine.slotwriter import Retry, SlotWriter
@@ -52,6 +52,7 @@ class Result:
     bytes_written: int
     resumed_from: int
     manifest: dict = field(default_factory=dict)
+    staged: bool = True  # False: a dry run, everything checked and nothing written
 
 
 @dataclass
@@ -69,6 +70,12 @@ class Applier:
     urls_only: bool = False  # the daemon: sources come from an Omaha answer, never a local path
     lock_dir: Path | None = None  # where the per-disk apply lock lives (default: disklock.default_lock_dir())
     slot_name: str = ""  # set once the target slot is known
+    # A manual apply: the policy comes from what the target runs (``installed``), these flags over it;
+    # each override (or check left out) is said through ``on_note``.
+    overrides: Overrides | None = None
+    on_note: Callable[[str], None] | None = None
+    dry_run: bool = False  # verify the manifest and the policy, then stop before any write
+    _notes: list[str] = field(default_factory=list, init=False, repr=False)
 
     def _phase(self, name: str) -> None:
         if self.on_phase:
@@ -82,6 +89,9 @@ class Applier:
         with disklock.exclusive(self.disk, self.lock_dir):
             tgt = target.choose(self.disk, self.slot)
             self.slot_name = tgt.name
+            if self.overrides is not None:
+                have = installed.of_target(self.disk, tgt, booted=target.is_boot_disk(self.disk))
+                self.policy, self._notes = resolve(have, self.overrides)
             src = Source(self.source, self.transfer, local_ok=not self.urls_only)
             try:
                 return self._run(src, tgt)
@@ -106,6 +116,12 @@ class Applier:
         m, first = self._read_manifest(retrier, src)
         try:
             check_policy(m, self.policy, tgt.length)
+            for note in self._notes:  # said once the payload is accepted: a refusal stays one line
+                if self.on_note:
+                    self.on_note(note)
+            if self.dry_run:
+                first.close()
+                return Result(str(self.disk), tgt.name, tgt.index, m.version, 0, 0, m.summary(), staged=False)
             identity = hashlib.sha256(m.raw + (self.policy.expected_sha256 or "").encode()).hexdigest()
             done = 0
             if self.state_dir is not None:

@@ -21,7 +21,7 @@ from obelisk import update_conf as config
 from obelisk.errors import clean_errors, fail
 from update_engine.apply import Applier
 from update_engine.daemon import KEYS_DIR, SOCKET_PATH, STATE_DIR, Daemon, Options
-from update_engine.policy import Policy, load_keys
+from update_engine.policy import Overrides, load_keys
 from update_engine.state import STATE_FILE, load_state
 from update_engine.status_socket import ask
 from update_engine.transfer import Transfer
@@ -37,6 +37,10 @@ def _keys(key: list[Path] | None) -> list:
     if not keys:
         fail(f"no trusted keys in {KEYS_DIR}: pass --key PUB (the release's public key)")
     return keys
+
+
+def _note(text: str) -> None:
+    err.print(f"note: {text}", markup=False, highlight=False, soft_wrap=True)
 
 
 def _slot(value: str | None) -> int | None:
@@ -55,23 +59,27 @@ def apply_cmd(
     slot: str | None = typer.Option(None, help="A or B (default: the passive slot)"),
     key: list[Path] | None = typer.Option(None, help="trusted public key (repeatable; default: the image's keys)"),
     state_dir: Path | None = typer.Option(None, help="keep progress here so an interrupted apply resumes"),
-    newer_than: str | None = typer.Option(None, help="refuse a payload not newer than this version"),
-    app_id: str | None = typer.Option(None, help="refuse a payload for another app id"),
-    arch: str | None = typer.Option(None, help="refuse a payload for another arch"),
+    newer_than: str | None = typer.Option(None, help="compare with this version instead of the one the target runs"),
+    app_id: str | None = typer.Option(None, help="accept this app id instead of the one the target runs"),
+    arch: str | None = typer.Option(None, help="accept this arch instead of the one the target runs"),
+    allow_downgrade: bool = typer.Option(False, "--allow-downgrade",
+                                         help="accept a payload not newer than what the target runs"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="verify the payload and the policy, write nothing"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
-    """Stage a payload into the passive slot of a disk (or a disk image), verified, then marked for a trial boot."""
+    """Stage a payload into the passive slot of a disk (or a disk image), verified, then marked for a trial boot.
+
+    The payload must be for the app id and arch the target runs and newer than its version, as the
+    daemon requires: read from the running host, or on another disk from its last good slot.
+    """
     keys = _keys(key)
     index = _slot(slot)
+    overrides = Overrides(newer_than=newer_than, app_id=app_id, arch=arch, allow_downgrade=allow_downgrade)
     with clean_errors():
         if disk is None:
             disk = slots.find_boot_disk()
-            rel = config.read_release()
-            newer_than = newer_than or rel.get("VERSION")
-            app_id = app_id or rel.get("APPID")
-            if state_dir is None:
+            if state_dir is None and not dry_run:
                 state_dir = STATE_DIR
-        policy = Policy(app_id=app_id, arch=arch, current_version=newer_than)
         prog = Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), DownloadColumn(),
                         TransferSpeedColumn(), console=err, disable=as_json)
         tasks: dict[str, int] = {}
@@ -84,13 +92,18 @@ def apply_cmd(
             prog.update(tasks[phase], completed=done)
 
         try:
-            result = Applier(source, disk, keys, slot=index, policy=policy, state_dir=state_dir,
-                             on_progress=on_progress).run()
+            result = Applier(source, disk, keys, slot=index, overrides=overrides,
+                             state_dir=None if dry_run else state_dir, on_progress=on_progress,
+                             on_note=_note,
+                             dry_run=dry_run).run()
         finally:
             if tasks:
                 prog.stop()
     if as_json:
         print(json.dumps(result.__dict__, indent=2))
+    elif not result.staged:
+        print(f"dry run: {result.version} passes every check and would be staged into slot {result.slot} of "
+              f"{result.disk}; nothing was written")
     else:
         resumed = f" (resumed at {result.resumed_from} bytes)" if result.resumed_from else ""
         print(f"staged {result.version} into slot {result.slot} of {result.disk}{resumed}: "

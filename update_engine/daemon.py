@@ -41,6 +41,7 @@ from obelisk.versions import compare_versions
 from update_engine import apply as applymod
 from update_engine import omaha
 from update_engine.errors import ApplyError, Stopped
+from update_engine.installed import host_arch
 from update_engine.omaha import Event, OmahaError
 from update_engine.omaha_client import HostInfo, Limits, OmahaClient
 from update_engine.policy import Policy, load_keys
@@ -223,7 +224,7 @@ class Daemon:
 
     def _host_info(self, conf: config.UpdateConf, rel: dict[str, str]) -> HostInfo:
         version = rel["VERSION"]
-        arch = rel.get("ARCH") or _host_arch()
+        arch = rel.get("ARCH") or host_arch()
         return HostInfo(appid=conf.app_id or rel.get("APPID") or config.DEFAULT_APPID, version=version,
                         track=conf.group, machineid=self.machine_id(), bootid="{" + self._boot_id() + "}",
                         board=omaha.board_for(arch), alephversion=self.st.aleph_version or version,
@@ -407,7 +408,7 @@ class Daemon:
         t = self.opts.transfer
         transfer = Transfer(**{**t.__dict__, "bandwidth": run.conf.bandwidth_bytes or t.bandwidth,
                                "proxy": run.conf.proxy or t.proxy})
-        policy = Policy(app_id=run.conf.app_id or run.rel.get("APPID"), arch=run.rel.get("ARCH") or _host_arch(),
+        policy = Policy(app_id=run.conf.app_id or run.rel.get("APPID"), arch=run.rel.get("ARCH") or host_arch(),
                         current_version=run.version, expected_size=upd.size, expected_sha256=upd.sha256,
                         expected_version=upd.version or None)
         self._event(run, Event(omaha.EVENT_DOWNLOAD_STARTED, omaha.RESULT_SUCCESS))
@@ -502,11 +503,6 @@ class Daemon:
             server.server_close()
             with contextlib.suppress(OSError):
                 self.opts.socket_path.unlink()
-
-
-def _host_arch() -> str:
-    m = platform.machine()
-    return {"x86_64": "amd64", "aarch64": "arm64"}.get(m, m)
 
 
 def _systemctl_reboot() -> None:

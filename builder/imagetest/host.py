@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import shutil
 import subprocess
 from collections.abc import Callable
@@ -98,12 +99,44 @@ def nocloud_seed(dest: Path, user_data: str, instance: str) -> Path:
     return dest
 
 
-def images_disk(dest: Path) -> Path:
-    """An ext4 image labelled OBELISK-IMGS holding the sample container image as sample.tar."""
+# The manual-apply policy cases on the live host: (payload file, version, app id, arch) by case; None keeps
+# the running value. Each is refused by default and accepted (as a dry run) with its override flag.
+POLICY_CASES = {
+    "older": ("0.0.1", None, None, "--allow-downgrade"),
+    "same": (None, None, None, "--allow-downgrade"),
+    "other-app": ("9999.0.0", "{00000000-0000-4000-8000-0000000000aa}", None, "--app-id"),
+    "other-arch": ("9999.0.0", None, "arm64", "--arch"),
+}
+
+
+def policy_payloads(dest: Path, rel: dict) -> None:
+    """Small signed payloads for POLICY_CASES (``policy-CASE.payload``) and the key they are signed
+    with (``policy.pub``): the policy decides from the signed manifest, before any write."""
+    from obelisk import signing
+    from update_engine import payload
+
+    signing.generate_keypair(dest / "policy-key", overwrite=True)
+    shutil.copy(dest / "policy-key" / signing.PUBLIC_NAME, dest / "policy.pub")
+    priv = signing.load_private_key(dest / "policy-key" / signing.PRIVATE_NAME)
+    blob = dest / "policy-usr.img"
+    blob.write_bytes(b"\0" * 65536)
+    for case, (version, app_id, arch, _flag) in POLICY_CASES.items():
+        payload.write_payload(blob, dest / f"policy-{case}.payload", app_id=app_id or rel["app_id"],
+                              arch=arch or rel.get("arch", "amd64"), version=version or rel["version"],
+                              verity_root_hash="0" * 64, hash_offset=65536, private_key=priv)
+    shutil.rmtree(dest / "policy-key")
+    blob.unlink()
+
+
+def images_disk(dest: Path, rel: dict | None = None) -> Path:
+    """An ext4 image labelled OBELISK-IMGS holding the sample container image as sample.tar (and the
+    policy payloads of ``rel``'s release)."""
     src = dest.with_suffix(".d")
     shutil.rmtree(src, ignore_errors=True)
     src.mkdir(parents=True)
     oci_sample.write_archive(src / "sample.tar")
+    if rel is not None:
+        policy_payloads(src, rel)
     dest.unlink(missing_ok=True)
     run(["truncate", "-s", "16M", dest])
     run([require("mkfs.ext4"), "-q", "-F", "-L", IMAGES_LABEL, "-d", src, dest])
@@ -187,6 +220,7 @@ def check_host(ctx: Context, work: Path, key: Path, pubkey: str, imgs: Path) -> 
         run([*ctx.obelisk, "lock", "unlock", "--endpoint", etcd, "--group", "lab", "--id", "from-the-test"],
             timeout=60)
         # obelisk itself
+        check_manual_apply(ctx, vm)
         upd = vm.ssh("sudo obelisk update status --json", check=False)
         expect(upd.returncode == 0, f"obelisk update status --json failed: {(upd.stderr or upd.stdout)[-300:]}")
         json.loads(upd.stdout)
@@ -206,6 +240,29 @@ def check_host(ctx: Context, work: Path, key: Path, pubkey: str, imgs: Path) -> 
         expect(vm.host_key() == facts.host_key, "the SSH host key changed on reboot")
         vm.power_off()
     return facts
+
+
+def check_manual_apply(ctx: Context, vm: GuestVm) -> None:
+    """`obelisk update apply` on the live host refuses each policy case by default (one line, exit 2, the
+    slots untouched) and accepts it with its override, said in a note (as a dry run: nothing written)."""
+    before = vm.ssh("sudo obelisk boot status --json").stdout
+    for case, (_v, app_id, arch, flag) in POLICY_CASES.items():
+        cmd = f"sudo obelisk update apply /mnt/imgs/policy-{case}.payload --key /mnt/imgs/policy.pub"
+        res = vm.ssh(cmd, check=False, timeout=120)
+        lines = res.stderr.strip().splitlines()
+        expect(res.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "),
+               f"update apply of the {case} payload was not refused in one line: rc {res.returncode} "
+               f"{res.stderr.strip()[-300:]}")
+        want = {"older": "(older)", "same": "(the same version)", "other-app": "wrong release",
+                "other-arch": "wrong release"}[case]
+        expect(want in lines[0], f"the refusal of the {case} payload does not say {want!r}: {lines[0][:300]}")
+        value = {"--app-id": app_id, "--arch": arch}.get(flag)
+        res = vm.ssh(f"{cmd} {flag}{' ' + shlex.quote(value) if value else ''} --dry-run", check=False, timeout=120)
+        expect(res.returncode == 0 and "dry run" in res.stdout and "note: override" in res.stderr,
+               f"update apply {flag} --dry-run of the {case} payload: rc {res.returncode} "
+               f"{(res.stderr + res.stdout).strip()[-300:]}")
+        ctx.log(f"  host/vm1: manual apply, {case}: refused ({lines[0][7:120]}...), accepted with {flag}")
+    expect(vm.ssh("sudo obelisk boot status --json").stdout == before, "a refused or dry-run apply changed the slots")
 
 
 def check_second_host(ctx: Context, work: Path, key: Path, pubkey: str, first: HostFacts) -> str:
@@ -244,7 +301,7 @@ def scenario_host(ctx: Context) -> str:
     work = ctx.work / "host"
     work.mkdir(parents=True, exist_ok=True)
     key, pubkey = ssh_key(work / "id_ed25519")
-    imgs = images_disk(work / "images.img")
+    imgs = images_disk(work / "images.img", json.loads((ctx.release / "release.json").read_text()))
     first = check_host(ctx, work, key, pubkey, imgs)
     verdict = check_second_host(ctx, work, key, pubkey, first)
     times = ", ".join(f"{k} {v:.0f}s" for k, v in first.times.items())

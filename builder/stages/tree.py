@@ -243,7 +243,7 @@ def write_identity(ctx, tree: Path) -> None:
     etc.symlink_to("../usr/lib/os-release")
     rel = fsutil.dirs_inside(tree, "usr/share/obelisk") / "release"
     fsutil.remove_tree(rel)
-    rel.write_text(f"VERSION={ctx.version}\nAPPID={d.app_id}\nNAME={d.name}\nBUILD_ID={ctx.build_id}\n")
+    rel.write_text(f"VERSION={ctx.version}\nAPPID={d.app_id}\nARCH={d.arch}\nNAME={d.name}\nBUILD_ID={ctx.build_id}\n")
 
 
 def factory_etc(tree: Path) -> None:

@@ -66,7 +66,7 @@ def make_usr(work: Path, version: str, seed: int) -> tuple[Path, str, int]:
     """A small USR image: gzip squashfs of ~1.5 MiB of incompressible files + dm-verity at hash_offset."""
     tree = work / f"tree-{version}"
     (tree / "share/obelisk").mkdir(parents=True)
-    (tree / "share/obelisk/release").write_text(f"VERSION={version}\nAPPID={APPID}\n")
+    (tree / "share/obelisk/release").write_text(f"VERSION={version}\nAPPID={APPID}\nARCH={ARCH}\n")
     (tree / "lib").mkdir()
     (tree / "lib/blob").write_bytes(random.Random(seed).randbytes(1536 * 1024))
     img = work / f"usr-{version}.img"
