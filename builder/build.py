@@ -13,6 +13,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from rich.console import Console
 
+from builder import cache as stage_cache
 from builder import definition, fsutil, pipeline
 from builder.definition import DebianSource, TinySource
 from builder.errors import BuildError
@@ -31,6 +32,7 @@ class BuildSummary:
     release_dir: Path
     stages: list[pipeline.StageResult]
     release: dict
+    pruned: stage_cache.PruneResult | None = None  # what the cache cap removed after the build
 
     @property
     def all_cached(self) -> bool:
@@ -127,8 +129,12 @@ def inputs_digest(defn: definition.ImageDefinition, version: str, epoch: int, ke
 
 
 def build(def_path: Path, *, out: Path, version: str | None = None, key: Path | None = None,
-          formats: str | None = None, cache: Path | None = None, console: Console | None = None) -> BuildSummary:
+          formats: str | None = None, cache: Path | None = None, console: Console | None = None,
+          offline: bool = False, cache_max_size: int | None | str = "default") -> BuildSummary:
+    """``cache_max_size``: bytes the stage cache may keep after the build (None: no cap; "default":
+    $OBELISK_CACHE_MAX_SIZE or builder.cache.DEFAULT_MAX_SIZE). ``offline``: never ask the archive."""
     console = console or Console(stderr=True)
+    cap = stage_cache.default_max_size() if cache_max_size == "default" else cache_max_size
     defn = definition.load(def_path)
     version = version or defn.version
     if not is_version(version):
@@ -161,7 +167,7 @@ def build(def_path: Path, *, out: Path, version: str | None = None, key: Path | 
     ctx = pipeline.BuildContext(
         definition=defn, definition_path=def_path, version=version, build_id=build_id, epoch=epoch,
         formats=fmts, private_key=private, trusted_keys=keys, cache=(cache or pipeline.default_cache_dir()).resolve(),
-        inputs_digest=digest,
+        inputs_digest=digest, offline=offline,
     )
     writable_dir(ctx.cache, "stage cache", "--cache", create=True)
     writable_dir(out, "output folder", "--out", create=False)  # nothing is made there before the release
@@ -173,4 +179,15 @@ def build(def_path: Path, *, out: Path, version: str | None = None, key: Path | 
         files[name] = rel.path(name)
     dest = out / defn.name / version
     pipeline.publish(files, dest)
-    return BuildSummary(dest, stages, json.loads(rel.path("release.json").read_text()))
+    pruned = None
+    if isinstance(cap, int):  # never an entry this build used: a warm rebuild right after stays warm
+        pruned = stage_cache.prune(ctx.cache, cap, in_use=[s.dir for s in stages])
+        if pruned.removed:
+            console.print(f"cache: pruned {len(pruned.removed)} least recently used entries "
+                          f"({stage_cache.human(pruned.before - pruned.after)}) to stay under "
+                          f"{stage_cache.human(cap)}; now {stage_cache.human(pruned.after)}")
+        if pruned.after > cap:
+            console.print(f"[yellow]warning:[/] this build's own cache entries ({stage_cache.human(pruned.after)}) are "
+                          f"more than the cache cap of {stage_cache.human(cap)}: raise it with --cache-max-size",
+                          soft_wrap=True)
+    return BuildSummary(dest, stages, json.loads(rel.path("release.json").read_text()), pruned)

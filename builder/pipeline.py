@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+from builder import cache as stage_cache
 from builder import fsutil, imports
 from builder import stages as stage_package
 from builder.definition import ImageDefinition
@@ -70,6 +71,7 @@ class BuildContext:
     trusted_keys: list[tuple[str, bytes]]  # (file name, PEM) shipped in /usr/share/obelisk/keys
     cache: Path
     inputs_digest: str
+    offline: bool = False  # use the cache's record of the archive's state instead of asking the archive
     results: dict[str, StageResult] = field(default_factory=dict)
     log: Callable[[str], None] = lambda _msg: None  # progress line
     warn: Callable[[str], None] = lambda _msg: None  # a warning the user should read (printed, kept)
@@ -205,6 +207,7 @@ def run_stage(ctx: BuildContext, name: str) -> StageResult:
     parent.mkdir(parents=True, exist_ok=True)
     meta = _cached(ctx, name, final)
     if meta is not None:
+        stage_cache.mark_used(final)  # what `image cache prune` ranks entries by
         result = StageResult(name, key, final, meta, True, time.monotonic() - start)
     else:
         fsutil.remove_stale_temps(parent)
@@ -220,6 +223,7 @@ def run_stage(ctx: BuildContext, name: str) -> StageResult:
                 os.rename(tmp, final)
             except OSError:  # another build finished the same entry first: theirs is as good
                 fsutil.remove_tree(tmp)
+            stage_cache.mark_used(final)
         except BaseException:
             fsutil.remove_tree(tmp)
             raise

@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from bootloader import initramfs
-from builder import archive, debs, fsutil, kernel
+from builder import apt_state, archive, debs, fsutil, kernel
 from builder.definition import DebianSource, DirectorySource, OciSource, TarballSource, TinySource
+from builder.errors import BuildError
 from obelisk import tools
 from obelisk.inputs import InputFileError, check_input
 
@@ -46,7 +47,10 @@ def inputs(ctx) -> dict:
     src = d.source
     out: dict = {"source": src.model_dump(mode="json"), "kernel": d.kernel.model_dump(mode="json"),
                  "modules": kept_modules(ctx)}
-    if isinstance(src, TinySource):
+    if isinstance(src, DebianSource):  # what mmdebstrap would install today (builder/apt_state.py)
+        srcs = apt_state.sources(src.mirror, src.suite, src.components, src.extra_sources)
+        out["archive"] = apt_state.state(srcs, d.arch, ctx.cache, offline=ctx.offline)
+    elif isinstance(src, TinySource):
         out["debs"] = [debs.resolve(p, ctx.cache).__dict__ for p in (src.busybox_package, d.kernel.package)]
     elif isinstance(src, DirectorySource | OciSource):
         out["digest"] = fsutil.digest_tree(src.path)
@@ -87,6 +91,9 @@ def run(ctx, out: Path) -> dict:
 
 
 def _mmdebstrap(ctx, src: DebianSource, root: Path) -> None:
+    if ctx.offline:
+        raise BuildError(f"--offline: no rootfs of {src.suite} for the archive state seen last is in the cache "
+                         f"{ctx.cache} (it was pruned or never built): build once with the network")
     argv: list[str | Path] = ["mmdebstrap", "--variant=minbase", "--mode=root", "--format=directory",
                               f"--components={','.join(src.components)}"]
     if src.packages:
