@@ -149,7 +149,8 @@ def test_os_release_quotes_pretty_name_so_a_shell_reads_it_back(tmp_path: Path) 
     from builder.definition import DEFAULT_APP_ID, TinySource
 
     pretty = 'My "best" OS $HOME `id` \\ 50% ünïcode'
-    defn = SimpleNamespace(pretty_name=pretty, name="tiny", source=TinySource(kind="tiny"), app_id=DEFAULT_APP_ID)
+    defn = SimpleNamespace(pretty_name=pretty, name="tiny", source=TinySource(kind="tiny"), app_id=DEFAULT_APP_ID,
+                           arch="amd64")
     ctx = SimpleNamespace(definition=defn, version="1.0.0", build_id="20240101.abcd")
     tree = tmp_path / "tree"
     tree.mkdir()
