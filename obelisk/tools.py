@@ -50,6 +50,7 @@ TOOL_PACKAGES: dict[str, str] = {
     "qemu-img": "qemu-utils",
     "cpio": "cpio",
     "busybox": "busybox-static",
+    "ip": "iproute2",
     "etcd": "etcd-server",
     "etcdctl": "etcd-client",
     "curl": "curl",

@@ -60,6 +60,9 @@ MACHINE_ID = Path("/etc/machine-id")
 MACHINE_ID_MODE = 0o644  # like /etc/machine-id: an identifier, not a secret, but only root writes it
 
 FIRST_CHECK = (7 * 60, 10 * 60)  # (value, fuzz): uniform in [v - f/2, v + f/2], update_engine's numbers
+# The first boot after an update: the reboot lock is held until the daemon's first run gives it back
+# (and reports 3/2 or the rollback), so that run comes soon, not minutes later; the rest of the fleet waits.
+AFTER_UPDATE_CHECK = (20, 20)
 INTERVAL = (45 * 60, 10 * 60)
 MAX_BACKOFF = 4 * 3600
 
@@ -469,6 +472,14 @@ class Daemon:
 
     # ------------------------------------------------------------ long-running service
 
+    def first_check_delay(self) -> tuple[float, float]:
+        """(value, fuzz) of the first check of this daemon start: soon after a reboot into (or back from)
+        a staged update, update_engine's few minutes otherwise."""
+        st = self.st
+        if st.release_lock_pending or (st.staged_version and st.staged_boot_id != self._boot_id()):
+            return AFTER_UPDATE_CHECK
+        return FIRST_CHECK
+
     def serve_forever(self, *, first_check: float | None = None) -> None:
         server = StatusServer(self.opts.socket_path, self)
         threading.Thread(target=server.serve_forever, daemon=True, name="status-socket").start()
@@ -480,7 +491,7 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, stop)
         sd_notify("READY=1")
-        wait = fuzz(*FIRST_CHECK) if first_check is None else first_check
+        wait = fuzz(*self.first_check_delay()) if first_check is None else first_check
         try:
             while not self.stop_event.is_set():
                 self.check_now.wait(timeout=min(wait, threading.TIMEOUT_MAX))

@@ -25,7 +25,9 @@ def _fail(msg: str, code: int = 2) -> None:
 def test(
     release: Path = typer.Argument(..., help="A release folder (out/<name>/<version>) holding disk.raw"),
     scenario: list[str] = typer.Option(
-        None, "--scenario", "-s", help=f"scenario to run (repeatable; default all: {', '.join(scenarios.SCENARIOS)})"),
+        None, "--scenario", "-s", help="scenario to run (repeatable; default all but fleet: "
+                                       f"{', '.join(scenarios.SCENARIOS)})"),
+    hosts: int = typer.Option(3, min=1, max=9, help="VMs of the fleet scenario (1 proves a one-node fleet)"),
     definition: Path | None = typer.Option(None, help="image definition for the releases the scenarios build "
                                            "(default: images/<name>.toml)"),
     key: Path | None = typer.Option(None, help="private key for those builds (default: the development key)"),
@@ -33,8 +35,9 @@ def test(
     boot_timeout: float = typer.Option(240.0, help="seconds one boot may take before the scenario fails"),
     json_out: bool = typer.Option(False, "--json", help="print the results as JSON"),
 ) -> None:
-    """Boot RELEASE in QEMU (TCG, OVMF, no network) and check boot, update, rollback, badverity, power-loss."""
-    names = scenario or list(scenarios.SCENARIOS)
+    """Boot RELEASE in QEMU (TCG, OVMF) and check boot, update, rollback, badverity, power-loss, host; fleet on
+    request (`-s fleet --hosts N`: N VMs on a private network roll two releases under the etcd lock)."""
+    names = scenario or [n for n in scenarios.SCENARIOS if n not in scenarios.ON_REQUEST]
     unknown = [n for n in names if n not in scenarios.SCENARIOS]
     if unknown:
         _fail(f"unknown scenario {', '.join(unknown)}: use one of {', '.join(scenarios.SCENARIOS)}")
@@ -76,7 +79,7 @@ def test(
                                                "pass --definition")
             d = scenarios.broken_definition(definition, work / "broken-def")
             built["broken"] = scenarios.build_release(d, work / "releases/broken",
-                                                      scenarios.bump_version(meta["version"]), key, log, cache)
+                                                      scenarios.bump_version(meta["version"], 2), key, log, cache)
         return built["broken"]
 
     def log(msg: str) -> None:
@@ -85,7 +88,7 @@ def test(
 
     ctx = scenarios.Context(release=release, work=work, boot_timeout=boot_timeout, next_release=next_release,
                             broken_release=broken_release, obelisk=scenarios.obelisk_cmd(), log=log,
-                            signing_key=key)
+                            signing_key=key, hosts=hosts)
     outcomes = []
     for name in names:
         log(f"scenario {name}:")

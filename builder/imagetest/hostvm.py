@@ -59,6 +59,11 @@ class GuestVm:
     mac: str = "52:54:00:12:34:56"
     memory_mib: int = 1536
     ports: dict[int, int] = field(default_factory=dict)  # guest port -> host port on 127.0.0.1
+    # On a private network instead (netns.PrivateNet): QEMU's -netdev arguments, the prefix that runs a
+    # command inside that network, and the guest's address there (its ports are then its own).
+    net: list[str] | None = None
+    wrap: list[str] = field(default_factory=list)
+    address: str = "127.0.0.1"
     lines: list[tuple[float, str]] = field(default_factory=list)
     proc: subprocess.Popen | None = None
     t0: float = 0.0
@@ -73,10 +78,15 @@ class GuestVm:
         self.kill()
 
     def start(self) -> None:
-        self.ports = dict(zip(self.guest_ports, free_ports(len(self.guest_ports)), strict=True))
+        if self.net is None:
+            self.ports = dict(zip(self.guest_ports, free_ports(len(self.guest_ports)), strict=True))
+            net = user_net(self.ports, self.mac)
+        else:
+            self.ports = {p: p for p in self.guest_ports}
+            net = self.net
         vars_fd = qemu.prepare_vars(self.log.with_suffix(".vars.fd"))
-        argv = qemu.qemu_argv(self.disk, vars_fd, extra_disks=self.extra_disks, memory_mib=self.memory_mib,
-                              net=user_net(self.ports, self.mac))
+        argv = [*self.wrap, *qemu.qemu_argv(self.disk, vars_fd, extra_disks=self.extra_disks,
+                                            memory_mib=self.memory_mib, net=net)]
         self.log.parent.mkdir(parents=True, exist_ok=True)
         self.t0 = time.monotonic()
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -130,9 +140,9 @@ class GuestVm:
 
     def ssh_argv(self, user: str = "core", *opts: str, log_level: str = "ERROR") -> list[str]:
         kh = self.log.parent / "known_hosts"
-        return [require("ssh"), "-p", str(self.ports[22]), "-i", str(self.key), "-o", "IdentitiesOnly=yes",
+        return [*self.wrap, require("ssh"), "-p", str(self.ports[22]), "-i", str(self.key), "-o", "IdentitiesOnly=yes",
                 "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=accept-new", "-o", f"UserKnownHostsFile={kh}",
-                "-o", "ConnectTimeout=15", "-o", f"LogLevel={log_level}", *opts, f"{user}@127.0.0.1"]
+                "-o", "ConnectTimeout=15", "-o", f"LogLevel={log_level}", *opts, f"{user}@{self.address}"]
 
     def ssh(self, command: str, *, user: str = "core", timeout: float = 120.0, check: bool = True
             ) -> subprocess.CompletedProcess[str]:
@@ -162,7 +172,8 @@ class GuestVm:
 
     def host_key(self) -> str:
         """The guest's ed25519 host key, as ssh-keyscan sees it on the forwarded port."""
-        res = subprocess.run([require("ssh-keyscan"), "-t", "ed25519", "-p", str(self.ports[22]), "127.0.0.1"],
+        res = subprocess.run([*self.wrap, require("ssh-keyscan"), "-t", "ed25519", "-p", str(self.ports[22]),
+                              self.address],
                              capture_output=True, text=True, timeout=60)
         keys = [ln.split(None, 1)[1] for ln in res.stdout.splitlines() if ln and not ln.startswith("#")]
         if not keys:

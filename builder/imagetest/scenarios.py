@@ -69,6 +69,7 @@ class Context:
     log: Callable[[str], None] = print
     boots: list[qemu.Boot] = field(default_factory=list)
     signing_key: Path | None = None  # private key the image trusts (signs the guest's run.sh); default: dev key
+    hosts: int = 3  # VMs of the fleet scenario
 
     def release_meta(self, rel: Path | None = None) -> dict:
         return json.loads(((rel or self.release) / "release.json").read_text())
@@ -131,7 +132,7 @@ def trusted_key(release: Path, scratch: Path) -> Path:
 
 # Scenarios that stage a release built (and signed) here or hand the guest a script signed here: they need
 # the private key of one of the keys the release under test trusts.
-SIGNED = ("update", "rollback", "badverity", "power-loss")
+SIGNED = ("update", "rollback", "badverity", "power-loss", "fleet")
 
 
 def signing_key_problem(release: Path, meta: dict, key: Path | None) -> str | None:
@@ -538,8 +539,17 @@ def scenario_host(ctx: Context) -> str:
     return host.scenario_host(ctx)
 
 
+def scenario_fleet(ctx: Context) -> str:
+    """N hosts, their own etcd, a roll under the lock and a broken release stopped (builder/imagetest/fleet.py)."""
+    from builder.imagetest import fleet  # it builds on this module
+
+    return fleet.scenario_fleet(ctx)
+
+
 # Scenarios that need the default image's host parts (sshd, podman, etcd): tests/vm/test_host.py runs them.
-HOST_IMAGE_ONLY = ("host",)
+HOST_IMAGE_ONLY = ("host", "fleet")
+# Run only when asked for by name (`-s fleet`): several VMs for most of an hour under TCG.
+ON_REQUEST = ("fleet",)
 
 SCENARIOS: dict[str, Callable[[Context], str]] = {
     "boot": scenario_boot,
@@ -548,6 +558,7 @@ SCENARIOS: dict[str, Callable[[Context], str]] = {
     "badverity": scenario_badverity,
     "power-loss": scenario_power_loss,
     "host": scenario_host,
+    "fleet": scenario_fleet,
 }
 
 

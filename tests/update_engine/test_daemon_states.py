@@ -214,3 +214,19 @@ def test_file_modes_do_not_follow_the_umask(tmp_path: Path) -> None:
         "var/lib/obelisk/apply-manifest.bin": "0o600", "var/lib/obelisk/apply-progress.json": "0o600",
     }, modes
     assert stat.S_IMODE((tmp_path / "var/lib/obelisk").stat().st_mode) == 0o700
+
+
+@pytest.mark.timeout(120)
+def test_first_check_comes_soon_only_after_a_reboot_into_a_staged_update(world: World, fake_server, host) -> None:
+    """The reboot lock is held until the first run after the update's reboot, so that run is not minutes away."""
+    from update_engine.daemon import AFTER_UPDATE_CHECK, FIRST_CHECK
+
+    fake_server.script.payload = world.build("1.1.0", seed=2).payload.read_bytes()
+    h = host(fake_server.url)
+    d = Daemon(h.options())
+    assert d.first_check_delay() == FIRST_CHECK  # nothing staged
+    assert d.run_once() == 0
+    assert Daemon(h.options()).first_check_delay() == FIRST_CHECK  # staged, same boot: the reboot is still due
+    h.options().boot_id_path.write_text("another-boot\n")
+    assert Daemon(h.options()).first_check_delay() == AFTER_UPDATE_CHECK
+    assert AFTER_UPDATE_CHECK[0] + AFTER_UPDATE_CHECK[1] / 2 < FIRST_CHECK[0] - FIRST_CHECK[1] / 2

@@ -1,0 +1,104 @@
+"""Parts of the fleet scenario that run without VMs: the private network (a real network namespace with a
+bridge and taps: private, and gone afterwards), the cloud-config each host gets (checked by obelisk's own
+validator), etcd's history of a semaphore read back from a real etcd, and the timeline picture."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from builder.imagetest import fleet, timeline
+from builder.imagetest.netns import PrivateNet
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ (etcdlib)
+from etcdlib import LocalEtcd  # noqa: E402
+
+
+def _namespaces() -> str:
+    return subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+
+
+@pytest.mark.timeout(60)
+def test_private_net_has_no_way_out_and_is_gone_after() -> None:
+    with PrivateNet() as net:
+        name = net.name
+        assert name in _namespaces()
+        net.tap(1)
+        net.check_private()
+        routes = subprocess.run(net.argv(["ip", "-4", "route", "show"]), capture_output=True, text=True).stdout
+        assert routes.strip().startswith("10.77.0.0/24") and len(routes.strip().splitlines()) == 1
+        out = subprocess.run(net.argv(["ip", "route", "get", "1.1.1.1"]), capture_output=True, text=True)
+        assert out.returncode != 0 and "unreachable" in out.stderr.lower()
+        sleeper = net.start(["sleep", "600"])
+    assert sleeper.poll() is not None, "a process started in the network outlived it"
+    assert name not in _namespaces()
+
+
+@pytest.mark.timeout(60)
+def test_private_net_is_removed_when_the_run_fails() -> None:
+    with pytest.raises(RuntimeError), PrivateNet() as net:
+        name = net.name
+        raise RuntimeError("the scenario failed")
+    assert name not in _namespaces()
+
+
+def test_each_host_gets_a_cloud_config_obelisk_accepts(tmp_path: Path) -> None:
+    net = PrivateNet()
+    for n in (1, 2, 3):
+        cfg = tmp_path / f"host{n}.yml"
+        key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIExample test"
+        cfg.write_text(fleet.cloud_config(n, 3, net, key, f"52:54:00:77:00:0{n}"))
+        res = subprocess.run([str(Path(sys.executable).with_name("obelisk")), "cloudconfig", "validate", str(cfg)],
+                             capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, res.stderr + res.stdout
+        text = cfg.read_text()
+        assert "initial-cluster: fleet-1=http://10.77.0.11:2380,fleet-2=http://10.77.0.12:2380,fleet-3=" in text
+        assert "reboot_strategy: etcd-lock" in text and f"Address=10.77.0.1{n}/24" in text
+
+
+@pytest.mark.etcd
+@pytest.mark.timeout(120)
+def test_semaphore_history_is_read_from_etcd_itself(tmp_path: Path) -> None:
+    from update_engine.reboot.semaphore import EtcdEndpoints, EtcdSemaphore
+
+    class Loopback(PrivateNet):  # the history reader's command line, run here on loopback
+        def argv(self, argv):  # noqa: ANN001, ANN202
+            return [str(a) for a in argv]
+
+    with LocalEtcd(tmp_path) as etcd:
+        sem = EtcdSemaphore(EtcdEndpoints(etcd.endpoints), fleet.LOCK_GROUP)
+        sem.set_max(1)
+        sem.lock("host-a")
+        sem.unlock("host-a")
+        sem.lock("host-b")
+        sem.unlock("host-b")
+        hist = fleet.semaphore_history(Loopback(), etcd.endpoints)
+        assert [h["holders"] for h in hist][-4:] == [["host-a"], [], ["host-b"], []]
+        assert all(h["slots"] == 1 for h in hist)
+        assert fleet.read_holders(Loopback(), etcd.endpoints) == []
+
+
+def test_timeline_draws_every_host_and_phase(tmp_path: Path) -> None:
+    t0 = time.time()
+    rec = {"t0": t0, "base": "0.1.0",
+           "hosts_info": {"fleet-1": {"machine_id": "m1", "boots": [[t0 + 5, "OBELISK-GRUB: booting slot A"],
+                                                                     [t0 + 200, "OBELISK-GRUB: booting slot B"]],
+                                      "good": [t0 + 60, t0 + 260], "failed": []},
+                          "fleet-<2>": {"machine_id": "m2", "boots": [], "good": [], "failed": [t0 + 300]}},
+           "events": [{"time": t0 + 100, "machineid": "m1", "eventtype": 13, "eventresult": 1},
+                      {"time": t0 + 150, "machineid": "m1", "eventtype": 3, "eventresult": 1},
+                      {"time": t0 + 320, "machineid": "m2", "eventtype": 3, "eventresult": 0, "errorcode": 44}],
+           "lock_samples": [{"time": t0 + 150, "holders": []}, {"time": t0 + 190, "holders": ["m1"]},
+                            {"time": t0 + 280, "holders": []}]}
+    bars = timeline.segments(rec)
+    assert [k for k, _, _ in bars["fleet-1"]] == ["staging", "waiting for the lock", "holding the lock"]
+    svg = timeline.write_svg(tmp_path / "t.svg", rec).read_text()
+    ET.fromstring(svg)  # well-formed
+    assert "fleet-&lt;2&gt;" in svg and "rollback reported" in svg and "health check failed" in svg
+    json.dumps(rec)
