@@ -36,8 +36,10 @@ def boot_seconds(release: Path, work: Path, timeout: float = 900.0) -> tuple[flo
     times = []
     for n in (1, 2):
         r = qemu.power_on(disk, work / f"boot{n}.log", boot_timeout=timeout,
-                          stop_when=lambda b, line: qemu.GOOD in line)
+                          stop_when=lambda b, line: qemu.GOOD in line or qemu.HEALTH_FAIL in line)
         good = [b for b in r.boots if b.good]
+        if not good:
+            print(f"  boot {n} of {release} was not marked good: {r.summary()} (log {work / f'boot{n}.log'})")
         times.append(good[-1].good_at if good else float("nan"))
     return times[0], times[1]
 
