@@ -10,6 +10,7 @@ fleet API and `/metrics` to mount next to `/v1/update`.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -43,8 +44,10 @@ class Fleet:
     def __init__(self, store: Store, catalog: Catalog, *, clock: Callable[[], float] = time.time,
                  read_tokens: list[str] | None = None, admin_tokens: list[str] | None = None,
                  history: int = tracking.DEFAULT_HISTORY, prune_after: float | None = 90 * 86400.0,
-                 stale_after: float = 86400.0) -> None:
+                 stale_after: float = 86400.0, lock_endpoint: str | None = None) -> None:
         self.store, self.catalog, self.clock = store, catalog, clock
+        # The console's reboot-lock view: etcd:URL or fleetlock:URL (console_locks.py); None: "not configured".
+        self.lock_endpoint = lock_endpoint or os.environ.get("OBELISK_CONSOLE_LOCK_ENDPOINT") or None
         self.history, self.prune_after, self.stale_after = history, prune_after, stale_after
         self.read_tokens, self.admin_tokens = read_tokens or [], admin_tokens or []
         self.metrics = FleetMetrics(store, clock=clock, stale_after=stale_after)
@@ -151,7 +154,15 @@ class Fleet:
         api = make_router(self.store, read_tokens=self.read_tokens, admin_tokens=self.admin_tokens, clock=self.clock,
                           stale_after=self.stale_after, resolve_target=self.resolve_group_target,
                           on_change=self._channels.clear)
-        return [Route("/metrics", self.metrics.endpoint), *api.routes]
+        return [Route("/metrics", self.metrics.endpoint), *api.routes, *self._console_routes()]
+
+    def _console_routes(self) -> list[BaseRoute]:
+        from update_server.console import make_console
+        from update_server.console_locks import lock_source
+
+        return make_console(self.store, read_tokens=self.read_tokens, admin_tokens=self.admin_tokens, clock=self.clock,
+                            stale_after=self.stale_after, resolve_target=self.resolve_group_target,
+                            on_change=self._channels.clear, locks=lock_source(self.lock_endpoint))
 
     def summary(self) -> dict[str, Any]:
         return {"database": self.store.dialect, "revision": self.store.revision()}
