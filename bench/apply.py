@@ -168,7 +168,7 @@ def main(argv: list[str]) -> None:
         port = _free_port()
         # `obelisk update serve` is the update server's command, mounted by the root CLI.
         proc = subprocess.Popen([sys.executable, "-c", "from obelisk.cli import main; main()", "update", "serve",
-                                 str(work / "releases"), "--listen", f"127.0.0.1:{port}"],
+                                 str(work / "releases"), "--listen", f"127.0.0.1:{port}", "--no-state"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         url = f"http://127.0.0.1:{port}/v1/payloads/bench/2.0.0/update.payload"
         for _ in range(200):

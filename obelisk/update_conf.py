@@ -32,7 +32,13 @@ KEYS = {
     "REBOOT_STRATEGY": "reboot_strategy",
     "PROXY": "proxy",
     "BANDWIDTH_LIMIT": "bandwidth_limit",
+    "METRICS_TEXTFILE": "metrics_textfile",
 }
+# The node-exporter textfile collector's usual folders: the common convention first, then Debian's
+# prometheus-node-exporter package. Without METRICS_TEXTFILE the daemon writes obelisk.prom into the
+# first that exists (and nowhere when none does); METRICS_TEXTFILE=off writes nothing.
+TEXTFILE_DIRS = (Path("/var/lib/node_exporter/textfile_collector"), Path("/var/lib/prometheus/node-exporter"))
+TEXTFILE_NAME = "obelisk.prom"
 _SUFFIX = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
 
@@ -76,6 +82,7 @@ class UpdateConf(BaseModel):
     reboot_strategy: Strategy = "reboot"
     proxy: str | None = None  # http(s) proxy for the Omaha request and the payload download
     bandwidth_limit: str | None = None  # bytes/s with K/M/G suffix; empty = unlimited
+    metrics_textfile: str | None = None  # the daemon's node-exporter textfile: a /path/NAME.prom, or "off"
 
     @field_validator("server", "proxy")
     @classmethod
@@ -109,6 +116,27 @@ class UpdateConf(BaseModel):
             return None
         parse_bandwidth(v)
         return v
+
+    @field_validator("metrics_textfile")
+    @classmethod
+    def _textfile(cls, v: str | None) -> str | None:
+        if v in (None, ""):
+            return None
+        if v == "off":
+            return v
+        if not v.startswith("/") or not v.endswith(".prom") or v.endswith("/.prom") or any(c.isspace() for c in v):
+            raise ValueError(f"{v!r} is not an absolute path ending in .prom (node-exporter reads only *.prom), "
+                             "or off")
+        return v
+
+    def textfile_path(self, search: tuple[Path, ...] = TEXTFILE_DIRS) -> Path | None:
+        """Where the daemon writes its metrics: METRICS_TEXTFILE, else obelisk.prom in the first textfile
+        collector folder in ``search`` that exists; None when off or when no such folder exists."""
+        if self.metrics_textfile == "off":
+            return None
+        if self.metrics_textfile:
+            return Path(self.metrics_textfile)
+        return next((d / TEXTFILE_NAME for d in search if d.is_dir()), None)
 
     @property
     def bandwidth_bytes(self) -> int:

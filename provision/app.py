@@ -3,7 +3,8 @@
 Read side (no login; may be limited to networks): `/boot.ipxe`, `/ipxe`, `/grub`, `/cloud`,
 `/ignition` (the profile's ignition template, else its cloud template, as Ignition JSON, Butane
 translated), `/generic`, `/metadata`,
-`/assets/...`. Write side (`/api/v1/...`): off unless the server was given
+`/assets/...`, and `/metrics` (Prometheus, no token, like the update server's; see provision/metrics.py).
+Write side (`/api/v1/...`): off unless the server was given
 a bearer token file or a mutual-TLS listener; see provision/write_api.py.
 
 Every failure answers one line naming the cause (and logs it): 404 when something is missing (no
@@ -54,21 +55,32 @@ def _fail(status: int, message: str, request: Request) -> Response:
 
 def make_app(settings: Settings) -> Starlette:
     prov = Provision(settings)
+    metrics = prov.metrics
 
-    def read(handler: Callable[[Request], Awaitable[Response] | Response]):  # noqa: ANN202
+    async def answer(name: str, request: Request, handler: Callable[[Request], Awaitable[Response] | Response]
+                     ) -> Response:
+        if not prov.allowed(request):
+            return _fail(403, f"client {request.client.host if request.client else '?'} is not in an "
+                              f"allowed network", request)
+        try:
+            res = handler(request)
+            return await res if not isinstance(res, Response) else res
+        except (NoMatch, NotFound, AssetError, render.NotIgnition) as exc:  # NotIgnition before RenderError
+            return _fail(404, str(exc), request)
+        except (render.LabelMissing, BadLabel) as exc:  # LabelMissing before RenderError, its base
+            if isinstance(exc, render.LabelMissing):
+                metrics.render_errors.labels(name).inc()
+            return _fail(400, str(exc), request)
+        except (StoreError, render.RenderError, render.TemplateSyntax) as exc:
+            if isinstance(exc, render.RenderError | render.TemplateSyntax):  # not a broken data file
+                metrics.render_errors.labels(name).inc()
+            return _fail(500, str(exc), request)
+
+    def read(name: str, handler: Callable[[Request], Awaitable[Response] | Response]):  # noqa: ANN202
         async def endpoint(request: Request) -> Response:
-            if not prov.allowed(request):
-                return _fail(403, f"client {request.client.host if request.client else '?'} is not in an "
-                                  f"allowed network", request)
-            try:
-                res = handler(request)
-                return await res if not isinstance(res, Response) else res
-            except (NoMatch, NotFound, AssetError, render.NotIgnition) as exc:  # NotIgnition before RenderError
-                return _fail(404, str(exc), request)
-            except (render.LabelMissing, BadLabel) as exc:  # LabelMissing before RenderError, its base
-                return _fail(400, str(exc), request)
-            except (StoreError, render.RenderError, render.TemplateSyntax) as exc:
-                return _fail(500, str(exc), request)
+            res = await answer(name, request, handler)
+            metrics.request(name, res.status_code)
+            return res
         return endpoint
 
     def text(body: str) -> Response:
@@ -84,11 +96,15 @@ def make_app(settings: Settings) -> Starlette:
 
     def ipxe(request: Request) -> Response:
         host, spec, _ = boot(request)
-        return text(render.ipxe_script(spec, host.ctx.server_url))
+        out = render.ipxe_script(spec, host.ctx.server_url)
+        metrics.rendered.labels("ipxe").inc()
+        return text(out)
 
     def grub(request: Request) -> Response:
         host, spec, title = boot(request)
-        return text(render.grub_script(spec, host.ctx.server_url, title, host.labels.values))
+        out = render.grub_script(spec, host.ctx.server_url, title, host.labels.values)
+        metrics.rendered.labels("grub").inc()
+        return text(out)
 
     def templated(route: str) -> Callable[[Request], Response]:
         def handler(request: Request) -> Response:
@@ -105,6 +121,7 @@ def make_app(settings: Settings) -> Starlette:
                 raise NotFound(f"profile {profile.id!r} (group {host.ctx.group.id!r}) has no {want}")
             source = prov.store.template(kind, name)
             out = renderer(source, f"{kind}/{name}", host.ctx)
+            metrics.rendered.labels(kind).inc()
             log.info("/%s %s -> group %s, %s/%s", route, host.labels.text(), host.ctx.group.id, kind, name)
             if route == "ignition":
                 return Response(out, media_type="application/json")
@@ -112,7 +129,15 @@ def make_app(settings: Settings) -> Starlette:
         return handler
 
     def metadata(request: Request) -> Response:
-        return text(render.metadata_env(prov.resolve(request).ctx))
+        out = render.metadata_env(prov.resolve(request).ctx)
+        metrics.rendered.labels("metadata").inc()
+        return text(out)
+
+    async def scrape(request: Request) -> Response:
+        if not prov.allowed(request):
+            return _fail(403, f"client {request.client.host if request.client else '?'} is not in an "
+                              f"allowed network", request)
+        return await metrics.endpoint()
 
     def assets(request: Request) -> Response:
         if prov.assets_root is None:
@@ -130,16 +155,17 @@ def make_app(settings: Settings) -> Starlette:
         return AssetResponse(target, media_type="application/octet-stream")
 
     routes = [
-        Route("/", read(lambda r: text("obelisk provision\n")), methods=["GET", "HEAD"]),
+        Route("/", read("index", lambda r: text("obelisk provision\n")), methods=["GET", "HEAD"]),
         Route("/health", lambda r: PlainTextResponse("ok\n"), methods=["GET", "HEAD"]),
-        Route("/boot.ipxe", read(lambda r: text(render.BOOT_IPXE)), methods=["GET", "HEAD"]),
-        Route("/boot.ipxe.0", read(lambda r: text(render.BOOT_IPXE)), methods=["GET", "HEAD"]),
-        Route("/ipxe", read(ipxe), methods=["GET", "HEAD"]),
-        Route("/grub", read(grub), methods=["GET", "HEAD"]),
-        Route("/cloud", read(templated("cloud")), methods=["GET", "HEAD"]),
-        Route("/ignition", read(templated("ignition")), methods=["GET", "HEAD"]),
-        Route("/generic", read(templated("generic")), methods=["GET", "HEAD"]),
-        Route("/metadata", read(metadata), methods=["GET", "HEAD"]),
-        Route("/assets/{path:path}", read(assets), methods=["GET", "HEAD"]),
+        Route("/metrics", scrape, methods=["GET"]),
+        Route("/boot.ipxe", read("boot.ipxe", lambda r: text(render.BOOT_IPXE)), methods=["GET", "HEAD"]),
+        Route("/boot.ipxe.0", read("boot.ipxe", lambda r: text(render.BOOT_IPXE)), methods=["GET", "HEAD"]),
+        Route("/ipxe", read("ipxe", ipxe), methods=["GET", "HEAD"]),
+        Route("/grub", read("grub", grub), methods=["GET", "HEAD"]),
+        Route("/cloud", read("cloud", templated("cloud")), methods=["GET", "HEAD"]),
+        Route("/ignition", read("ignition", templated("ignition")), methods=["GET", "HEAD"]),
+        Route("/generic", read("generic", templated("generic")), methods=["GET", "HEAD"]),
+        Route("/metadata", read("metadata", metadata), methods=["GET", "HEAD"]),
+        Route("/assets/{path:path}", read("assets", assets), methods=["GET", "HEAD"]),
     ]
     return Starlette(routes=[*routes, *write_api.routes(prov)])

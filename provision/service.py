@@ -15,6 +15,7 @@ from pathlib import Path
 from starlette.requests import Request
 
 from provision import render
+from provision.metrics import ProvisionMetrics
 from provision.releases import Releases
 from provision.select import Labels, labels_from_query, select
 from provision.store import Store
@@ -48,6 +49,7 @@ class Provision:
         self.store = Store(settings.data)
         self.releases = Releases(settings.assets)
         self.assets_root = settings.assets.resolve() if settings.assets is not None else None
+        self.metrics = ProvisionMetrics(self.store)
 
     def server_url(self, request: Request) -> str:
         if self.s.public_url:

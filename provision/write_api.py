@@ -96,6 +96,11 @@ def routes(prov: Provision) -> list[Route]:
 
     def guarded(handler):  # noqa: ANN001, ANN202
         async def endpoint(request: Request) -> Response:
+            res = await attempt(request)
+            prov.metrics.write(res.status_code)
+            return res
+
+        async def attempt(request: Request) -> Response:
             if not enabled:
                 return _err(403, "the write API is off: start the server with --write-token-file FILE "
                                  "or --write-listen with --client-ca")
@@ -139,9 +144,11 @@ def routes(prov: Provision) -> list[Route]:
                 return JSONResponse(get(ident).model_dump(mode="json"))
             if request.method == "DELETE":
                 await run_in_threadpool(delete, ident)
+                prov.metrics.change(kind, "deleted")
                 return Response(status_code=204)
             obj = parse(await json_body(request), ident=ident)
             created = await run_in_threadpool(put, obj)
+            prov.metrics.change(kind, "created" if created else "updated")
             return JSONResponse(obj.model_dump(mode="json"), status_code=201 if created else 200)
 
         return [Route(f"{PREFIX}/{kind}", guarded(listing), methods=["GET"]),
@@ -159,6 +166,7 @@ def routes(prov: Provision) -> list[Route]:
             return PlainTextResponse(prov.store.template(kind, name))
         if request.method == "DELETE":
             await run_in_threadpool(prov.store.delete_template, kind, name)
+            prov.metrics.change(kind, "deleted")
             return Response(status_code=204)
         raw = await _body(request)
         try:
@@ -169,6 +177,7 @@ def routes(prov: Provision) -> list[Route]:
             raise ModelError("a template must not contain NUL characters")
         render.compile_template(source, f"{kind}/{name}")
         created = await run_in_threadpool(prov.store.put_template, kind, name, source)
+        prov.metrics.change(kind, "created" if created else "updated")
         return PlainTextResponse(source, status_code=201 if created else 200)
 
     async def which(request: Request) -> Response:

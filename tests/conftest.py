@@ -53,5 +53,8 @@ def _isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
     """Keep tests away from the user's real cache and data directories."""
     base = tmp_path_factory.getbasetemp()
     monkeypatch.setenv("XDG_DATA_HOME", os.fspath(base / "xdg-data"))
+    # `obelisk update serve` keeps fleet state there by default: one folder per test, never shared.
+    monkeypatch.setenv("XDG_STATE_HOME", os.fspath(tmp_path_factory.mktemp("xdg-state")))
+    monkeypatch.delenv("STATE_DIRECTORY", raising=False)
     if "OBELISK_TEST_CACHE" not in os.environ:
         monkeypatch.setenv("XDG_CACHE_HOME", os.fspath(base / "xdg-cache"))

@@ -42,6 +42,7 @@ from update_engine import apply as applymod
 from update_engine import omaha
 from update_engine.errors import ApplyError, Stopped
 from update_engine.installed import host_arch
+from update_engine.metrics import AgentMetrics
 from update_engine.omaha import Event, OmahaError
 from update_engine.omaha_client import HostInfo, Limits, OmahaClient
 from update_engine.policy import Policy, load_keys
@@ -87,6 +88,7 @@ class Options:
     machine_id_path: Path = MACHINE_ID
     transfer: Transfer = field(default_factory=Transfer)
     omaha_timeout: float = 60.0  # the whole Omaha exchange: connect, send, read the answer
+    textfile_dirs: tuple[Path, ...] = config.TEXTFILE_DIRS  # where to look for node-exporter's textfile folder
 
 
 def fuzz(value: float, spread: float) -> float:
@@ -156,10 +158,15 @@ class Run:
 class Daemon:
     def __init__(self, opts: Options) -> None:
         self.opts = opts
-        self.machine = StateMachine(opts.state_dir, notify=_notify_state)
+        self.machine = StateMachine(opts.state_dir, notify=self._notify)
+        self.metrics = AgentMetrics(self.machine.st.state, search=opts.textfile_dirs)
         self.stop_event = threading.Event()
         self.check_now = threading.Event()
         self.poll_interval = 0
+
+    def _notify(self, st: DaemonState) -> None:
+        _notify_state(st)
+        self.metrics.observe(st)
 
     @property
     def st(self) -> DaemonState:
@@ -182,6 +189,7 @@ class Daemon:
                            (self.opts.release, "release file"), (self.opts.lock_conf, "settings file")):
             _check_optional(path, what)
         conf = config.load(self.opts.conf, self.opts.usr_conf, self.opts.release)
+        self.metrics.configure(conf, self.st)
         rel = config.read_release(self.opts.release)
         if not rel.get("VERSION"):
             raise DaemonError(f"{self.opts.release} has no VERSION=: cannot tell which version this host runs")
@@ -432,6 +440,7 @@ class Daemon:
         def on_progress(phase: str, done: int, total: int) -> None:
             if phase == "downloading":
                 m.progress(done / total if total else 0.0)
+                self.metrics.download_progress(done, self.st)
 
         last: TransferFailed | None = None
         for url in upd.urls:  # update_engine moves on to the next URL when one fails
@@ -491,6 +500,8 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, stop)
         sd_notify("READY=1")
+        with contextlib.suppress(ObeliskError):
+            self._settings()  # the metrics textfile from the start, not only after the first run
         wait = fuzz(*self.first_check_delay()) if first_check is None else first_check
         try:
             while not self.stop_event.is_set():

@@ -1,14 +1,20 @@
 """`obelisk update serve`: parse the options, build the catalog and the app, run it (the root CLI
-mounts this command into `obelisk update`)."""
+mounts this command into `obelisk update`).
+
+Fleet state is on by default, in SQLite under a state folder (:func:`default_state_dir`);
+`--database` puts it in PostgreSQL, `--no-state` turns it off (no tracking, no policy).
+"""
 
 from __future__ import annotations
 
+import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import typer
 
-from obelisk.errors import clean_errors
+from obelisk.errors import ObeliskError, clean_errors
 from obelisk.serving import parse_listen, read_token, run_server, shown_address
 
 
@@ -22,10 +28,13 @@ def serve(
     poll_interval: int | None = typer.Option(None, help="PollInterval (s) to tell hosts"),
     admin_token_file: Path | None = typer.Option(None, help="open GET /v1/events and the fleet API (reads and "
                                                             "changes) to clients sending this bearer token"),
-    state_dir: Path | None = typer.Option(None, help="fleet state in SQLite: DIR/fleet.sqlite (made if missing); "
-                                                     "tracks instances and applies rollout policy"),
+    state_dir: Path | None = typer.Option(None, help="fleet state in SQLite: DIR/fleet.sqlite (made if missing; "
+                                                     "default $STATE_DIRECTORY, else $XDG_STATE_HOME/obelisk/"
+                                                     "update-server, else ~/.local/state/obelisk/update-server)"),
     database: str | None = typer.Option(None, help="fleet state in PostgreSQL instead: postgresql://USER@HOST/DB "
                                                    "(replicas share it)"),
+    no_state: bool = typer.Option(False, "--no-state", help="keep no fleet state: no instance tracking, no "
+                                                            "rollout policy, no fleet API"),
     read_token_file: Path | None = typer.Option(None, help="bearer token for read-only use of the fleet API"),
     prune_after: str = typer.Option("90d", help="forget instances not seen for this long ('0' = never)"),
 ) -> None:
@@ -40,21 +49,42 @@ def serve(
         rels = catalog.releases()
         for p in catalog.problems:
             print(f"warning: {p}", file=sys.stderr)
-        fleet = _fleet(catalog, state_dir, database, admin_token, read_token_file, prune_after)
+        if no_state and (state_dir is not None or database is not None):
+            raise FleetOptionError("--no-state keeps no fleet state: leave out --state-dir and --database")
+        if not no_state and database is None and state_dir is None:
+            state_dir = default_state_dir()
+        fleet = None if no_state else _fleet(catalog, state_dir, database, admin_token, read_token_file,
+                                             prune_after)
         web = make_app(catalog, events=EventLog(events), public_url=public_url, poll_interval=poll_interval,
                        admin_token=admin_token, fleet=fleet)
         print(f"serving {len(rels)} release(s) from {releases_dir} at http://{shown_address(host, port)}/v1/update/",
               flush=True)
         if fleet is not None:
             print(f"fleet state: {fleet.store.describe()} (schema {fleet.store.revision()})", flush=True)
+        else:
+            print("fleet state: none (--no-state): no instance tracking, no rollout policy", flush=True)
         run_server(web, host, port, log_level="warning")
 
 
+class FleetOptionError(ObeliskError):
+    """The fleet-state options contradict each other."""
+
+
+def default_state_dir(env: Mapping[str, str] = os.environ) -> Path:
+    """Where the SQLite fleet state lives without --state-dir: systemd's StateDirectory= (the first of
+    $STATE_DIRECTORY), else $XDG_STATE_HOME/obelisk/update-server, else ~/.local/state/obelisk/update-server.
+    Relative values are ignored, as the XDG base directory spec says."""
+    first = env.get("STATE_DIRECTORY", "").split(":")[0]
+    if first and os.path.isabs(first):
+        return Path(first)
+    xdg = env.get("XDG_STATE_HOME", "")
+    base = Path(xdg) if xdg and os.path.isabs(xdg) else Path(env.get("HOME") or Path.home()) / ".local" / "state"
+    return base / "obelisk" / "update-server"
+
+
 def _fleet(catalog, state_dir: Path | None, database: str | None, admin_token: str | None,  # noqa: ANN001
-           read_token_file: Path | None, prune_after: str):  # noqa: ANN202 - a Fleet, or None when off
-    """The fleet state when --state-dir or --database asks for it (imported only then)."""
-    if state_dir is None and database is None:
-        return None
+           read_token_file: Path | None, prune_after: str):  # noqa: ANN202 - a Fleet
+    """The fleet state in --state-dir's SQLite file or --database (imported only then)."""
     from obelisk.windows import WindowError, parse_duration
     from update_server.db.store import FleetStoreError, Store, url_for
     from update_server.fleet_server import Fleet

@@ -332,7 +332,7 @@ class UpdateService:
         self.events = self.dir / "events.jsonl"
         port = _free_port()
         self.proc = subprocess.Popen(
-            [*ctx.obelisk, "update", "serve", str(releases), "--listen", f"127.0.0.1:{port}", "--events",
+            [*ctx.obelisk, "update", "serve", str(releases), "--listen", f"127.0.0.1:{port}", "--no-state", "--events",
              str(self.events)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self._wait_ready(port)
         rel = run(["unsquashfs", "-cat", ctx.release / "usr.img", "share/obelisk/release"]).stdout

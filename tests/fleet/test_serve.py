@@ -109,11 +109,48 @@ def test_state_survives_a_restart(serve, tmp_path: Path) -> None:  # noqa: ANN00
     assert s2.check("b" * 32, "1.0.0").update is not None
 
 
+def test_state_is_kept_in_sqlite_by_default(serve, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    """No --state-dir: the state folder is $XDG_STATE_HOME/obelisk/update-server (tests/conftest.py sets one
+    per test), printed at start; a restart keeps what was tracked."""
+    state = tmp_path / "xdg" / "obelisk" / "update-server"
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
+    s = serve()
+    assert s.proc.stdout.readline().startswith("serving 2 release(s)")
+    assert s.proc.stdout.readline().startswith(f"fleet state: sqlite:///{state}/fleet.sqlite (schema ")
+    assert (state / "fleet.sqlite").is_file()
+    assert s.check("a" * 32, "1.0.0").update.version == "2.0.0"
+    stop_process(s.proc)
+    again = serve()
+    assert again.api("/instances/" + "a" * 32, token=READ).json()["status"] == "granted"
+
+
+def test_no_state_keeps_nothing(serve, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
+    s = serve("--no-state")
+    s.proc.stdout.readline()
+    assert s.proc.stdout.readline().startswith("fleet state: none (--no-state)")
+    assert s.check("a" * 32, "1.0.0").update.version == "2.0.0"
+    assert s.api("/instances", token=READ).status_code == 404
+    assert not (tmp_path / "xdg").exists()
+
+
+def test_the_default_state_folder() -> None:
+    from update_server.cli import default_state_dir
+
+    assert default_state_dir({"STATE_DIRECTORY": "/var/lib/obelisk-update-server:/var/lib/other",
+                              "XDG_STATE_HOME": "/x"}) == Path("/var/lib/obelisk-update-server")
+    assert default_state_dir({"XDG_STATE_HOME": "/x", "HOME": "/h"}) == Path("/x/obelisk/update-server")
+    assert default_state_dir({"XDG_STATE_HOME": "rel", "STATE_DIRECTORY": "rel2", "HOME": "/h"}) \
+        == Path("/h/.local/state/obelisk/update-server")  # relative values are ignored (XDG spec)
+
+
 @pytest.mark.parametrize("args,words", [
     (["--database", "mysql://x/y"], "unsupported database URL"),
     (["--state-dir", "/proc/1/nope"], "--state-dir"),
     (["--state-dir", "x", "--database", "postgresql://a@/b"], "not both"),
     (["--prune-after", "often", "--state-dir", "x"], "--prune-after"),
+    (["--no-state", "--state-dir", "x"], "--no-state keeps no fleet state"),
+    (["--no-state", "--database", "postgresql://a@/b"], "--no-state keeps no fleet state"),
 ])
 def test_bad_fleet_options_are_one_line(tmp_path: Path, args: list[str], words: str) -> None:
     (tmp_path / "r").mkdir()

@@ -212,8 +212,11 @@ def serve(ue_argv: list[str], tmp_path: Path):
         token = tmp_path / "admin.token"
         token.write_text(ADMIN_TOKEN + "\n")
         token.chmod(0o600)
+        # The host engine's tests want the plain Omaha answers; the fleet's policy is tests/fleet's.
+        state = [] if {"--state-dir", "--database"} & set(extra) else ["--no-state"]
         p = subprocess.Popen([*ue_argv, "serve", str(releases), "--listen", f"127.0.0.1:{port}", "--events", str(ev),
-                              "--admin-token-file", str(token), *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                              "--admin-token-file", str(token), *state, *extra], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
         procs.append(p)
         url = f"http://127.0.0.1:{port}"
         for _ in range(200):
