@@ -9,7 +9,7 @@ APT_PACKAGES := cgpt gdisk fdisk qemu-system-x86 qemu-utils ovmf squashfs-tools 
 	libparted-dev pkg-config
 IMAGE ?= images/base.toml
 
-.PHONY: setup image test lint bench clean
+.PHONY: setup image test fleet-test lint bench clean
 
 .stamp-apt: Makefile
 	@if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
@@ -30,6 +30,10 @@ image: setup
 
 test: setup
 	$(VENV)/bin/pytest -q -ra tests
+
+# The fleet end to end (3 VMs, most of an hour under TCG): not in `make test`, see tests/vm/test_fleet.py.
+fleet-test: setup
+	OBELISK_FLEET_HOSTS=$${HOSTS:-3} $(VENV)/bin/pytest -q -ra tests/vm/test_fleet.py
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -39,7 +39,7 @@ from obelisk.inputs import check_input
 from obelisk.signing import PublicKey, SigningError
 from obelisk.versions import compare_versions
 from update_engine import apply as applymod
-from update_engine import omaha
+from update_engine import omaha, trial_record
 from update_engine.errors import ApplyError, Stopped
 from update_engine.installed import host_arch
 from update_engine.metrics import AgentMetrics
@@ -324,11 +324,13 @@ class Daemon:
                     m.move(Status.IDLE, staged_version=None, staged_boot_id=None, staged_slot=None,
                            previous_version="", new_version="", progress=0.0)
                     return
-                log.error("came back on %s instead of %s: the new slot did not boot", current, st.staged_version)
+                why = trial_record.reason_for(self.opts.state_dir, st.staged_version)
+                log.error("came back on %s instead of %s: %s", current, st.staged_version, why)
                 failed = sorted(set(st.failed_versions) | {st.staged_version})
                 m.move(Status.IDLE, failed_versions=failed, staged_version=None, staged_boot_id=None,
                        staged_slot=None, new_version="", progress=0.0, release_lock_pending=True,
-                       last_error=f"rolled back: {st.staged_version} did not boot; it will not be taken again")
+                       rollback_reason=why,
+                       last_error=f"rolled back: {st.staged_version} did not boot ({why}); it will not be taken again")
         if st.release_lock_pending:
             try:
                 self._coordinator(conf).release_after_boot()
@@ -387,7 +389,8 @@ class Daemon:
         """What the first check after a boot reports about the last update: 3/2, or 3/0/44 after a rollback."""
         prev = self.st.previous_version
         if prev and compare_versions(prev, run.version) == 0:
-            return Event(omaha.EVENT_UPDATE_COMPLETE, omaha.RESULT_ERROR, omaha.ERR_ROLLBACK)
+            return Event(omaha.EVENT_UPDATE_COMPLETE, omaha.RESULT_ERROR, omaha.ERR_ROLLBACK,
+                         reason=self.st.rollback_reason or None)
         return Event(omaha.EVENT_UPDATE_COMPLETE, omaha.RESULT_SUCCESS_REBOOT,
                      previousversion="0.0.0.0" if prev is None else prev)
 
@@ -399,6 +402,7 @@ class Daemon:
         resp = run.client.check(run.host, events, interactive=run.interactive)
         self.poll_interval = resp.poll_interval
         m.record(previous_version="", last_checked=time.time())
+        trial_record.clear(self.opts.state_dir)  # reported (or nothing to report): a later rollback writes anew
         upd = resp.update
         if upd is None:
             m.move(Status.IDLE, consecutive_failures=0, last_error=None, new_version="", progress=0.0)
@@ -467,7 +471,8 @@ class Daemon:
         log.error("update failed (code %s): %s", exc.code, exc)
         m.move(Status.REPORTING_ERROR_EVENT, last_error=str(exc), last_error_code=exc.code,
                consecutive_failures=self.st.consecutive_failures + 1)
-        self._event(run, Event(omaha.EVENT_UPDATE_COMPLETE, omaha.RESULT_ERROR, exc.code))
+        self._event(run, Event(omaha.EVENT_UPDATE_COMPLETE, omaha.RESULT_ERROR, exc.code,
+                               reason=trial_record.sanitize(str(exc))))
         m.move(Status.IDLE, progress=0.0)
         return 1
 

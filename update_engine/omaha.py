@@ -81,6 +81,9 @@ class Event:
     result: int
     errorcode: int | None = None
     previousversion: str | None = None
+    # obelisk's addition: the host's own words for an error or a rollback (Nebraska ignores the attribute).
+    # Not part of an event's identity: two events of one type, result and code are the same event.
+    reason: str | None = field(default=None, compare=False)
 
     def xml(self) -> str:
         attrs = f'eventtype="{self.type}" eventresult="{self.result}"'
@@ -88,6 +91,8 @@ class Event:
             attrs += f' errorcode="{self.errorcode}"'
         if self.previousversion is not None:
             attrs += f" previousversion={quoteattr(self.previousversion)}"
+        if self.reason:
+            attrs += f" reason={quoteattr(self.reason)}"
         return f"        <event {attrs}></event>\n"
 
 
@@ -207,7 +212,7 @@ def parse_request(data: bytes) -> Request:
         events.append(Event(
             _int(ev.get("eventtype"), "event eventtype"), _int(ev.get("eventresult"), "event eventresult"),
             _int(ev.get("errorcode"), "event errorcode") if ev.get("errorcode") is not None else None,
-            ev.get("previousversion")))
+            ev.get("previousversion"), ev.get("reason")))
     g = app_el.get
     app = AppRequest(
         appid=g("appid") or "", version=g("version") or "", track=g("track") or "",

@@ -64,12 +64,14 @@ class DaemonState:
     aleph_version: str = ""
     consecutive_failures: int = 0
     release_lock_pending: bool = False
+    rollback_reason: str = ""  # why the last trial failed (update_engine/trial_record.py), as sent to the server
 
     def public(self) -> dict:
         """The `obelisk update status --json` view."""
         return {k: getattr(self, k) for k in ("state", "current_version", "new_version", "new_size", "progress",
                                              "last_checked", "last_error", "last_error_code", "staged_version",
-                                             "staged_slot", "previous_version", "failed_versions")}
+                                             "staged_slot", "previous_version", "failed_versions",
+                                             "rollback_reason")}
 
 
 def load_state(state_dir: Path) -> DaemonState:

@@ -127,7 +127,7 @@ def make_app(catalog: Catalog, *, events: EventLog | None = None, public_url: st
                 rec = {"time": time.time(), "machineid": _cut(a.machineid), "appid": _cut(a.appid),
                        "version": _cut(a.version), "track": _cut(a.track), "eventtype": ev.type,
                        "eventresult": ev.result, "errorcode": ev.errorcode,
-                       "previousversion": _cut(ev.previousversion)}
+                       "previousversion": _cut(ev.previousversion), "reason": _cut(ev.reason)}
                 events.add(rec)
                 log.info("event %s", rec)
         if not known:

@@ -60,7 +60,12 @@ class Context(Protocol):
     def release_meta(self, rel: Path | None = None) -> dict: ...
 
 
-def cloud_config(n: int, hosts: int, net: PrivateNet, pubkey: str, mac: str) -> str:
+def mac_of(n: int) -> str:
+    return f"52:54:00:77:00:{n:02x}"
+
+
+def cloud_config(n: int, hosts: int, net: PrivateNet, pubkey: str) -> str:
+    """Host ``n``'s cloud-config (its address comes from the network's DHCP, fixed by its MAC)."""
     addr = net.address(n)
     cluster = ",".join(f"fleet-{i}=http://{net.address(i)}:2380" for i in range(1, hosts + 1))
     return f"""#cloud-config
@@ -83,13 +88,6 @@ coreos:
   locksmith:
     endpoint: http://127.0.0.1:2379
     group: {LOCK_GROUP}
-  units:
-    - name: 10-fleet.network
-      content: |
-        [Match]
-        MACAddress={mac}
-        [Network]
-        Address={addr}/24
 """
 
 
@@ -335,22 +333,25 @@ def scenario_fleet(ctx: Context) -> str:
             server.wait_ready()
             server.fleet("rollout", "set", GROUP, "--safe-mode", "--halt-share", "0.2", "--halt-window", "5",
                          "--retry-after", "1d")
+            net.dhcp({mac_of(n): net.address(n) for n in range(1, n_hosts + 1)}, work)
             for n in range(1, n_hosts + 1):
-                mac = f"52:54:00:77:00:{n:02x}"
+                mac = mac_of(n)
                 tap = net.tap(n)
                 disk = ctx.fresh_disk(f"fleet/vm{n}", first_boot=True)
-                seed = nocloud_seed(work / f"vm{n}-seed.img", cloud_config(n, n_hosts, net, pubkey, mac), f"fleet-{n}")
+                seed = nocloud_seed(work / f"vm{n}-seed.img", cloud_config(n, n_hosts, net, pubkey), f"fleet-{n}")
                 vm = GuestVm(disk, work / f"vm{n}.log", key, guest_ports=(22, 2379), extra_disks=[seed], mac=mac,
                              memory_mib=1024, net=["-netdev", f"tap,id=n0,ifname={tap},script=no,downscript=no",
                                                    "-device", f"virtio-net-pci,netdev=n0,mac={mac}"],
                              wrap=net.argv([]), address=net.address(n))
                 hosts.append(Host(n, vm))
+            built: list[Path] = []
+            # Both releases first: a build beside booting VMs would slow both down (2 cores under TCG).
+            run.phase("build", lambda: _build(ctx, built))
+            nxt, broken = built
             run.phase("boot", lambda: _boot_all(ctx, hosts, net))
             run.phase("etcd", lambda: _etcd_healthy(net, endpoints, n_hosts))
             monitor.start()
-            nxt = ctx.next_release()
             run.phase("roll-1", lambda: _roll(ctx, server, hosts, nxt, base["version"]))
-            broken = ctx.broken_release()
             run.phase("roll-2", lambda: _roll_broken(ctx, server, hosts, broken, ctx.release_meta(nxt)["version"]))
             run.phase("lock-safety", lambda: _lock_safety(net, endpoints, hosts, monitor))
         finally:
@@ -374,6 +375,13 @@ def scenario_fleet(ctx: Context) -> str:
                 ctx.log(f"  timeline.svg not written: {exc}")
     per = ", ".join(f"{p.name} {p.seconds:.0f}s" for p in run.phases)
     return f"{n_hosts} host(s): {per}; timeline {work / 'timeline.svg'}"
+
+
+def _build(ctx: Context, out: list[Path]) -> str:
+    out += [ctx.next_release(), ctx.broken_release()]
+    versions = [ctx.release_meta(r)["version"] for r in out]
+    expect(versions[0] != versions[1], f"the next and the broken release have one version {versions[0]}")
+    return f"next {versions[0]}, broken {versions[1]} (same definition and key)"
 
 
 def _boot_all(ctx: Context, hosts: list[Host], net: PrivateNet) -> str:
@@ -494,14 +502,18 @@ def _roll_broken(ctx: Context, server: FleetServer, hosts: list[Host], broken: P
            f"{ {n: r.get('version') for n, r in rows.items()} }")
     expect(not took and all(rows[h.name].get("status") != "rolled_back" for h in others),
            f"other hosts took the broken release: {took[:3]}")
+    sent = str(rows[first.name].get("reason") or "")
+    expect("50-broken" in sent, f"{first.name}: the server has no reason naming the failed hook: {sent!r}")
     for h in hosts:
         _expect_on(h, good, fallback=h is not first)
     st = json.loads(first.vm.ssh("sudo obelisk update status --json").stdout)
     expect(version in json.dumps(st.get("failed_versions", st)),
            f"{first.name}: the failed trial of {version} is not recorded: {json.dumps(st)[:300]}")
-    groups = json.dumps(server.fleet("status"))
-    expect("halt" in groups, f"obelisk fleet status does not show the halt: {groups[:300]}")
-    return f"{first.name} fell back from {version} and reported 44; group halted: {reason[:160]}"
+    status = server.fleet("status")
+    expect(GROUP in json.dumps(status.get("halted") if isinstance(status, dict) else None),
+           f"obelisk fleet status does not list {GROUP} as halted: {json.dumps(status)[:300]}")
+    return (f"{first.name} fell back from {version} and reported 44 ({sent[:120]}); "
+            f"group halted: {reason[:160]}")
 
 
 def _halted(server: FleetServer) -> tuple[bool, str]:

@@ -83,6 +83,20 @@ class PrivateNet:
         if extra or outside:
             raise NetnsError(f"namespace {self.name} is not private: links {sorted(extra)}, routes {outside}")
 
+    def dhcp(self, leases: dict[str, str], folder: Path) -> subprocess.Popen:
+        """A DHCP server on the bridge (busybox udhcpd) giving each MAC its fixed address, as a cloud's
+        network does; no router and no DNS server are offered."""
+        conf = folder / "udhcpd.conf"
+        first = self.subnet.network_address + 100
+        conf.write_text("\n".join([
+            f"start {first}", f"end {first + 50}", f"interface {self.bridge}",
+            f"lease_file {folder / 'udhcpd.leases'}", f"pidfile {folder / 'udhcpd.pid'}",
+            f"option subnet {self.subnet.netmask}", "option lease 86400",
+            *(f"static_lease {mac} {ip}" for mac, ip in leases.items()), ""]))
+        (folder / "udhcpd.leases").touch()
+        return self.start([require("busybox"), "udhcpd", "-f", conf], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+
     def start(self, argv: list[str | Path], **kw: object) -> subprocess.Popen:
         """Start a process inside the namespace; it is stopped (by PID) when the network goes."""
         proc = subprocess.Popen(self.argv(argv), **kw)  # type: ignore[call-overload]

@@ -5,6 +5,7 @@ validator), etcd's history of a semaphore read back from a real etcd, and the ti
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -53,13 +54,13 @@ def test_each_host_gets_a_cloud_config_obelisk_accepts(tmp_path: Path) -> None:
     for n in (1, 2, 3):
         cfg = tmp_path / f"host{n}.yml"
         key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIExample test"
-        cfg.write_text(fleet.cloud_config(n, 3, net, key, f"52:54:00:77:00:0{n}"))
+        cfg.write_text(fleet.cloud_config(n, 3, net, key))
         res = subprocess.run([str(Path(sys.executable).with_name("obelisk")), "cloudconfig", "validate", str(cfg)],
                              capture_output=True, text=True, timeout=60)
         assert res.returncode == 0, res.stderr + res.stdout
         text = cfg.read_text()
         assert "initial-cluster: fleet-1=http://10.77.0.11:2380,fleet-2=http://10.77.0.12:2380,fleet-3=" in text
-        assert "reboot_strategy: etcd-lock" in text and f"Address=10.77.0.1{n}/24" in text
+        assert "reboot_strategy: etcd-lock" in text and f"advertise-client-urls: http://10.77.0.1{n}:2379" in text
 
 
 @pytest.mark.etcd
@@ -102,3 +103,23 @@ def test_timeline_draws_every_host_and_phase(tmp_path: Path) -> None:
     ET.fromstring(svg)  # well-formed
     assert "fleet-&lt;2&gt;" in svg and "rollback reported" in svg and "health check failed" in svg
     json.dumps(rec)
+
+
+@pytest.mark.timeout(60)
+def test_private_net_dhcp_gives_each_mac_its_address(tmp_path: Path) -> None:
+    """A client in a second namespace (made by this test, linked only to the first by a veth) asks udhcpd."""
+    client = f"obelisk-dhcpc-{os.getpid()}"
+    with PrivateNet() as net:
+        net.dhcp({"52:54:00:77:00:01": net.address(1)}, tmp_path)
+        subprocess.run(["ip", "netns", "add", client], check=True)
+        try:
+            subprocess.run(["ip", "-n", net.name, "link", "add", "v0", "type", "veth", "peer", "name", "v1",
+                            "netns", client], check=True)
+            subprocess.run(["ip", "-n", net.name, "link", "set", "v0", "master", net.bridge, "up"], check=True)
+            subprocess.run(["ip", "-n", client, "link", "set", "v1", "address", "52:54:00:77:00:01", "up"],
+                           check=True)
+            res = subprocess.run(["ip", "netns", "exec", client, "busybox", "udhcpc", "-i", "v1", "-n", "-q", "-f",
+                                  "-t", "5", "-s", "/bin/true"], capture_output=True, text=True, timeout=40)
+            assert f"lease of {net.address(1)} obtained" in res.stdout + res.stderr, res.stdout + res.stderr
+        finally:
+            subprocess.run(["ip", "netns", "del", client], capture_output=True)

@@ -149,7 +149,8 @@ def test_a_failure_is_reported_with_its_own_code(world: World, fake_server, host
     assert d.run_once() == 1
     assert seen == ["IDLE", "CHECKING_FOR_UPDATE", "UPDATE_AVAILABLE", "DOWNLOADING", "REPORTING_ERROR_EVENT", "IDLE"]
     assert d.status()["last_error_code"] == omaha.ERR_PAYLOAD_SIZE
-    assert omaha.Event(3, 0, omaha.ERR_PAYLOAD_SIZE) in fake_server.events
+    err = next(e for e in fake_server.events if (e.type, e.result) == (3, 0))
+    assert err.errorcode == omaha.ERR_PAYLOAD_SIZE and "the server announced" in (err.reason or "")  # its own words
     assert d.st.consecutive_failures == 1
 
 

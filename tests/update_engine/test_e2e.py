@@ -108,15 +108,22 @@ def test_rollback_reported_and_version_skipped(world: World, serve, ue_argv: lis
     # The trial boot of B failed and the boot loader fell back: still 1.0.0 after a reboot. GRUB's gptprio
     # would have used B's try; do the same here, as no boot loader runs in this test.
     slots.set_attrs(h.disk, slots.USR_B, tries=0)
+    # What the trial's boot check left on ROOT before the fallback (images/.../obelisk-boot-check).
+    (h.state / "trial-failure").write_text("time=1796000000\nslot=B\nversion=1.1.0\nreason=health hook "
+                                           "50-app failed (exit 1): <b>db\x1b[31m down</b>\n")
     h.reboot()
     r = run_ue(ue_argv, *h.argv())
     assert r.returncode == 0, r.stderr
     ev = _events(srv)
     assert (3, 0, 44, None) in ev
+    sent = next(e for e in srv.events() if e["errorcode"] == 44)
+    assert sent["reason"] == "trial of 1.1.0 on slot B failed: health hook 50-app failed (exit 1): <b>db [31m down</b>"
+    assert not (h.state / "trial-failure").exists()  # reported, so cleared
     assert ev.count((13, 1, None, None)) == 1  # 1.1.0 was not downloaded again
     st = json.loads(run_ue(ue_argv, "status", "--json", "--state-dir", str(h.state), "--socket",
                            str(h.root / "x.sock")).stdout)
     assert st["failed_versions"] == ["1.1.0"] and "rolled back" in st["last_error"]
+    assert st["rollback_reason"] == sent["reason"]  # kept for `update status` after it was sent
     # A newer release is taken.
     world.publish(rels, world.build("1.2.0", seed=3))
     r = run_ue(ue_argv, *h.argv())

@@ -1,0 +1,71 @@
+"""Why a trial boot failed, kept across the fallback: the boot check writes it, the daemon reads it.
+
+The boot check (``/usr/lib/obelisk/obelisk-boot-check``) of a failing trial writes
+``/var/lib/obelisk/trial-failure`` (ROOT, shared by both slots, synced before the reboot) as
+``key=value`` lines: ``time``, ``slot``, ``version``, ``reason``. After the fallback the daemon reads it,
+sends the reason with the rollback event (3/0, code 44) and removes it once the server has it. No
+record means the trial never reached the health check: firmware, GRUB, the kernel or the initramfs.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+NAME = "trial-failure"
+MAX_REASON = 300  # what the server keeps of a host's text (update_server cuts longer ones too)
+MAX_FILE = 4096
+NO_RECORD = "no record of the trial: it never reached the health check (firmware, GRUB, kernel or initramfs)"
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
+
+
+@dataclass(frozen=True)
+class TrialFailure:
+    time: float
+    slot: str
+    version: str
+    reason: str
+
+
+def sanitize(text: str, limit: int = MAX_REASON) -> str:
+    """One line, no control characters, at most ``limit`` characters."""
+    one = _CONTROL.sub(" ", text).strip()
+    return one if len(one) <= limit else one[: limit - 3] + "..."
+
+
+def read(state_dir: Path) -> TrialFailure | None:
+    """The record, or None when there is none or it is not one (a damaged file is not a reason)."""
+    path = state_dir / NAME
+    try:
+        if not path.is_file():
+            return None
+        with open(path, "rb") as f:
+            raw = f.read(MAX_FILE).decode(errors="replace")
+    except OSError:
+        return None
+    fields: dict[str, str] = {}
+    for line in raw.splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            fields[key.strip()] = value.strip()
+    if not fields.get("reason"):
+        return None
+    try:
+        when = float(fields.get("time") or 0)
+    except ValueError:
+        when = 0.0
+    return TrialFailure(when, sanitize(fields.get("slot", ""), 8), sanitize(fields.get("version", ""), 64),
+                        sanitize(fields["reason"]))
+
+
+def reason_for(state_dir: Path, version: str | None) -> str:
+    """What to tell the server about the failed trial of ``version``."""
+    rec = read(state_dir)
+    if rec is None or (version and rec.version and rec.version != version):
+        return NO_RECORD
+    return f"trial of {rec.version or version} on slot {rec.slot or '?'} failed: {rec.reason}"
+
+
+def clear(state_dir: Path) -> None:
+    (state_dir / NAME).unlink(missing_ok=True)
