@@ -11,6 +11,9 @@ to back:
   upsert, no lock);
 - held   : an update check from a host on an older release in a group whose rate is used up (the
   guard's read path: policy, counts, the decision and the note; only an offer takes the group lock).
+- console: the web console's instances page (50 rows; the first page, page 100, and a status filter in
+  turn) with an admin bearer token, over the same 10,000 instances; and the overview page (counts
+  and the version chart, which the server reuses for 15 s).
 
 Machine ids rotate over all known instances. PostgreSQL is a throwaway cluster on a Unix socket
 (initdb + pg_ctl as nobody, removed after). The load generator is `wrk` (Debian package) with a
@@ -73,6 +76,19 @@ HEALTH_LUA = LUA.split("function request()")[0] + """function request()
   return wrk.format("GET", "/health")
 end
 function done""" + LUA.split("function done")[1]
+
+CONSOLE_LUA = LUA.split("function request()")[0] + """local token = "%s"
+local paths = {%s}
+function request()
+  i = i + 1
+  return wrk.format("GET", paths[(i %% #paths) + 1], {["Authorization"] = "Bearer " .. token})
+end
+function done""" + LUA.split("function done")[1]
+CONSOLE_PAGES = {
+    "console": '"/console/instances", "/console/instances?page=100", "/console/instances?status=complete"',
+    "overview": '"/console/"',
+}
+TOKEN = "bench-admin-token-0123456789abcdef"
 
 
 # ---------------------------------------------------------------- set-up
@@ -165,9 +181,12 @@ def bench_db(kind: str, url: str, args: argparse.Namespace, work: Path) -> list[
     fill(url, args.instances)
     port = _free_port()
     obelisk = str(Path(sys.executable).with_name("obelisk"))
+    token = work / "admin.token"
+    token.write_text(TOKEN + "\n")
+    token.chmod(0o600)
     proc = subprocess.Popen([obelisk, "update", "serve", str(work / "releases"), "--listen", f"127.0.0.1:{port}",
-                             "--database", url, "--prune-after", "0"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+                             "--database", url, "--prune-after", "0", "--admin-token-file", str(token)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 30
@@ -188,6 +207,12 @@ def bench_db(kind: str, url: str, args: argparse.Namespace, work: Path) -> list[
                 rows.append((kind, c, name, r["rps"], r["p50"] / 1000, r["p99"] / 1000, r["errors"],
                              r["rps"] / health["rps"]))
                 _print_row(rows[-1])
+            if c <= 8:  # a console has a few readers, not a fleet's worth
+                for name, pages in CONSOLE_PAGES.items():
+                    r = run_wrk(CONSOLE_LUA % ("console", n, TOKEN, pages), base, c, args.duration, work)
+                    rows.append((kind, c, name[:8], r["rps"], r["p50"] / 1000, r["p99"] / 1000, r["errors"],
+                                 r["rps"] / health["rps"]))
+                    _print_row(rows[-1])
             rows.append((kind, c, "health", health["rps"], health["p50"] / 1000, health["p99"] / 1000,
                          health["errors"], 1.0))
             _print_row(rows[-1])

@@ -37,6 +37,9 @@ def serve(
                                                             "rollout policy, no fleet API"),
     read_token_file: Path | None = typer.Option(None, help="bearer token for read-only use of the fleet API"),
     prune_after: str = typer.Option("90d", help="forget instances not seen for this long ('0' = never)"),
+    lock_endpoint: str | None = typer.Option(None, help="show the reboot lock's holders in the console: "
+                                                        "etcd:http://HOST:2379[,...] or fleetlock:http://HOST:PORT "
+                                                        "(default $OBELISK_CONSOLE_LOCK_ENDPOINT)"),
 ) -> None:
     """Serve releases to hosts over Omaha at /v1/update/ (Nebraska-compatible), payloads with Range."""
     from update_server.app import EventLog, make_app
@@ -54,7 +57,7 @@ def serve(
         if not no_state and database is None and state_dir is None:
             state_dir = default_state_dir()
         fleet = None if no_state else _fleet(catalog, state_dir, database, admin_token, read_token_file,
-                                             prune_after)
+                                             prune_after, lock_endpoint)
         web = make_app(catalog, events=EventLog(events), public_url=public_url, poll_interval=poll_interval,
                        admin_token=admin_token, fleet=fleet)
         print(f"serving {len(rels)} release(s) from {releases_dir} at http://{shown_address(host, port)}/v1/update/",
@@ -83,7 +86,7 @@ def default_state_dir(env: Mapping[str, str] = os.environ) -> Path:
 
 
 def _fleet(catalog, state_dir: Path | None, database: str | None, admin_token: str | None,  # noqa: ANN001
-           read_token_file: Path | None, prune_after: str):  # noqa: ANN202 - a Fleet
+           read_token_file: Path | None, prune_after: str, lock_endpoint: str | None = None):  # noqa: ANN202
     """The fleet state in --state-dir's SQLite file or --database (imported only then)."""
     from obelisk.windows import WindowError, parse_duration
     from update_server.db.store import FleetStoreError, Store, url_for
@@ -103,4 +106,4 @@ def _fleet(catalog, state_dir: Path | None, database: str | None, admin_token: s
     read = [read_token(read_token_file, "read token")] if read_token_file else []
     store = Store(url_for(database, state_dir))
     return Fleet(store, catalog, read_tokens=read, admin_tokens=[admin_token] if admin_token else [],
-                 prune_after=prune)
+                 prune_after=prune, lock_endpoint=lock_endpoint)

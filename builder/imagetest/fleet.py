@@ -210,7 +210,9 @@ class FleetServer:
         self.log = open(work / "server.log", "w")  # noqa: SIM115 - closed in close()
         self.proc = net.start([*ctx.obelisk, "update", "serve", self.releases, "--listen",
                                f"{net.host_address}:{PORT}", "--state-dir", self.state, "--admin-token-file",
-                               self.token, "--poll-interval", str(POLL), "--events", work / "events.jsonl"],
+                               self.token, "--poll-interval", str(POLL), "--events", work / "events.jsonl",
+                               "--lock-endpoint", "etcd:" + ",".join(f"http://{net.address(i)}:2379"
+                                                                     for i in range(1, ctx.hosts + 1))],
                               stdout=self.log, stderr=subprocess.STDOUT)
 
     def publish(self, release: Path) -> str:
@@ -248,6 +250,17 @@ class FleetServer:
         if res.returncode != 0:
             raise ScenarioFailed(f"obelisk fleet {' '.join(args)}: {(res.stderr or res.stdout).strip()[-300:]}")
         return json.loads(res.stdout)
+
+    def console(self, path: str, save: str) -> str:
+        """A console page as an admin sees it (bearer token), kept as ``save`` in the run's folder."""
+        token = self.token.read_text().strip()
+        res = subprocess.run(self.net.argv([require("curl"), "-sf", "-m", "30", "-H", f"Authorization: Bearer {token}",
+                                            f"{self.url}/console/{path.lstrip('/')}"]),
+                             capture_output=True, text=True, timeout=60)
+        if res.returncode != 0:
+            raise ScenarioFailed(f"console page /console/{path} failed: curl exit {res.returncode}")
+        (self.work / save).write_text(res.stdout)
+        return res.stdout
 
     def instances(self) -> dict[str, dict]:
         """machine id -> its row, read from the server's SQLite file (read-only)."""
@@ -512,6 +525,9 @@ def _roll_broken(ctx: Context, server: FleetServer, hosts: list[Host], broken: P
     status = server.fleet("status")
     expect(GROUP in json.dumps(status.get("halted") if isinstance(status, dict) else None),
            f"obelisk fleet status does not list {GROUP} as halted: {json.dumps(status)[:300]}")
+    page = server.console(f"groups/{GROUP}", "console-group.html")
+    expect("halted" in page.lower() and first.machine_id in page,
+           f"the console's page of {GROUP} does not show the halt naming {first.machine_id}")
     return (f"{first.name} fell back from {version} and reported 44 ({sent[:120]}); "
             f"group halted: {reason[:160]}")
 
