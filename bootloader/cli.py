@@ -13,6 +13,7 @@ from rich.table import Table
 
 from bootloader import gpt, slots
 from bootloader.layout import SLOT_NAMES, USR_A, USR_B
+from obelisk import trial_record
 from obelisk.errors import clean_errors
 from obelisk.inputs import check_input
 
@@ -39,19 +40,46 @@ def _line(s: slots.Slot) -> str:
     return f"{s.label or s.name} (partition {s.index}): {state}"
 
 
+def running_slot(cmdline: Path = Path("/proc/cmdline")) -> str | None:
+    """The slot this system booted from (GRUB's obelisk.slot=), or None when it was not booted by obelisk."""
+    try:
+        words = cmdline.read_text().split()
+    except OSError:
+        return None
+    return next((w.split("=", 1)[1] for w in words if w.startswith("obelisk.slot=")), None)
+
+
+def fallback(state_dir: Path | None, running: str | None) -> dict | None:
+    """The last failed trial (obelisk/trial_record.py) when this host is not running that slot now."""
+    if state_dir is None:
+        return None
+    found = trial_record.last(state_dir)
+    if found is None or (running is not None and found[0].slot == running):
+        return None
+    rec, sent = found
+    return {"slot": rec.slot, "version": rec.version, "time": rec.time, "reason": rec.reason, "reported": sent,
+            "text": trial_record.describe(rec)}
+
+
 @app.command()
 def status(
     disk: Path | None = DiskOpt,
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    state_dir: Path | None = typer.Option(None, "--state-dir", help="where the last failed trial is recorded "
+                                          "(default on a running host: /var/lib/obelisk; none with --disk)"),
 ) -> None:
-    """Every USR slot with its priority, tries and successful flag, and which would boot next."""
+    """Every USR slot with its priority, tries and successful flag, which would boot next, the running slot,
+    and why the host last fell back from a trial."""
     with clean_errors():
         d = _disk(disk)
         found = slots.read_slots(d)
         _warn_if_damaged(d)
         nxt = slots.next_index(found)
+    running = running_slot() if disk is None else None
+    fell = fallback(state_dir if state_dir is not None or disk is not None else trial_record.STATE_DIR, running)
     if as_json:
-        print(json.dumps({"slots": [s.to_json() for s in found], "next": nxt}, indent=2))
+        print(json.dumps({"slots": [s.to_json() for s in found], "next": nxt, "running": running,
+                          "fallback": fell}, indent=2))
         return
     table = Table(title=f"USR slots on {d}", box=box.SIMPLE, pad_edge=False, collapse_padding=True)
     for col in ("slot", "part", "label", "partition GUID", "prio", "tries", "good"):
@@ -63,6 +91,11 @@ def status(
     console.print(table)
     chosen = next((s for s in found if s.index == nxt), None)
     console.print(f"* next boot: slot {chosen.name} (partition {nxt})" if chosen else "next boot: none (none bootable)")
+    if running:
+        console.print(f"running: slot {running}")
+    if fell:
+        # Plain print: one line however long (rich would wrap it and read markup in a host's text).
+        print(f"last fallback: {fell['text']}" + ("" if fell["reported"] else " (not yet reported)"))
 
 
 def _number(option: str, value: str | None, allowed: str) -> int | None:

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bootloader import layout, slots
+from obelisk import trial_record
 from obelisk import update_conf as config
 from obelisk.atomicfile import write_atomic
 from obelisk.errors import ObeliskError
@@ -39,7 +40,7 @@ from obelisk.inputs import check_input
 from obelisk.signing import PublicKey, SigningError
 from obelisk.versions import compare_versions
 from update_engine import apply as applymod
-from update_engine import omaha, trial_record
+from update_engine import omaha
 from update_engine.errors import ApplyError, Stopped
 from update_engine.installed import host_arch
 from update_engine.metrics import AgentMetrics
@@ -402,7 +403,7 @@ class Daemon:
         resp = run.client.check(run.host, events, interactive=run.interactive)
         self.poll_interval = resp.poll_interval
         m.record(previous_version="", last_checked=time.time())
-        trial_record.clear(self.opts.state_dir)  # reported (or nothing to report): a later rollback writes anew
+        trial_record.mark_sent(self.opts.state_dir)  # reported: never sent twice, kept for `boot status`
         upd = resp.update
         if upd is None:
             m.move(Status.IDLE, consecutive_failures=0, last_error=None, new_version="", progress=0.0)

@@ -64,7 +64,7 @@ class DaemonState:
     aleph_version: str = ""
     consecutive_failures: int = 0
     release_lock_pending: bool = False
-    rollback_reason: str = ""  # why the last trial failed (update_engine/trial_record.py), as sent to the server
+    rollback_reason: str = ""  # why the last trial failed (obelisk/trial_record.py), as sent to the server
 
     def public(self) -> dict:
         """The `obelisk update status --json` view."""

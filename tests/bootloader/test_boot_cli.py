@@ -197,3 +197,22 @@ def test_root_cli_mounts_boot(disk: Path) -> None:
     p = subprocess.run([OBELISK, "boot", "status", "--json", "--disk", str(disk)], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["next"] == 3
+
+
+def test_status_says_why_the_host_last_fell_back(disk: Path, tmp_path: Path) -> None:
+    """The boot check's record of a failed trial (obelisk/trial_record.py) shows in `boot status`, before and
+    after the daemon reported it; --json carries it; a hostile reason stays one line."""
+    st = tmp_path / "state"
+    st.mkdir()
+    r = obelisk("boot", "status", "--json", "--disk", disk, "--state-dir", st)
+    assert r.code == 0 and json.loads(r.out)["fallback"] is None and json.loads(r.out)["running"] is None
+    (st / "trial-failure").write_text("time=1796299200\nslot=B\nversion=1.2.0\n"
+                                      "reason=health hook 50-app failed (exit 1): [red]x[/red]\x1b[2J\n")
+    r = obelisk("boot", "status", "--disk", disk, "--state-dir", st)
+    line = next(ln for ln in r.out.splitlines() if ln.startswith("last fallback:"))
+    assert line == ("last fallback: slot B (1.2.0) fell back at 2026-12-03 12:00:00 UTC: health hook 50-app failed "
+                    "(exit 1): [red]x[/red] [2J (not yet reported)")
+    (st / "trial-failure").rename(st / "trial-failure.sent")
+    fell = json.loads(obelisk("boot", "status", "--json", "--disk", disk, "--state-dir", st).out)["fallback"]
+    assert fell["slot"] == "B" and fell["version"] == "1.2.0" and fell["reported"] is True
+    assert fell["reason"].startswith("health hook 50-app failed")

@@ -118,7 +118,7 @@ def test_rollback_reported_and_version_skipped(world: World, serve, ue_argv: lis
     assert (3, 0, 44, None) in ev
     sent = next(e for e in srv.events() if e["errorcode"] == 44)
     assert sent["reason"] == "trial of 1.1.0 on slot B failed: health hook 50-app failed (exit 1): <b>db [31m down</b>"
-    assert not (h.state / "trial-failure").exists()  # reported, so cleared
+    assert not (h.state / "trial-failure").exists() and (h.state / "trial-failure.sent").exists()  # not sent twice
     assert ev.count((13, 1, None, None)) == 1  # 1.1.0 was not downloaded again
     st = json.loads(run_ue(ue_argv, "status", "--json", "--state-dir", str(h.state), "--socket",
                            str(h.root / "x.sock")).stdout)

@@ -1,4 +1,4 @@
-"""The record a failed trial leaves for the daemon (update_engine/trial_record.py): read back, bounded,
+"""The record a failed trial leaves for the daemon (obelisk/trial_record.py): read back, bounded,
 sanitised, matched to the version; a damaged or hostile file is never a crash and never more than a line."""
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from update_engine import omaha, trial_record
+from obelisk import trial_record
+from update_engine import omaha
 
 
 def test_the_record_is_read_and_matched_to_the_version(tmp_path: Path) -> None:
@@ -20,9 +21,13 @@ def test_the_record_is_read_and_matched_to_the_version(tmp_path: Path) -> None:
     assert trial_record.reason_for(tmp_path, "1.2.0") == ("trial of 1.2.0 on slot A failed: system is degraded: "
                                                            "failed units: etcd.service")
     assert trial_record.reason_for(tmp_path, "1.3.0") == trial_record.NO_RECORD  # an older trial's record
-    trial_record.clear(tmp_path)
-    trial_record.clear(tmp_path)  # twice is fine
-    assert trial_record.reason_for(tmp_path, "1.2.0") == trial_record.NO_RECORD
+    assert trial_record.last(tmp_path) == (rec, False)
+    trial_record.mark_sent(tmp_path)
+    trial_record.mark_sent(tmp_path)  # twice is fine
+    assert trial_record.reason_for(tmp_path, "1.2.0") == trial_record.NO_RECORD  # never sent twice
+    assert trial_record.last(tmp_path) == (rec, True)
+    assert trial_record.describe(rec) == ("slot A (1.2.0) fell back at 1970-01-01 00:00:17 UTC: system is degraded: "
+                                          "failed units: etcd.service")
 
 
 @pytest.mark.parametrize("content", [b"", b"garbage", b"reason=", b"\xff\xfe\x00reason", b"time=x\nreason=ok\n",
