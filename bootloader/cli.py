@@ -14,8 +14,9 @@ from rich.table import Table
 from bootloader import gpt, slots
 from bootloader.layout import SLOT_NAMES, USR_A, USR_B
 from obelisk import trial_record
-from obelisk.errors import clean_errors
+from obelisk.errors import ObeliskError, clean_errors
 from obelisk.inputs import check_input
+from obelisk.tools import run
 
 app = typer.Typer(help="Show and change A/B slot state in the GPT.", no_args_is_help=True)
 
@@ -175,6 +176,35 @@ def mark_good(
         if index is None:
             raise slots.SlotError(f"{d}: no slot is running or bootable — name one with --slot")
         print(_line(slots.mark_good(d, index)))
+
+
+BOOT_CHECK = Path("/usr/lib/obelisk/obelisk-boot-check")
+
+
+class BootCheckMissing(ObeliskError):
+    """The health check is not on this system (not an obelisk host)."""
+
+
+@app.command()
+def check(
+    dry_run: bool = typer.Option(False, "--dry-run", help="Run every check; mark, record and reboot nothing."),
+    hooks_dir: list[Path] = typer.Option(None, "--hooks-dir", help="try the hooks in this folder instead of "
+                                         "/usr/lib/obelisk/health.d and /etc/obelisk/health.d (repeatable)"),
+    script: Path = typer.Option(BOOT_CHECK, hidden=True),
+) -> None:
+    """The boot's health check (docs/health.md), as obelisk-boot-check.service runs it; exit 1 when unhealthy.
+    Without --dry-run a healthy check marks the running slot good, and a failing trial boot falls back."""
+    with clean_errors():
+        if not script.is_file():
+            raise BootCheckMissing(f"{script} is not here: `obelisk boot check` runs on an obelisk host",
+                                   hint="run it on the host (ssh core@HOST sudo obelisk boot check --dry-run)")
+        env = {"OBELISK_BOOT_CHECK_DRY_RUN": "1" if dry_run else "0"}
+        if hooks_dir:
+            env["OBELISK_HEALTH_DIRS"] = " ".join(str(d) for d in hooks_dir)
+        res = run(["/bin/sh", script], env=env, check=False, timeout=3600)
+    sys.stdout.write(res.stdout)
+    sys.stderr.write(res.stderr)
+    raise typer.Exit(0 if res.returncode == 0 else 1)
 
 
 @app.command()
