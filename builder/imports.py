@@ -34,6 +34,9 @@ def module_file(name: str, repo: Path = REPO) -> Path | None:
     return None
 
 
+LAZY_MAP = "_WHERE"  # in a package's __init__: {exported name: submodule} it imports on first use
+
+
 @cache
 def _imports(path: Path, name: str, mtime_ns: int) -> frozenset[str]:
     """Module names ``path`` (module ``name``) imports; ``mtime_ns`` keys the memo to the file's version."""
@@ -53,6 +56,12 @@ def _imports(path: Path, name: str, mtime_ns: int) -> frozenset[str]:
                 base = node.module or ""
             found.add(base)
             found.update(f"{base}.{alias.name}" for alias in node.names)  # `from pkg import module`
+        elif (path.name == "__init__.py" and isinstance(node, ast.Assign) and isinstance(node.value, ast.Dict)
+              and any(isinstance(t, ast.Name) and t.id == LAZY_MAP for t in node.targets)):
+            # A package that loads its names on first use (`__getattr__` + importlib) imports the
+            # submodules its map names: ast sees no import statement, but the package needs them all.
+            found.update(f"{name}.{v.value}" for v in node.value.values
+                         if isinstance(v, ast.Constant) and isinstance(v.value, str))
     return frozenset(n for n in found if n.split(".")[0] in PACKAGES)
 
 

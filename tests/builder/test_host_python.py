@@ -31,6 +31,7 @@ def test_host_files_leave_out_the_builder_provisioning_and_tests() -> None:
     assert "provision" not in tops and "tests" not in tops
     assert "builder" not in tops, [f for f in files if f.startswith("builder/")]
     for needed in ("obelisk/cli.py", "bootloader/cli.py", "update_engine/cli.py", "update_engine/reboot/cli.py",
+                   "update_engine/reboot/coordinator.py", "update_engine/reboot/identity.py",
                    "cloudconfig/cli.py", "update_engine/daemon.py", "bootloader/slots.py", "obelisk/keycli.py"):
         assert needed in files, needed
     assert not any("__pycache__" in f or f.endswith(".pyc") for f in files)
@@ -64,6 +65,14 @@ def test_the_host_commands_run_from_the_shipped_files_alone(tmp_path: Path) -> N
         sub = _host(site, name, "--help")
         assert sub.returncode == 0, (name, sub.stderr)
     assert " image " not in top.stdout and " provision " not in top.stdout
+    # Names a package loads on first use (update_engine.reboot's __getattr__) come from the shipped files
+    # too: the daemon's etcd-lock reboot imports coordinator_from_config that way (a fleet run found a host
+    # image without update_engine/reboot/coordinator.py: it never rebooted).
+    from update_engine import reboot
+
+    lazy = subprocess.run([sys.executable, "-S", "-c", f"from update_engine.reboot import {', '.join(reboot.__all__)}"],
+                          env={"PYTHONPATH": f"{site}:{PURELIB}"}, cwd=site, capture_output=True, text=True, timeout=60)
+    assert lazy.returncode == 0, lazy.stderr
     # `key verify`, as the image test hook runs it on a host.
     keys = tmp_path / "k"
     assert _host(site, "key", "generate", keys).returncode == 0
