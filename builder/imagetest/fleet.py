@@ -19,14 +19,16 @@ events (``fleet.json``) and ``timeline.svg``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
+import signal
 import sqlite3
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -327,7 +329,36 @@ def _wait(what: str, timeout: float, check: Callable[[], bool], every: float = 5
     raise ScenarioFailed(f"{what} within {timeout:.0f}s")
 
 
+class Interrupted(ScenarioFailed):
+    """A signal ended the run; the private network, the VMs and the server are still taken down."""
+
+
+@contextlib.contextmanager
+def _signals_end_the_run() -> Iterator[None]:
+    """SIGTERM, SIGHUP and SIGINT raise inside the run, so its `finally` takes the network and VMs down
+    (a process started in the background has SIGINT ignored: it is turned back on here)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, _frame: object) -> None:
+        raise Interrupted(f"the fleet run was interrupted by signal {signal.Signals(signum).name}")
+
+    sigs = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+    old = {s: signal.signal(s, stop) for s in sigs}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
 def scenario_fleet(ctx: Context) -> str:
+    with _signals_end_the_run():
+        return _fleet(ctx)
+
+
+def _fleet(ctx: Context) -> str:
     n_hosts = max(1, int(getattr(ctx, "hosts", 3)))
     work = ctx.work / "fleet"
     shutil.rmtree(work, ignore_errors=True)

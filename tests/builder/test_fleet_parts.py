@@ -123,3 +123,21 @@ def test_private_net_dhcp_gives_each_mac_its_address(tmp_path: Path) -> None:
             assert f"lease of {net.address(1)} obtained" in res.stdout + res.stderr, res.stdout + res.stderr
         finally:
             subprocess.run(["ip", "netns", "del", client], capture_output=True)
+
+
+@pytest.mark.timeout(60)
+def test_a_run_killed_with_sigterm_or_sighup_takes_its_network_down() -> None:
+    """Even when started in the background (SIGINT ignored), a signal ends the run through its cleanup."""
+    code = ("import sys, time\nfrom builder.imagetest.fleet import _signals_end_the_run\n"
+            "from builder.imagetest.netns import PrivateNet\n"
+            "with _signals_end_the_run(), PrivateNet() as net:\n"
+            "    print(net.name, flush=True)\n    time.sleep(60)\n")
+    for sig in ("TERM", "HUP", "INT"):
+        proc = subprocess.Popen(["/bin/sh", "-c", f"trap '' INT; exec {sys.executable} -c \"$0\"", code],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        name = proc.stdout.readline().strip()
+        assert name.startswith("obelisk-") and name in _namespaces()
+        subprocess.run(["kill", f"-{sig}", str(proc.pid)], check=True)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode != 0 and "interrupted by signal SIG" + sig in err, err[-300:]
+        assert name not in _namespaces(), sig
