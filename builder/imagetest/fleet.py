@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from bootloader import layout
 from builder.imagetest import timeline
 from builder.imagetest.host import GOOD, ScenarioFailed, expect, nocloud_seed, ssh_key
 from builder.imagetest.hostvm import GuestError, GuestVm
@@ -499,7 +500,7 @@ def host_state(h: Host) -> tuple[str, str, dict[str, dict]]:
     version = next((ln.split("=", 1)[1].strip().strip('"') for ln in rel.splitlines() if ln.startswith("VERSION=")), "")
     m = re.search(r"obelisk\.slot=(\w)", h.vm.ssh("cat /proc/cmdline").stdout)
     st = json.loads(h.vm.ssh("sudo obelisk boot status --json").stdout)
-    return version, m.group(1) if m else "?", {s["name"]: s for s in st.get("slots", [])}
+    return version, m.group(1) if m else "?", {layout.name_of(s["index"]): s for s in st.get("slots", [])}
 
 
 def _expect_on(h: Host, version: str, *, fallback: bool = True) -> None:
