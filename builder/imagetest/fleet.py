@@ -40,6 +40,7 @@ from builder.imagetest.hostvm import GuestError, GuestVm
 from builder.imagetest.netns import PrivateNet
 from obelisk.tools import require
 from update_engine.reboot import keys
+from update_engine.reboot.identity import app_specific_id
 
 GROUP = "stable"        # Omaha track
 LOCK_GROUP = "fleet"    # locksmith group
@@ -99,6 +100,7 @@ class Host:
     n: int
     vm: GuestVm
     machine_id: str = ""
+    holder: str = ""    # its id in the semaphore: app-specific, derived from the machine id (reboot/identity.py)
     wall0: float = 0.0  # wall time of the VM's t0 (its console times are relative to it)
 
     @property
@@ -406,7 +408,7 @@ def _fleet(ctx: Context) -> str:
             record["events"] = server.events()
             record["instances"] = server.instances()
             record["hosts_info"] = {
-                h.name: {"machine_id": h.machine_id, "boots": h.boots(), "log": str(h.vm.log),
+                h.name: {"machine_id": h.machine_id, "holder": h.holder, "boots": h.boots(), "log": str(h.vm.log),
                          "good": [t for t, _ in h.marks("OBELISK-BOOT-GOOD")],
                          "failed": [t for t, _ in h.marks("OBELISK-HEALTH-FAIL")]} for h in hosts}
             record["t0"] = run.t0
@@ -439,6 +441,7 @@ def _boot_all(ctx: Context, hosts: list[Host], net: PrivateNet) -> str:
         times.append(h.vm.lines[i][0])
         h.vm.wait_ssh(300)
         h.machine_id = h.vm.ssh("cat /etc/machine-id").stdout.strip()
+        h.holder = app_specific_id(h.machine_id)
         if "HEALTH-FAIL" in line:
             failed = h.vm.ssh("systemctl list-units --state=failed --no-legend --plain", check=False).stdout
             raise ScenarioFailed(f"{h.name}: first boot not healthy: {line.strip()[:160]}; failed: {failed[:300]}")
@@ -580,12 +583,12 @@ def _lock_safety(net: PrivateNet, endpoints: str, hosts: list[Host], monitor: Lo
     over = [h for h in history if h["slots"] is not None and len(h["holders"]) > h["slots"]]
     expect(not over, f"the semaphore was over-subscribed at revisions {[h['rev'] for h in over][:5]}")
     expect(history[-1]["holders"] == [], f"holders left at the end: {history[-1]['holders']}")
-    ids = {h.machine_id for h in hosts}
+    ids = {h.holder for h in hosts}
     unheld = []
     for h in hosts:
         for t, line in h.boots()[1:]:  # every boot after the first one is a reboot of the run
             held = monitor.holders_at(t - 1)
-            if held is not None and h.machine_id not in held:
+            if held is not None and h.holder not in held:
                 unheld.append(f"{h.name} at {time.strftime('%H:%M:%S', time.localtime(t))}: {line.strip()[:80]}")
     expect(not unheld, f"hosts rebooted without holding the lock: {unheld[:3]}")
     takers = {x for rev in history for x in rev["holders"]}

@@ -40,7 +40,7 @@ def segments(record: dict) -> dict[str, list[tuple[str, float, float]]]:
         evs = sorted((e for e in record.get("events") or [] if e.get("machineid") == mid),
                      key=lambda e: e.get("time", 0))
         bars: list[tuple[str, float, float]] = []
-        held = _intervals(samples, mid)
+        held = _intervals(samples, info.get("holder") or mid)
         started = None
         for e in evs:
             kind = (e.get("eventtype"), e.get("eventresult"))

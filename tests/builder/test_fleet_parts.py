@@ -88,14 +88,15 @@ def test_semaphore_history_is_read_from_etcd_itself(tmp_path: Path) -> None:
 def test_timeline_draws_every_host_and_phase(tmp_path: Path) -> None:
     t0 = time.time()
     rec = {"t0": t0, "base": "0.1.0",
-           "hosts_info": {"fleet-1": {"machine_id": "m1", "boots": [[t0 + 5, "OBELISK-GRUB: booting slot A"],
-                                                                     [t0 + 200, "OBELISK-GRUB: booting slot B"]],
+           "hosts_info": {"fleet-1": {"machine_id": "m1", "holder": "h1",
+                                      "boots": [[t0 + 5, "OBELISK-GRUB: booting slot A"],
+                                                [t0 + 200, "OBELISK-GRUB: booting slot B"]],
                                       "good": [t0 + 60, t0 + 260], "failed": []},
                           "fleet-<2>": {"machine_id": "m2", "boots": [], "good": [], "failed": [t0 + 300]}},
            "events": [{"time": t0 + 100, "machineid": "m1", "eventtype": 13, "eventresult": 1},
                       {"time": t0 + 150, "machineid": "m1", "eventtype": 3, "eventresult": 1},
                       {"time": t0 + 320, "machineid": "m2", "eventtype": 3, "eventresult": 0, "errorcode": 44}],
-           "lock_samples": [{"time": t0 + 150, "holders": []}, {"time": t0 + 190, "holders": ["m1"]},
+           "lock_samples": [{"time": t0 + 150, "holders": []}, {"time": t0 + 190, "holders": ["h1"]},
                             {"time": t0 + 280, "holders": []}]}
     bars = timeline.segments(rec)
     assert [k for k, _, _ in bars["fleet-1"]] == ["staging", "waiting for the lock", "holding the lock"]
