@@ -415,6 +415,9 @@ def _fleet(ctx: Context) -> str:
             for h in hosts:
                 h.vm.kill()
             server.close()
+            record["figures"] = timeline.figures(record)
+            for what, row in record["figures"].items():
+                ctx.log(f"  {what}: " + ", ".join(f"{k} {v:.0f}s" for k, v in row.items()))
             (work / "fleet.json").write_text(json.dumps(record, indent=1, default=str))
             try:
                 timeline.write_svg(work / "timeline.svg", record)

@@ -119,3 +119,25 @@ def write_svg(path: Path, record: dict) -> Path:
     parts.append("</svg>")
     path.write_text("\n".join(parts) + "\n")
     return path
+
+
+def figures(record: dict) -> dict[str, dict[str, float]]:
+    """Per host and roll: seconds staging (13/1 -> 3/1), waiting for the lock (3/1 -> holding it), and
+    holding it until marked good on the new boot (the reboot), from the run's record."""
+    out: dict[str, dict[str, float]] = {}
+    samples = record.get("lock_samples") or []
+    for name, info in (record.get("hosts_info") or {}).items():
+        held = _intervals(samples, info.get("holder") or info.get("machine_id", ""))
+        good = sorted(info.get("good") or [])
+        bars = segments(record).get(name, [])
+        for n, (_, a, b) in enumerate(k for k in bars if k[0] == "staging"):
+            row = {"staging": b - a}
+            got = next(((x, y) for x, y in held if x >= b - 1), None)
+            if got is not None:
+                row["waiting for the lock"] = max(0.0, got[0] - b)
+                after = next((g for g in good if g > got[0]), None)
+                if after is not None:
+                    row["lock to marked good"] = after - got[0]
+                row["lock held"] = got[1] - got[0]
+            out[f"{name} update {n + 1}"] = row
+    return out

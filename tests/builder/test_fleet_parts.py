@@ -100,6 +100,9 @@ def test_timeline_draws_every_host_and_phase(tmp_path: Path) -> None:
                             {"time": t0 + 280, "holders": []}]}
     bars = timeline.segments(rec)
     assert [k for k, _, _ in bars["fleet-1"]] == ["staging", "waiting for the lock", "holding the lock"]
+    fig = timeline.figures(rec)
+    assert fig == {"fleet-1 update 1": {"staging": 50, "waiting for the lock": 40, "lock to marked good": 70,
+                                        "lock held": 90}}
     svg = timeline.write_svg(tmp_path / "t.svg", rec).read_text()
     ET.fromstring(svg)  # well-formed
     assert "fleet-&lt;2&gt;" in svg and "rollback reported" in svg and "health check failed" in svg
