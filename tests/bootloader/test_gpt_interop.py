@@ -42,7 +42,7 @@ def test_attributes_written_by_cgpt_read_identically_by_obelisk_status(disk: Pat
         r = (obelisk if case == 0 else obelisk_inproc)("boot", "status", "--json", "--disk", disk)
         assert r.code == 0, r.err
         doc = json.loads(r.out)
-        assert set(doc) == {"slots", "next"}
+        assert set(doc) == {"slots", "next", "running", "fallback"}
         got = {s["index"]: (s["priority"], s["tries"], s["successful"]) for s in doc["slots"]}
         assert got == want
         assert [set(s) for s in doc["slots"]] == [{"index", "label", "uuid", "priority", "tries", "successful"}] * 2
