@@ -465,13 +465,17 @@ def _etcd_healthy(net: PrivateNet, endpoints: str, n_hosts: int) -> str:
     return f"{n_hosts} member(s) healthy at {endpoints}"
 
 
-def _nudge(hosts: list[Host]) -> None:
-    """`obelisk update check` on every host (the daemon's first own check is minutes after boot)."""
+def _nudge(hosts: list[Host], log: Callable[[str], None]) -> None:
+    """`obelisk update check` on every host (the daemon's first own check is minutes after boot). Not
+    fatal: a host that does not answer in time checks by itself (PollInterval) a little later."""
     for h in hosts:
-        with_retry = h.vm.ssh("sudo obelisk update check", check=False, timeout=60)
-        if with_retry.returncode != 0:
+        for attempt in (1, 2):
+            try:
+                if h.vm.ssh("sudo obelisk update check", check=False, timeout=180).returncode == 0:
+                    break
+            except GuestError as exc:
+                log(f"    {h.name}: update check not requested ({exc}); attempt {attempt}")
             time.sleep(5)
-            h.vm.ssh("sudo obelisk update check", check=False, timeout=60)
 
 
 def _by_host(server: FleetServer, hosts: list[Host]) -> dict[str, dict]:
@@ -482,7 +486,7 @@ def _by_host(server: FleetServer, hosts: list[Host]) -> dict[str, dict]:
 def _roll(ctx: Context, server: FleetServer, hosts: list[Host], release: Path, old: str) -> str:
     version = server.publish(release)
     ctx.log(f"  published {version}")
-    _nudge(hosts)
+    _nudge(hosts, ctx.log)
     seen: dict[str, str] = {}
 
     def done() -> bool:
@@ -524,7 +528,7 @@ def _roll_broken(ctx: Context, server: FleetServer, hosts: list[Host], broken: P
     published = time.time()
     version = server.publish(broken)
     ctx.log(f"  published {version} (broken: its health hook fails)")
-    _nudge(hosts)
+    _nudge(hosts, ctx.log)
     victim: list[Host] = []
 
     def fell_back() -> bool:
@@ -541,7 +545,7 @@ def _roll_broken(ctx: Context, server: FleetServer, hosts: list[Host], broken: P
     expect(first.machine_id in reason or first.name in reason,
            f"the halt reason does not name the host that failed ({first.machine_id}): {reason}")
     # The others check again: they stay where they are.
-    _nudge([h for h in hosts if h is not first])
+    _nudge([h for h in hosts if h is not first], ctx.log)
     time.sleep(POLL + 10)
     others = [h for h in hosts if h is not first]
     other_ids = {h.machine_id for h in others}
