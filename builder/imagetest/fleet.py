@@ -36,7 +36,7 @@ from typing import Protocol
 from bootloader import layout
 from builder.imagetest import timeline
 from builder.imagetest.host import GOOD, ScenarioFailed, expect, nocloud_seed, ssh_key
-from builder.imagetest.hostvm import GuestError, GuestVm
+from builder.imagetest.hostvm import GuestError, GuestVm, stop_process
 from builder.imagetest.netns import PrivateNet
 from obelisk.tools import require
 from update_engine.reboot import keys
@@ -288,12 +288,7 @@ class FleetServer:
         return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        stop_process(self.proc)
         self.log.close()
 
 

@@ -28,6 +28,17 @@ class GuestError(ObeliskError, AssertionError):
     """The guest did not do what the scenario waited for; the message says what and where its log is."""
 
 
+def stop_process(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM a process the test started, SIGKILL it after ``grace`` seconds, and reap it."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=grace)
+
+
 def free_ports(n: int) -> list[int]:
     """``n`` distinct free TCP ports on 127.0.0.1 (all held open until all are chosen)."""
     socks = []

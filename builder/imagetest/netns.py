@@ -16,6 +16,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from builder.imagetest.hostvm import stop_process
 from obelisk.errors import ObeliskError
 from obelisk.tools import require, run
 
@@ -105,13 +106,7 @@ class PrivateNet:
 
     def close(self) -> None:
         for proc in self.procs:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(timeout=10)
+            stop_process(proc)
         # Deleting the namespace takes the bridge and every tap with it.
         subprocess.run([require("ip"), "netns", "del", self.name], capture_output=True, timeout=30)
 

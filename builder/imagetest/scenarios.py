@@ -380,13 +380,7 @@ class UpdateService:
         return [json.loads(line) for line in self.events.read_text().splitlines() if line.strip()]
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        hostvm.stop_process(self.proc)
         if self.proc.stdout:
             self.proc.stdout.close()
 

@@ -381,24 +381,10 @@ def test_lock_holders_from_etcd_and_from_fleetlock(console_server, tmp_path: Pat
 
 
 @pytest.mark.timeout(60)
-def test_a_bad_lock_endpoint_is_one_line(tmp_path: Path) -> None:
-    import subprocess
-
-    from testlib import OBELISK
-
-    (tmp_path / "r").mkdir()
-    (tmp_path / "admin").write_text(ADMIN)
-    (tmp_path / "admin").chmod(0o600)
-    r = subprocess.run([OBELISK, "update", "serve", str(tmp_path / "r"), "--state-dir", str(tmp_path / "s"),
-                        "--admin-token-file", str(tmp_path / "admin"), "--listen", "127.0.0.1:1"],
-                       capture_output=True, text=True, timeout=50,
-                       env={**os.environ, "OBELISK_CONSOLE_LOCK_ENDPOINT": "zookeeper://x"})
-    assert r.returncode == 2 and r.stderr.startswith("error: lock endpoint 'zookeeper://x'"), r.stderr
-    assert "Traceback" not in r.stderr
-
-
-@pytest.mark.timeout(60)
-def test_a_bad_lock_endpoint_flag_is_one_line(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("flag", "env", "value"), [([], True, "zookeeper://x"), (["--lock-endpoint"], False,
+                                                                                   "etcd:ftp://x")],
+                         ids=["env", "flag"])
+def test_a_bad_lock_endpoint_is_one_line(tmp_path: Path, flag: list[str], env: bool, value: str) -> None:
     import subprocess
 
     from testlib import OBELISK
@@ -408,5 +394,8 @@ def test_a_bad_lock_endpoint_flag_is_one_line(tmp_path: Path) -> None:
     (tmp_path / "admin").chmod(0o600)
     r = subprocess.run([OBELISK, "update", "serve", str(tmp_path / "r"), "--state-dir", str(tmp_path / "s"),
                         "--admin-token-file", str(tmp_path / "admin"), "--listen", "127.0.0.1:1",
-                        "--lock-endpoint", "etcd:ftp://x"], capture_output=True, text=True, timeout=50)
-    assert r.returncode == 2 and r.stderr.startswith("error: lock endpoint 'etcd:ftp://x'"), r.stderr
+                        *([*flag, value] if flag else [])],
+                       capture_output=True, text=True, timeout=50,
+                       env={**os.environ, **({"OBELISK_CONSOLE_LOCK_ENDPOINT": value} if env else {})})
+    assert r.returncode == 2 and r.stderr.startswith(f"error: lock endpoint '{value}'"), r.stderr
+    assert "Traceback" not in r.stderr
