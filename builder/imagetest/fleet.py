@@ -11,10 +11,13 @@ locksmith group whose semaphore allows one reboot at a time.
 Roll 1 publishes the next release (same definition and key): every host stages it, waits for the lock,
 reboots into it, is marked good and gives the lock back. Roll 2 publishes a broken one (its health
 hook fails): the first host to take it falls back by itself and reports code 44; the server halts the
-group (safe mode) and no other host downloads it. A thread samples the semaphore every second (the
-timeline and the reboot check); etcd's own history of the key is read afterwards: no revision ever had
-more holders than slots. Everything is written to ``<release>/test/fleet/``: console logs, the raw
-events (``fleet.json``) and ``timeline.svg``.
+group (safe mode) and no other host downloads it. With 3 or more hosts, roll 1 also cuts the power of
+the first host seen holding the lock (QEMU killed during the shutdown of its reboot, before GRUB starts
+the trial): the others keep etcd's quorum and wait, the lock stays with the dead host, and when its power
+comes back it boots the trial, rejoins etcd, is marked good and gives the lock back. A thread samples
+the semaphore every second (the timeline and the reboot check); etcd's own history of the key is read
+afterwards: no revision ever had more holders than slots. Everything is written to
+``<release>/test/fleet/``: console logs, the raw events (``fleet.json``) and ``timeline.svg``.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ GROUP = "stable"        # Omaha track
 LOCK_GROUP = "fleet"    # locksmith group
 PORT = 8080
 POLL = 15               # PollInterval the server tells hosts (s)
+POWER_OFF = 30          # seconds the power-cut host stays off
 BOOTING = "OBELISK-GRUB: booting slot"
 ETCD_ENV = {"ETCDCTL_API": "3", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
 
@@ -102,6 +106,8 @@ class Host:
     machine_id: str = ""
     holder: str = ""    # its id in the semaphore: app-specific, derived from the machine id (reboot/identity.py)
     wall0: float = 0.0  # wall time of the VM's t0 (its console times are relative to it)
+    past: list[tuple[float, str]] = field(default_factory=list)  # (wall time, line) of earlier power-ons
+    power_off: list[tuple[float, float]] = field(default_factory=list)  # (off, on) wall times of a power cut
 
     @property
     def name(self) -> str:
@@ -115,7 +121,23 @@ class Host:
         return self.marks(BOOTING)
 
     def marks(self, text: str) -> list[tuple[float, str]]:
-        return [(self.wall(t), ln) for t, ln in list(self.vm.lines) if text in ln]
+        now = [(self.wall(t), ln) for t, ln in list(self.vm.lines)]
+        return [(t, ln) for t, ln in self.past + now if text in ln]
+
+    def cut_power(self) -> float:
+        """QEMU killed: the power cord pulled. Its console so far is kept (in wall time)."""
+        self.vm.kill()
+        off = time.time()
+        self.past += [(self.wall(t), ln) for t, ln in list(self.vm.lines)]
+        self.vm.lines.clear()
+        return off
+
+    def power_on(self, off: float) -> None:
+        """Power back on from the same disk; the console of this power-on goes to its own log."""
+        self.vm.log = self.vm.log.with_name(f"vm{self.n}-power{len(self.power_off) + 2}.log")
+        self.vm.start()
+        self.wall0 = time.time() - self.vm.seconds()
+        self.power_off.append((off, time.time()))
 
 
 @dataclass
@@ -146,6 +168,83 @@ class LockMonitor:
     def holders_at(self, t: float) -> list[str] | None:
         before = [h for (ts, h) in self.samples if ts <= t]
         return before[-1] if before else None
+
+
+@dataclass
+class PowerCut:
+    """Roll 1's fault: the first host seen holding the reboot lock loses power (QEMU killed) while it shuts
+    down for its reboot, stays off POWER_OFF seconds and comes back. Meanwhile the others' etcd must keep
+    quorum and the lock must stay with the dead host (nobody else reboots)."""
+
+    hosts: list[Host]
+    monitor: LockMonitor
+    net: PrivateNet
+    log: Callable[[str], None]
+    victim: Host | None = None
+    boots_before: int = 0
+    quorum: list[str] = field(default_factory=list)   # what the others' etcd said while the victim was off
+    held_while_off: list[list[str]] = field(default_factory=list)
+    error: str = ""
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, daemon=True, name="power-cut")
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=POWER_OFF + 120)
+
+    def _run(self) -> None:
+        try:
+            seen = len(self.monitor.samples)
+            while not self._stop.wait(0.2):
+                samples = self.monitor.samples[seen:]
+                seen += len(samples)
+                holder = next((h for _, held in samples for h in self.hosts if h.holder in held), None)
+                if holder is not None:
+                    self._cut(holder)
+                    return
+        except Exception as exc:  # reported by the roll's check, never lost in a thread
+            self.error = f"{type(exc).__name__}: {exc}"
+
+    def _cut(self, h: Host) -> None:
+        self.victim, self.boots_before = h, len(h.boots())
+        off = h.cut_power()
+        self.log(f"    {time.strftime('%H:%M:%S')} power cut: {h.name} (holding the lock) is off for {POWER_OFF}s")
+        others = ",".join(f"http://{x.vm.address}:2379" for x in self.hosts if x is not h)
+        while time.time() - off < POWER_OFF:
+            res = etcdctl(self.net, others, "endpoint", "health")
+            self.quorum.append("ok" if res.returncode == 0 else (res.stderr or res.stdout).strip()[-200:])
+            held = read_holders(self.net, others)
+            if held is not None:
+                self.held_while_off.append(held)
+            time.sleep(5)
+        h.power_on(off)
+        self.log(f"    {time.strftime('%H:%M:%S')} power back: {h.name}")
+
+    def verdict(self, endpoints: str) -> str:
+        """After the roll: what the fault proved, or ScenarioFailed."""
+        expect(not self.error, f"the power cut failed: {self.error}")
+        h = self.victim
+        expect(h is not None, "no host was seen holding the lock during roll 1: the power cut never happened")
+        assert h is not None
+        expect(bool(self.quorum) and all(q == "ok" for q in self.quorum),
+               f"the other hosts' etcd lost quorum while {h.name} was off: {self.quorum[-3:]}")
+        expect(all(held == [h.holder] for held in self.held_while_off),
+               f"the lock did not stay with {h.name} while it was off: {self.held_while_off[:3]}")
+        res = etcdctl(self.net, f"http://{h.vm.address}:2379", "endpoint", "health")
+        expect(res.returncode == 0, f"{h.name}'s etcd member did not come back: {(res.stderr or res.stdout)[-200:]}")
+        members = etcdctl(self.net, endpoints, "member", "list").stdout.strip().splitlines()
+        expect(len(members) == len(self.hosts) and all(", started," in m for m in members),
+               f"etcd's members after the power cut: {members}")
+        boots = h.boots()
+        return (f"power cut: {h.name} lost power holding the lock ({len(self.quorum)} health checks of the "
+                f"other {len(self.hosts) - 1} all ok, the lock stayed with it), came back, booted the trial "
+                f"({len(boots) - self.boots_before} boot(s) since), rejoined etcd ({len(members)} started), "
+                f"finished")
 
 
 def etcdctl(net: PrivateNet, endpoints: str, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
@@ -393,7 +492,8 @@ def _fleet(ctx: Context) -> str:
             run.phase("boot", lambda: _boot_all(ctx, hosts, net))
             run.phase("etcd", lambda: _etcd_healthy(net, endpoints, n_hosts))
             monitor.start()
-            run.phase("roll-1", lambda: _roll(ctx, server, hosts, nxt, base["version"]))
+            cut = PowerCut(hosts, monitor, net, ctx.log) if n_hosts >= 3 else None
+            run.phase("roll-1", lambda: _roll(ctx, server, hosts, nxt, base["version"], cut, endpoints))
             run.phase("roll-2", lambda: _roll_broken(ctx, server, hosts, broken, ctx.release_meta(nxt)["version"]))
             run.phase("lock-safety", lambda: _lock_safety(net, endpoints, hosts, monitor))
         finally:
@@ -405,7 +505,8 @@ def _fleet(ctx: Context) -> str:
             record["hosts_info"] = {
                 h.name: {"machine_id": h.machine_id, "holder": h.holder, "boots": h.boots(), "log": str(h.vm.log),
                          "good": [t for t, _ in h.marks("OBELISK-BOOT-GOOD")],
-                         "failed": [t for t, _ in h.marks("OBELISK-HEALTH-FAIL")]} for h in hosts}
+                         "failed": [t for t, _ in h.marks("OBELISK-HEALTH-FAIL")],
+                         "power_off": h.power_off} for h in hosts}
             record["t0"] = run.t0
             for h in hosts:
                 h.vm.kill()
@@ -413,6 +514,10 @@ def _fleet(ctx: Context) -> str:
             record["figures"] = timeline.figures(record)
             for what, row in record["figures"].items():
                 ctx.log(f"  {what}: " + ", ".join(f"{k} {v:.0f}s" for k, v in row.items()))
+            record["rolls"] = timeline.roll_figures(record)
+            for what, row in record["rolls"].items():
+                ctx.log(f"  {what}: " + ", ".join(f"{k} {v:.2f}" if k == "ratio" else f"{k} {v:.0f}s"
+                                                  for k, v in row.items()))
             (work / "fleet.json").write_text(json.dumps(record, indent=1, default=str))
             try:
                 timeline.write_svg(work / "timeline.svg", record)
@@ -478,10 +583,25 @@ def _by_host(server: FleetServer, hosts: list[Host]) -> dict[str, dict]:
     return {h.name: rows.get(h.machine_id, {}) for h in hosts}
 
 
-def _roll(ctx: Context, server: FleetServer, hosts: list[Host], release: Path, old: str) -> str:
+def _roll(ctx: Context, server: FleetServer, hosts: list[Host], release: Path, old: str,
+          cut: PowerCut | None = None, endpoints: str = "") -> str:
     version = server.publish(release)
     ctx.log(f"  published {version}")
-    _nudge(hosts, ctx.log)
+    if cut is not None:
+        cut.start()
+    try:
+        _nudge(hosts, ctx.log)
+        _wait_all_on(ctx, server, hosts, version)
+    finally:
+        if cut is not None:
+            cut.stop()
+    for h in hosts:
+        _expect_on(h, version)
+    fault = "; " + cut.verdict(endpoints) if cut is not None else ""
+    return f"every host on {version}, marked good, {old} kept as fallback{fault}"
+
+
+def _wait_all_on(ctx: Context, server: FleetServer, hosts: list[Host], version: str) -> None:
     seen: dict[str, str] = {}
 
     def done() -> bool:
@@ -494,9 +614,6 @@ def _roll(ctx: Context, server: FleetServer, hosts: list[Host], release: Path, o
         return all(r.get("version") == version and r.get("status") == "complete" for r in rows.values())
 
     _wait(f"not every host reached {version} (last: {seen})", 1500 * len(hosts), done, every=3)
-    for h in hosts:
-        _expect_on(h, version)
-    return f"every host on {version}, marked good, {old} kept as fallback"
 
 
 def host_state(h: Host) -> tuple[str, str, dict[str, dict]]:

@@ -1,8 +1,9 @@
 """The fleet run as a picture: one row per host against time (SVG, no dependencies).
 
 Bars: staging (download started → installed), waiting for the reboot lock (installed → holding it),
-holding the lock (rebooting, trial, marked good, given back). Marks: each GRUB boot (tick), marked good
-(green dot), a failed health check (red cross), a rollback reported to the server (red ring).
+holding the lock (rebooting, trial, marked good, given back), powered off (a power cut of the run).
+Marks: each GRUB boot (tick), marked good (green dot), a failed health check (red cross), a rollback
+reported to the server (red ring).
 Input is the run's record (``fleet.json``); times are wall-clock seconds.
 """
 
@@ -11,7 +12,9 @@ from __future__ import annotations
 from html import escape
 from pathlib import Path
 
-COLORS = {"staging": "#6baed6", "waiting for the lock": "#fdae6b", "holding the lock": "#9e9ac8"}
+COLORS = {"staging": "#6baed6", "waiting for the lock": "#fdae6b", "holding the lock": "#9e9ac8",
+          "powered off": "#252525"}
+OFFSETS = {"staging": 6, "waiting for the lock": 6, "holding the lock": 20, "powered off": 32}
 LEFT, ROW, TOP, WIDTH = 110, 46, 40, 1100
 
 
@@ -53,6 +56,7 @@ def segments(record: dict) -> dict[str, list[tuple[str, float, float]]]:
                     bars.append(("waiting for the lock", e["time"], got))
                 started = None
         bars += [("holding the lock", a, b) for a, b in held]
+        bars += [("powered off", a, b) for a, b in info.get("power_off") or []]
         out[name] = bars
     return out
 
@@ -86,7 +90,7 @@ def write_svg(path: Path, record: dict) -> Path:
         y = TOP + row * ROW
         parts.append(f'<text x="8" y="{y + ROW / 2 + 4}">{escape(name)}</text>')
         for kind, a, b in bars.get(name, []):
-            off = {"staging": 6, "waiting for the lock": 6, "holding the lock": 20}[kind]
+            off = OFFSETS[kind]
             parts.append(f'<rect x="{x(a):.1f}" y="{y + off}" width="{max(x(b) - x(a), 1.5):.1f}" height="12" '
                          f'fill="{COLORS[kind]}"><title>{kind}: {b - a:.0f}s</title></rect>')
         for t, line in info.get("boots", []):
@@ -140,4 +144,19 @@ def figures(record: dict) -> dict[str, dict[str, float]]:
                     row["lock to marked good"] = after - got[0]
                 row["lock held"] = got[1] - got[0]
             out[f"{name} update {n + 1}"] = row
+    return out
+
+
+def roll_figures(record: dict) -> dict[str, dict[str, float]]:
+    """Per roll: its time (publish to every host done, the phase's own time) against the ideal of one host
+    after the other with nothing but their reboots (hosts x the median time a host held the lock)."""
+    out: dict[str, dict[str, float]] = {}
+    per = figures(record)
+    hosts = len(record.get("hosts_info") or {})
+    phases = {p.get("name"): p for p in record.get("phases") or []}
+    roll = phases.get("roll-1")
+    held = sorted(row["lock held"] for what, row in per.items() if what.endswith("update 1") and "lock held" in row)
+    if roll and held and hosts:
+        ideal = hosts * held[len(held) // 2]
+        out["roll-1"] = {"took": float(roll["seconds"]), "ideal": ideal, "ratio": float(roll["seconds"]) / ideal}
     return out

@@ -109,6 +109,24 @@ def test_timeline_draws_every_host_and_phase(tmp_path: Path) -> None:
     json.dumps(rec)
 
 
+def test_timeline_shows_a_power_cut_and_the_roll_against_its_ideal(tmp_path: Path) -> None:
+    t0 = time.time()
+    info = {"machine_id": "m1", "holder": "h1", "boots": [[t0 + 5, "OBELISK-GRUB: booting slot A"]],
+            "good": [t0 + 60, t0 + 290], "failed": [], "power_off": [[t0 + 191, t0 + 221]]}
+    rec = {"t0": t0, "base": "0.1.0", "hosts_info": {"fleet-1": info, "fleet-2": {**info, "holder": "h2"}},
+           "phases": [{"name": "roll-1", "seconds": 500.0}],
+           "events": [{"time": t0 + 100, "machineid": "m1", "eventtype": 13, "eventresult": 1},
+                      {"time": t0 + 150, "machineid": "m1", "eventtype": 3, "eventresult": 1}],
+           "lock_samples": [{"time": t0 + 150, "holders": []}, {"time": t0 + 190, "holders": ["h1"]},
+                            {"time": t0 + 290, "holders": ["h2"]}, {"time": t0 + 390, "holders": []}]}
+    assert ("powered off", t0 + 191, t0 + 221) in timeline.segments(rec)["fleet-1"]
+    svg = timeline.write_svg(tmp_path / "t.svg", rec).read_text()
+    ET.fromstring(svg)
+    assert "powered off: 30s" in svg
+    roll = timeline.roll_figures(rec)["roll-1"]
+    assert roll == {"took": 500.0, "ideal": 200.0, "ratio": 2.5}
+
+
 @pytest.mark.timeout(60)
 def test_private_net_dhcp_gives_each_mac_its_address(tmp_path: Path) -> None:
     """A client in a second namespace (made by this test, linked only to the first by a veth) asks udhcpd."""
