@@ -540,8 +540,16 @@ def scenario_fleet(ctx: Context) -> str:
     return fleet.scenario_fleet(ctx)
 
 
+def scenario_ignition(ctx: Context) -> str:
+    """An Ignition config on a config drive: applied on the first boot, not again; a broken one stops the boot
+    (builder/imagetest/ignition.py)."""
+    from builder.imagetest import ignition  # it builds on this module
+
+    return ignition.scenario_ignition(ctx)
+
+
 # Scenarios that need the default image's host parts (sshd, podman, etcd): tests/vm/test_host.py runs them.
-HOST_IMAGE_ONLY = ("host", "fleet")
+HOST_IMAGE_ONLY = ("host", "ignition", "fleet")
 # Run only when asked for by name (`-s fleet`): several VMs for most of an hour under TCG.
 ON_REQUEST = ("fleet",)
 
@@ -552,6 +560,7 @@ SCENARIOS: dict[str, Callable[[Context], str]] = {
     "badverity": scenario_badverity,
     "power-loss": scenario_power_loss,
     "host": scenario_host,
+    "ignition": scenario_ignition,
     "fleet": scenario_fleet,
 }
 
