@@ -98,7 +98,7 @@ def check_applied_once(ctx: Context, work: Path, key: Path, pubkey: str) -> dict
                f"/etc/obelisk-ignition is {_stat(vm, '/etc/obelisk-ignition')}")
         expect(_stat(vm, FILE).startswith("regular file 640 core:"), f"{FILE} is {_stat(vm, FILE)}")
         expect(vm.ssh(f"sudo cat {FILE}").stdout == FILE_TEXT, f"{FILE} does not hold the config's contents")
-        expect(vm.ssh(f"readlink {LINK}").stdout.strip() == "greeting", f"{LINK} is not the config's symlink")
+        expect(vm.ssh(f"sudo readlink {LINK}").stdout.strip() == "greeting", f"{LINK} is not the config's symlink")
         enabled = vm.ssh("systemctl is-enabled obelisk-ignition-hello.service", check=False).stdout.strip()
         expect(enabled == "enabled", f"the unit from Ignition is {enabled!r}, not enabled")
         result = vm.ssh("sudo stat -c %Y /etc/.ignition-result.json", check=False)
