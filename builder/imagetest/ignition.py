@@ -134,6 +134,8 @@ def check_broken_stops_the_boot(ctx: Context, work: Path, key: Path) -> str:
                f"the console does not name the bad field: {said[:3]}")
         good = [ln for _, ln in vm.lines if "OBELISK-BOOT-GOOD" in ln]
         expect(not good, "a boot whose Ignition config was refused was marked good")
+        login = vm.ssh("true", check=False, timeout=60)
+        expect(login.returncode != 0, "sshd answers on a host whose Ignition config was refused")
         vm.kill()
     return line.strip()[:200]
 
