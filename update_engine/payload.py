@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from obelisk import signing
 from obelisk.errors import ObeliskError
 from obelisk.signing import PublicKey, SigningError
+from update_engine import chunks as cdc
 
 MAGIC = b"OBKPAYLD"
 FORMAT_VERSION = 1
@@ -93,6 +94,17 @@ class Operation:
 
 
 @dataclass(frozen=True)
+class ChunkIndex:
+    """The target cut into content-defined chunks (``update_engine.chunks``), in order, covering it."""
+
+    chunker: cdc.Chunker
+    chunks: tuple[cdc.Chunk, ...]
+
+    def to_json(self) -> dict:
+        return {"chunker": self.chunker.to_json(), "chunks": [[c.length, c.sha256] for c in self.chunks]}
+
+
+@dataclass(frozen=True)
 class Manifest:
     app_id: str
     arch: str
@@ -104,6 +116,7 @@ class Manifest:
     operations: tuple[Operation, ...]
     chunk_size: int = CHUNK_SIZE
     block_size: int = BLOCK_SIZE
+    index: ChunkIndex | None = None  # content-defined chunks of the target, for adaptive updates
     # Not part of the signed JSON: where this manifest was found and who signed it.
     data_offset: int = field(default=0, compare=False)
     data_size: int = field(default=0, compare=False)
@@ -125,11 +138,22 @@ class Manifest:
             "block_size": self.block_size,
             "chunk_size": self.chunk_size,
             "operations": [op.to_json() for op in self.operations],
+            **({"index": self.index.to_json()} if self.index is not None else {}),
         }
 
     def summary(self) -> dict:
-        return {**self.to_json(), "operations": len(self.operations), "signed_by": self.signed_by,
-                "payload_size": self.payload_size}
+        out = {**self.to_json(), "operations": len(self.operations), "signed_by": self.signed_by,
+               "payload_size": self.payload_size}
+        if self.index is not None:
+            out["index"] = {"chunker": self.index.chunker.to_json(), "chunks": len(self.index.chunks)}
+        return out
+
+    def data_position(self, target_offset: int) -> int:
+        """Where target byte ``target_offset`` sits in the payload file (every operation is a replace)."""
+        for op in self.operations:
+            if op.dst.offset <= target_offset < op.dst.offset + op.dst.length:
+                return self.data_offset + op.data_offset + target_offset - op.dst.offset
+        raise PayloadError(f"target offset {target_offset} is outside the manifest's operations")
 
 
 def canonical_json(obj: dict) -> bytes:
@@ -244,8 +268,38 @@ def parse_manifest_json(blob: bytes) -> Manifest:
             data_end = op.data_offset + op.data_length
     if covered != size:
         raise PayloadError(f"manifest: operations cover {covered} bytes, target size is {size}")
+    index = _parse_index(obj["index"], size) if "index" in obj else None
     return Manifest(strs["app_id"], strs["arch"], strs["version"], size, sha, root, hoff, ops, chunk, block,
-                    data_size=data_end)
+                    index, data_size=data_end)
+
+
+def _parse_index(d: object, size: int) -> ChunkIndex | None:
+    """The chunk index; None when it was cut by a chunker this host does not know (the full payload then)."""
+    where = "manifest index"
+    chunker = _get(d, "chunker", dict, where)
+    assert isinstance(chunker, dict)
+    if chunker.get("kind") != cdc.KIND:
+        return None
+    try:
+        ck = cdc.Chunker(_nonneg(chunker, "min", where), _nonneg(chunker, "avg", where), _nonneg(chunker, "max", where))
+    except ValueError as exc:
+        raise PayloadError(f"{where}: {exc}") from None
+    raw = _get(d, "chunks", list, where)
+    assert isinstance(raw, list)
+    out: list[cdc.Chunk] = []
+    pos = 0
+    for i, c in enumerate(raw):
+        if (not isinstance(c, list) or len(c) != 2 or not isinstance(c[0], int) or isinstance(c[0], bool)
+                or not isinstance(c[1], str) or not _HEX64.match(c[1])):
+            raise PayloadError(f"{where}: chunk {i} is not [length, sha256]")
+        if not 0 < c[0] <= ck.max_size:
+            raise PayloadError(f"{where}: chunk {i} has length {c[0]} (1 to {ck.max_size} bytes)")
+        out.append(cdc.Chunk(pos, c[0], c[1]))
+        pos += c[0]
+    if pos != size:
+        raise PayloadError(f"{where}: chunks cover {pos} bytes but the target is {size}: the index does not cover "
+                           "the target (rebuild the payload)")
+    return ChunkIndex(ck, tuple(out))
 
 
 def parse_header(head: bytes) -> tuple[int, int]:
@@ -332,25 +386,36 @@ def _hash_chunks(f: BinaryIO, size: int, chunk: int) -> tuple[str, list[str]]:
     return whole.hexdigest(), chunks
 
 
+DEFAULT_CHUNKER = cdc.Chunker()
+
+
 def build_manifest(usr_image: Path, *, app_id: str, arch: str, version: str, verity_root_hash: str,
-                   hash_offset: int, chunk_size: int = CHUNK_SIZE) -> Manifest:
+                   hash_offset: int, chunk_size: int = CHUNK_SIZE,
+                   chunker: cdc.Chunker | None = DEFAULT_CHUNKER) -> Manifest:
+    """``chunker`` None: no chunk index (the manifest old builders wrote)."""
     size = usr_image.stat().st_size
     if size == 0:
         raise PayloadError(f"{usr_image} is empty: build the USR image first")
     with open(usr_image, "rb") as f:
         sha, chunks = _hash_chunks(f, size, chunk_size)
     op = Operation(OP_REPLACE, Extent(0, size), 0, size, (), tuple(chunks))
-    m = Manifest(app_id, arch, version, size, sha, verity_root_hash.lower(), hash_offset, (op,), chunk_size)
+    index = ChunkIndex(chunker, tuple(chunker.index_file(usr_image, size))) if chunker is not None else None
+    m = Manifest(app_id, arch, version, size, sha, verity_root_hash.lower(), hash_offset, (op,), chunk_size,
+                 index=index)
     # Round-trip through the parser so a writer can never produce what a host would refuse.
     return _with(parse_manifest_json(canonical_json(m.to_json())), data_size=size)
 
 
 def write_payload(usr_image: Path, out: Path, *, app_id: str, arch: str, version: str,
                   verity_root_hash: str, hash_offset: int, private_key: Ed25519PrivateKey,
-                  chunk_size: int = CHUNK_SIZE) -> Manifest:
-    """Write ``out`` atomically: header, signed manifest, then the USR image as one replace blob."""
+                  chunk_size: int = CHUNK_SIZE, chunker: cdc.Chunker | None = DEFAULT_CHUNKER) -> Manifest:
+    """Write ``out`` atomically: header, signed manifest, then the USR image as one replace blob.
+
+    The data area is the target in order, so each chunk of the index is one Range request away
+    (``Manifest.data_position``)."""
     m = build_manifest(usr_image, app_id=app_id, arch=arch, version=version,
-                       verity_root_hash=verity_root_hash, hash_offset=hash_offset, chunk_size=chunk_size)
+                       verity_root_hash=verity_root_hash, hash_offset=hash_offset, chunk_size=chunk_size,
+                       chunker=chunker)
     blob = canonical_json(m.to_json())
     head = HEADER.pack(MAGIC, FORMAT_VERSION, len(blob), SIGNATURE_SIZE, 0)
     sig = signing.sign(private_key, head + blob)

@@ -13,7 +13,8 @@ DEPENDS = ("usr",)
 def inputs(ctx) -> dict:
     d = ctx.definition
     return {"app_id": d.app_id, "arch": d.arch, "version": ctx.version,
-            "key": signing.public_key_of(ctx.private_key).key_id}
+            "key": signing.public_key_of(ctx.private_key).key_id,
+            "index": payload.DEFAULT_CHUNKER.to_json()}  # the chunk index is part of the payload
 
 
 def run(ctx, out: Path) -> dict:
