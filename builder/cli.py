@@ -13,6 +13,7 @@ from rich.table import Table
 from builder import cache as stage_cache
 from builder import inspect, verify
 from builder.build import DEFAULT_DEFINITION, build
+from builder.diff_cli import diff as image_diff
 from builder.imagetest.cli import test as image_test
 from builder.pipeline import default_cache_dir
 from obelisk.errors import clean_errors
@@ -168,3 +169,4 @@ def cache_prune(
 
 
 image_app.command("test")(image_test)  # the boot chain's VM scenarios (builder/imagetest)
+image_app.command("diff")(image_diff)  # what a host on OLD downloads to reach NEW (builder/diff_cli.py)

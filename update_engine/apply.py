@@ -25,14 +25,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bootloader import layout, slots
+from obelisk.errors import ObeliskError
 from obelisk.inputs import InputFileError, check_input
 from obelisk.signing import PublicKey
-from update_engine import disklock, installed, omaha, payload, progress, target
+from update_engine import chunkplan, disklock, installed, omaha, payload, progress, target
+from update_engine.adaptive import AdaptiveWriter, Figures, publish
 from update_engine.errors import ApplyError, Stopped, payload_failure
 from update_engine.payload import Manifest, PayloadError
 from update_engine.policy import Overrides, Policy, check_policy, resolve
 from update_engine.postinstall import postinstall
 from update_engine.progress import MANIFEST_FILE, PROGRESS_FILE, Checkpointer, Progress, clear_progress
+from update_engine.rangefetch import RangeFetcher, RangeUnusable
 from update_engine.slotwriter import Retry, SlotWriter
 from update_engine.transfer import Retrier, Source, Stream, Transfer, TransferFailed
 
@@ -53,6 +57,8 @@ class Result:
     resumed_from: int
     manifest: dict = field(default_factory=dict)
     staged: bool = True  # False: a dry run, everything checked and nothing written
+    # Bytes of the target reused from the host, fetched, saved; mode "adaptive" or "full" (docs/adaptive.md).
+    transfer: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -75,6 +81,10 @@ class Applier:
     overrides: Overrides | None = None
     on_note: Callable[[str], None] | None = None
     dry_run: bool = False  # verify the manifest and the policy, then stop before any write
+    # Adaptive updates (docs/adaptive.md): with a chunk index in the manifest, copy what the host has and
+    # fetch only the rest by Range. Off by default: every payload is read front to back, as before.
+    adaptive: bool = False
+    on_figures: Callable[[Figures], None] | None = None  # reused / fetched / saved, as they grow
     _notes: list[str] = field(default_factory=list, init=False, repr=False)
 
     def _phase(self, name: str) -> None:
@@ -98,8 +108,33 @@ class Applier:
             finally:
                 src.close()
 
-    def _read_manifest(self, retrier: Retrier, src: Source) -> tuple[Manifest, Stream]:
-        """The verified manifest, and the stream left positioned at the data area."""
+    def _read_manifest_ranged(self, src: Source) -> Manifest | None:
+        """Header and manifest by two Range requests (nothing of the data area is sent); None when the
+        server does not answer ranges as asked (the caller then reads the payload front to back)."""
+        fetcher = RangeFetcher(src.source, self.policy.expected_size, self.transfer, retries=self.transfer.retries)
+        try:
+            head = fetcher.fetch(0, payload.HEADER_SIZE)
+            mlen, slen = payload.parse_header(head)
+            rest = fetcher.fetch(payload.HEADER_SIZE, mlen + slen)
+            return payload.verify_signed(head, rest[:mlen], rest[mlen:], self.trusted_keys)
+        except RangeUnusable as exc:
+            self._say(f"{exc}: downloading the whole payload")
+            return None
+        except PayloadError as exc:
+            raise payload_failure(exc) from None
+        finally:
+            fetcher.close()
+
+    def _say(self, note: str) -> None:
+        if self.on_note:
+            self.on_note(note)
+
+    def _read_manifest(self, retrier: Retrier, src: Source) -> tuple[Manifest, Stream | None]:
+        """The verified manifest, and the stream left positioned at the data area (None: not opened yet)."""
+        if self.adaptive and src.is_url and not self.dry_run:
+            m = self._read_manifest_ranged(src)
+            if m is not None:
+                return m, None
         stream = retrier.open(src, 0)
         try:
             return payload.read_manifest_stream(stream.read, self.trusted_keys), stream
@@ -120,22 +155,123 @@ class Applier:
                 if self.on_note:
                     self.on_note(note)
             if self.dry_run:
-                first.close()
+                if first is not None:
+                    first.close()
                 return Result(str(self.disk), tgt.name, tgt.index, m.version, 0, 0, m.summary(), staged=False)
             identity = hashlib.sha256(m.raw + (self.policy.expected_sha256 or "").encode()).hexdigest()
             done = 0
             if self.state_dir is not None:
                 done = progress.resumable(self.state_dir, identity, self.disk, tgt.index, m.raw)
         except BaseException:
-            first.close()
+            if first is not None:
+                first.close()
             raise
         # Beyond here the passive slot's content is about to change: it must never be chosen to boot.
         try:
             target.make_unbootable(self.disk, tgt.index)
+            chunkplan.drop_index(self.state_dir, tgt.index)  # its saved index no longer says what it holds
             fd = self._open_disk()
         except BaseException:
-            first.close()
+            if first is not None:
+                first.close()
             raise
+        figures: Figures | None = None
+        try:
+            tried = self.adaptive and chunkplan.adaptive_ok(m)
+            if tried:
+                figures = self._adaptive(src, tgt, fd, m, identity)
+            if figures is None:
+                if tried:
+                    done = 0  # the slot holds chunks of the plan, not a prefix: start the stream over
+                if first is None:
+                    first = self._open_data(retrier, src, m)
+                figures = self._full(src, retrier, tgt, fd, m, identity, done, first)
+                first = None
+        finally:
+            if first is not None:
+                first.close()
+            os.close(fd)
+        self._phase("finalizing")
+        postinstall(self.disk, tgt.index, m)
+        clear_progress(self.state_dir)
+        if m.index is not None and self.state_dir is not None:
+            chunkplan.save_index(self.state_dir, tgt.index, m)
+        publish(figures)
+        return Result(str(self.disk), tgt.name, tgt.index, m.version, m.target_size, figures.resumed_from,
+                      m.summary(), transfer=figures.to_json())
+
+    def _open_data(self, retrier: Retrier, src: Source, m: Manifest) -> Stream:
+        """A stream at the data area read from the payload's first byte (no Range: the server may ignore it)."""
+        stream = retrier.open(src, 0)
+        try:
+            got = payload._read_exact(stream.read, m.data_offset, "manifest")
+        except PayloadError as exc:
+            stream.close()
+            raise payload_failure(exc) from None
+        except BaseException:
+            stream.close()
+            raise
+        if got != m.raw:
+            stream.close()
+            raise ApplyError("the payload changed on the server during the update (its manifest differs)",
+                             omaha.ERR_DOWNLOAD_TRANSFER)
+        return stream
+
+    def _sources(self, tgt: target.Target, fd: int, m: Manifest) -> list[chunkplan.LocalSource]:
+        """What the host has: the slot it keeps (saved index or indexed now), and the slot being written."""
+        assert m.index is not None
+        out = []
+        for index in (tgt.keep, tgt.index):
+            if index is None:
+                continue
+            try:
+                off, length = slots.slot_extent(self.disk, index)
+            except (ObeliskError, OSError):
+                continue
+            written = index == tgt.index
+            saved = None if written else chunkplan.load_index(self.state_dir, index, m.index.chunker)
+            name = f"slot {layout.name_of(index)}" + (" (being written)" if written else "")
+            src = chunkplan.slot_source(name, fd, off, length, written=written, saved=saved)
+            if src is not None:
+                out.append(src)
+        return out
+
+    def _adaptive(self, src: Source, tgt: target.Target, fd: int, m: Manifest, identity: str) -> Figures | None:
+        """Stage chunk by chunk; None when reading the payload front to back is the better (or only) way."""
+        plan = chunkplan.make_plan(m, self._sources(tgt, fd, m))
+        if not plan.worth_it:
+            self._say(f"the host has {plan.reused} of {plan.total} target bytes: downloading the whole payload")
+            return None
+        self._say(f"adaptive update: reusing {plan.reused:,} bytes, fetching {plan.fetched:,} in "
+                  f"{plan.requests} range requests")
+        fetcher = RangeFetcher(src.source, m.payload_size, self.transfer,
+                               retries=self.transfer.retries if src.is_url else 0)
+        saver = None
+        if self.state_dir is not None:
+            progress.start(self.state_dir, m.raw, Progress(identity, str(self.disk), tgt.index, 0))
+            saver = Checkpointer(fd, self.state_dir, identity, str(self.disk), tgt.index)
+        want = self.policy.expected_sha256
+        whole = hashlib.sha256(m.raw) if want else None
+        writer = AdaptiveWriter(fd, tgt.offset, tgt.length, m, fetcher, should_stop=self.should_stop,
+                                on_progress=self.on_progress, on_figures=self.on_figures, checkpointer=saver,
+                                checkpoint_bytes=self.transfer.checkpoint_bytes)
+        try:
+            figures = writer.write(plan, whole)
+        except RangeUnusable as exc:
+            self._say(f"{exc}: downloading the whole payload instead")
+            return None
+        finally:
+            fetcher.close()
+        self._phase("verifying")
+        if want and (whole is None or whole.hexdigest() != want.lower()):
+            raise ApplyError("payload SHA-256 differs from the one the update server announced",
+                             omaha.ERR_PAYLOAD_HASH)
+        figures.resumed_from = figures.in_place
+        return figures
+
+    def _full(self, src: Source, retrier: Retrier, tgt: target.Target, fd: int, m: Manifest, identity: str,
+              done: int, first: Stream) -> Figures:
+        """Read the payload front to back (the path every host had before chunk indexes)."""
         try:
             saver = None
             if self.state_dir is not None:
@@ -169,11 +305,8 @@ class Applier:
         finally:
             if first is not None:
                 first.close()
-            os.close(fd)
-        self._phase("finalizing")
-        postinstall(self.disk, tgt.index, m)
-        clear_progress(self.state_dir)
-        return Result(str(self.disk), tgt.name, tgt.index, m.version, m.target_size, resumed_from, m.summary())
+        return Figures(total=m.target_size, fetched=m.target_size - resumed_from, mode="full",
+                       resumed_from=resumed_from)
 
     def _open_disk(self) -> int:
         try:

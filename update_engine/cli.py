@@ -65,6 +65,8 @@ def apply_cmd(
     allow_downgrade: bool = typer.Option(False, "--allow-downgrade",
                                          help="accept a payload not newer than what the target runs"),
     dry_run: bool = typer.Option(False, "--dry-run", help="verify the payload and the policy, write nothing"),
+    adaptive: bool = typer.Option(False, "--adaptive", help="copy the chunks the disk already has and fetch only "
+                                  "the others by HTTP Range (needs a payload with a chunk index)"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
     """Stage a payload into the passive slot of a disk (or a disk image), verified, then marked for a trial boot.
@@ -91,10 +93,15 @@ def apply_cmd(
                 tasks[phase] = prog.add_task(phase, total=total)
             prog.update(tasks[phase], completed=done)
 
+        def on_figures(f) -> None:  # an adaptive apply: what came from the disk, what over the network
+            if "downloading" in tasks:
+                prog.update(tasks["downloading"], description=f"reused {f.reused / 1e6:.1f} MB, fetched "
+                            f"{f.fetched / 1e6:.1f} MB")
+
         try:
             result = Applier(source, disk, keys, slot=index, overrides=overrides,
                              state_dir=None if dry_run else state_dir, on_progress=on_progress,
-                             on_note=_note,
+                             on_note=_note, adaptive=adaptive, on_figures=on_figures,
                              dry_run=dry_run).run()
         finally:
             if tasks:
@@ -108,6 +115,10 @@ def apply_cmd(
         resumed = f" (resumed at {result.resumed_from} bytes)" if result.resumed_from else ""
         print(f"staged {result.version} into slot {result.slot} of {result.disk}{resumed}: "
               "it boots next for one trial")
+        t = result.transfer
+        if t.get("mode") == "adaptive":
+            print(f"adaptive: reused {t['reused']:,} bytes, fetched {t['fetched']:,}, saved {t['saved']:,} "
+                  f"of {t['total']:,}")
 
 
 def _status(socket_path: Path, state_dir: Path) -> tuple[dict, bool]:

@@ -13,9 +13,11 @@ import os
 import socket
 import socketserver
 import struct
+import time
 from pathlib import Path
 from typing import Protocol
 
+from update_engine import adaptive
 from update_engine.state import ensure_dir
 
 SOCKET_DIR_MODE = 0o755
@@ -33,6 +35,7 @@ class StatusServer(socketserver.ThreadingUnixStreamServer):
 
     def __init__(self, path: Path, backend: Backend) -> None:
         self.backend = backend
+        self.started = time.monotonic()
         ensure_dir(path.parent, SOCKET_DIR_MODE)
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
@@ -59,6 +62,10 @@ class _Handler(socketserver.StreamRequestHandler):
         backend: Backend = self.server.backend  # type: ignore[attr-defined]
         if cmd == "status":
             out = backend.status()
+            # Bytes reused / fetched / saved by the last apply since this server started (docs/adaptive.md).
+            figures = adaptive.current(self.server.started)  # type: ignore[attr-defined]
+            if figures:
+                out = {**out, "transfer": figures}
         elif cmd == "check":
             backend.request_check()
             out = {"ok": True, **backend.status()}
