@@ -31,7 +31,7 @@ image: setup
 test: setup
 	$(VENV)/bin/pytest -q -ra tests
 
-# The fleet end to end (3 VMs, most of an hour under TCG): not in `make test`, see tests/vm/test_fleet.py.
+# The fleet end to end (3 VMs, about 65 minutes under TCG here): not in `make test`, see docs/fleet-run.md.
 fleet-test: setup
 	OBELISK_FLEET_HOSTS=$${HOSTS:-3} $(VENV)/bin/pytest -q -ra tests/vm/test_fleet.py
 
