@@ -17,7 +17,15 @@ BLOCK = 4096
 
 
 def inputs(ctx) -> dict:
-    return {"epoch": ctx.epoch}
+    return {"epoch": ctx.epoch, "salt": _salt(ctx)}
+
+
+def _salt(ctx) -> str:
+    """One verity salt per image definition (name and app id), the same for every build of it: a salt taken
+    from the filesystem's bytes changed every hash of the tree with any change of /usr, so a host fetched
+    the whole tree again on each update (docs/adaptive.md); with a stable salt only the hashes of blocks
+    that changed do."""
+    return hashlib.sha256(f"obelisk-verity-salt\0{ctx.definition.app_id}\0{ctx.name}".encode()).hexdigest()
 
 
 def run(ctx, out: Path) -> dict:
@@ -32,9 +40,10 @@ def run(ctx, out: Path) -> dict:
     hash_offset = -(-fs_size // BLOCK) * BLOCK
     with img.open("r+b") as f:
         f.truncate(hash_offset)
-    # Salt and uuid come from the filesystem's bytes: the same /usr gives the same verity metadata.
+    # The uuid comes from the filesystem's bytes (the same /usr gives the same verity metadata); the salt
+    # from the definition, so unchanged blocks keep their hashes from one release to the next.
     seed = _digest(img)
-    salt = hashlib.sha256(b"obelisk-verity-salt\0" + seed).hexdigest()
+    salt = _salt(ctx)
     vuuid = uuid.UUID(bytes=hashlib.sha256(b"obelisk-verity-uuid\0" + seed).digest()[:16], version=4)
     ctx.log("usr: veritysetup format")
     res = tools.run(["veritysetup", "format", "--hash=sha256", f"--data-block-size={BLOCK}",
