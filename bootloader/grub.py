@@ -34,6 +34,12 @@ PREFIX = "/EFI/obelisk"
 MARK_BOOTING = "OBELISK-GRUB: booting slot"
 MARK_NO_SLOT = "OBELISK-GRUB-FAIL: no bootable USR slot"
 MARK_LOAD_FAIL = "OBELISK-GRUB-FAIL: cannot load kernel of slot"
+# Not fatal: the chosen slot's kernel or initrd did not load and GRUB boots the other slot instead.
+MARK_FALLBACK = "OBELISK-GRUB: cannot load kernel of slot"
+# grubenv variable GRUB sets when a slot's kernel or initrd did not load ("B:linux:1.2.0"), and clears
+# when that slot loads again; the kernel command line of the fallback boot carries it as obelisk.loadfail=.
+LOADFAIL_VAR = "obelisk_loadfail"
+LOADFAIL_RE = re.compile(r"^[AB]:(linux|initrd|boot):[A-Za-z0-9.+~_-]{0,64}$")
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -62,6 +68,9 @@ class SlotEnv:
 @dataclass
 class LoaderEnv:
     slots: dict[str, SlotEnv] = field(default_factory=lambda: {n: SlotEnv() for n in SLOT_NAMES})
+    # GRUB's mark of a slot whose kernel or initrd did not load ("B:linux:1.2.0"; "" for none): kept
+    # through every rewrite, last in the block (GRUB's save_env then never moves the attribute lines).
+    loadfail: str = ""
 
     def to_vars(self) -> dict[str, str]:
         out: dict[str, str] = {}
@@ -77,6 +86,7 @@ class LoaderEnv:
             out[f"{n}_hash"] = s.hash
             out[f"{n}_hashoff"] = str(s.hashoff)
             out[f"{n}_version"] = s.version
+        out[LOADFAIL_VAR] = self.loadfail
         return out
 
     @classmethod
@@ -102,6 +112,9 @@ class LoaderEnv:
                 hashoff=num(f"{n}_hashoff", 0, 1 << 62),
                 version=env.get(f"{n}_version", ""),
             )
+        mark = env.get(LOADFAIL_VAR, "")
+        # A mark that is not one GRUB writes is dropped, never an error: it only ever explains a fallback.
+        le.loadfail = mark if LOADFAIL_RE.match(mark) else ""
         return le
 
 
@@ -171,44 +184,95 @@ def render_select() -> str:
 
 
 def cmdline(n: str, extra: str = "") -> str:
-    """The kernel command line of slot ``n`` (GRUB expands the ``$`` variables from the env)."""
+    """The kernel command line of slot ``n`` (GRUB expands the ``$`` variables from the env).
+
+    ``obelisk.version`` is the slot's version from the env and ``obelisk.loadfail`` the slot GRUB
+    could not load in this run before it fell back to ``n`` (empty when none): the initramfs keeps
+    them in its records (``bootloader/initramfs/functions.sh``) and ignores values of another shape.
+    """
     args = [f"obelisk.usr=PARTUUID={SLOT_UUID[n]}", f"obelisk.usrhash=${n}_hash", f"obelisk.usrhashoffset=${n}_hashoff",
-            f"obelisk.slot={n}", "obelisk.trial=$obelisk_trial", "root=PARTLABEL=ROOT", "console=ttyS0",
+            f"obelisk.slot={n}", "obelisk.trial=$obelisk_trial", f"obelisk.version=${n}_version",
+            "obelisk.loadfail=$obelisk_fell", "root=PARTLABEL=ROOT", "console=ttyS0",
             # panic=1: a dm-verity panic resets the machine, so GRUB's tries logic takes over.
             "panic=1", "quiet", extra]
     return " ".join(a for a in args if a)
 
 
-def render_cfg(*, extra_cmdline: str = "") -> str:
-    """The ESP's grub.cfg. ``$root`` is the ESP (GRUB was loaded from it; prefix /EFI/obelisk)."""
-    entries = ""
+def render_boot(*, extra_cmdline: str = "") -> str:
+    """The GRUB functions that start a slot, and the fallback when its kernel or initrd does not load.
+
+    ``obelisk_start`` burns a try of ``$obelisk_slot`` if it is on trial, then ``obelisk_boot_<X>``
+    loads its kernel and initrd and boots; only when that fails does it return, with
+    ``obelisk_failed`` set to ``X:linux:<version>``, ``X:initrd:<version>`` (or ``X:boot:...`` when
+    ``boot`` itself returned). ``obelisk_other``
+    sets ``obelisk_slot`` to the other slot when the gptprio rule could choose it (priority > 0,
+    tries left or successful), else to nothing.
+    """
+    out = ""
     for n in SLOT_NAMES:
         idx = SLOT_INDEX[n]
-        entries += f"""\
-if [ "$obelisk_slot" = {n} ]; then
-  if [ "${n}_tries" -gt 0 ]; then
-    obelisk_burn_{n}
-    if ! save_env --file "$obelisk_env" {n}_tries; then
-      echo "OBELISK-GRUB-FAIL: cannot burn a try of slot {n} in $obelisk_env"
-      sleep 5
-      halt
-    fi
-    set obelisk_trial=1
-  fi
+        out += f"""\
+function obelisk_boot_{n} {{
   set obelisk_usr=($obelisk_disk,gpt{idx})
   set obelisk_kdir=/lib/obelisk/boot
   if [ ! -f "$obelisk_usr$obelisk_kdir/vmlinuz" ]; then set obelisk_kdir=/usr/lib/obelisk/boot; fi
   echo "{MARK_BOOTING} {n} version=${n}_version trial=$obelisk_trial tries_left=${n}_tries"
   if linux "$obelisk_usr$obelisk_kdir/vmlinuz" {cmdline(n, extra_cmdline)}; then
+    # The kernel loads again: clear its old mark (an initrd failure below sets it anew).
+    if regexp '^{n}:' "${LOADFAIL_VAR}"; then
+      set {LOADFAIL_VAR}=
+      save_env --file "$obelisk_env" {LOADFAIL_VAR}
+    fi
     if initrd "$obelisk_usr$obelisk_kdir/initrd.img"; then
       boot
+      set obelisk_failed="{n}:boot:${n}_version"
+    else
+      set obelisk_failed="{n}:initrd:${n}_version"
+    fi
+  else
+    set obelisk_failed="{n}:linux:${n}_version"
+  fi
+}}
+"""
+    out += "function obelisk_start {\n"
+    for n in SLOT_NAMES:
+        out += f"""\
+  if [ "$obelisk_slot" = {n} ]; then
+    set obelisk_trial=0
+    if [ "${n}_tries" -gt 0 ]; then
+      obelisk_burn_{n}
+      if ! save_env --file "$obelisk_env" {n}_tries; then
+        echo "OBELISK-GRUB-FAIL: cannot burn a try of slot {n} in $obelisk_env"
+        sleep 5
+        halt
+      fi
+      set obelisk_trial=1
+    fi
+    obelisk_boot_{n}
+  fi
+"""
+    out += "}\nfunction obelisk_other {\n"
+    out += '  if [ "$obelisk_slot" = A ]; then set obelisk_cand=B; else set obelisk_cand=A; fi\n  set obelisk_slot=\n'
+    for n in SLOT_NAMES:
+        out += f"""\
+  if [ "$obelisk_cand" = {n} ]; then
+    if [ "${n}_prio" -gt 0 ]; then
+      if [ "${n}_tries" -gt 0 ]; then set obelisk_slot={n}; elif [ "${n}_ok" = 1 ]; then set obelisk_slot={n}; fi
     fi
   fi
-  echo "{MARK_LOAD_FAIL} {n} from $obelisk_usr$obelisk_kdir"
-  sleep 2
-  reboot
-fi
 """
+    out += "}\n"
+    return out
+
+
+def render_cfg(*, extra_cmdline: str = "") -> str:
+    """The ESP's grub.cfg. ``$root`` is the ESP (GRUB was loaded from it; prefix /EFI/obelisk).
+
+    A slot whose kernel or initrd does not load (a good slot included) is marked in the env
+    (``obelisk_loadfail``) and GRUB boots the other slot if it can, in the same run: no reboot loop.
+    """
+    fell_back = (f"{MARK_FALLBACK} $obelisk_first ($obelisk_failed) from $obelisk_usr$obelisk_kdir: "
+                 "falling back to slot $obelisk_slot")
     return f"""\
 # obelisk boot selection: generated by bootloader.grub, do not edit.
 serial --unit=0 --speed=115200
@@ -226,18 +290,38 @@ set B_prio=0
 set B_tries=0
 set B_ok=0
 set obelisk_trial=0
+set {LOADFAIL_VAR}=
 if ! load_env --file "$obelisk_env"; then
   echo "OBELISK-GRUB: cannot read $obelisk_env"
 fi
+set obelisk_fell=
 
-{render_select()}
+{render_select()}{render_boot(extra_cmdline=extra_cmdline)}
 obelisk_select
 if [ -z "$obelisk_slot" ]; then
   echo "{MARK_NO_SLOT} (A: P=$A_prio T=$A_tries S=$A_ok, B: P=$B_prio T=$B_tries S=$B_ok)"
   sleep 5
   halt
 fi
-{entries}"""
+set obelisk_first=$obelisk_slot
+obelisk_start
+# Only here when the chosen slot's kernel or initrd did not load: mark it, then try the other slot.
+set {LOADFAIL_VAR}="$obelisk_failed"
+set obelisk_fell="$obelisk_failed"
+if ! save_env --file "$obelisk_env" {LOADFAIL_VAR}; then
+  echo "OBELISK-GRUB: cannot record the load failure in $obelisk_env"
+fi
+obelisk_other
+if [ -n "$obelisk_slot" ]; then
+  echo "{fell_back}"
+  obelisk_start
+  echo "{MARK_LOAD_FAIL} $obelisk_slot ($obelisk_failed) from $obelisk_usr$obelisk_kdir either"
+else
+  echo "{MARK_LOAD_FAIL} $obelisk_first ($obelisk_failed) from $obelisk_usr$obelisk_kdir, and no other slot is bootable"
+fi
+sleep 2
+reboot
+"""
 
 
 # Modules built into BOOTX64.EFI: no module files on the ESP, nothing to go stale.

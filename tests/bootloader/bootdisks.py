@@ -39,6 +39,29 @@ def make_disk(path: Path) -> Path:
     return path
 
 
+def make_esp_disk(tmp: Path) -> Path:
+    """make_disk with a real FAT ESP (mkfs.fat + mcopy) holding grub.cfg and a grubenv (A 1.0.0, B 1.1.0)."""
+    from bootloader import esp, grub
+    from obelisk.tools import run
+
+    d = make_disk(tmp / "disk.raw")
+    espimg = tmp / "esp.img"
+    with open(espimg, "wb") as f:
+        f.truncate(2 * MiB)
+    run(["mkfs.fat", "-n", "EFI-SYSTEM", espimg])
+    files = tmp / "espfiles"
+    (files / "EFI/obelisk").mkdir(parents=True)
+    (files / grub.CFG_PATH).write_text(grub.render_cfg())
+    env = esp.initial_env(esp.SlotBoot("ab" * 32, 4096, "1.0.0"), esp.SlotBoot("cd" * 32, 8192, "1.1.0"))
+    (files / grub.ENV_PATH).write_bytes(grub.render_env(env.to_vars()))
+    run(["mcopy", "-s", "-i", espimg, files / "EFI", "::/"])
+    with open(d, "r+b") as f:
+        f.seek(esp.esp_offset(d))
+        f.write(espimg.read_bytes())
+    espimg.unlink()
+    return d
+
+
 def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
