@@ -47,11 +47,13 @@ def old_source(old: Path) -> tuple[chunkplan.LocalSource, int]:
     usr = old / "usr.img" if old.is_dir() else None
     if usr is not None and usr.is_file():
         fd = os.open(usr, os.O_RDONLY | os.O_CLOEXEC)
-        return chunkplan.LocalSource(f"{old} usr.img", fd, 0, os.fstat(fd).st_size), fd
+        size = os.fstat(fd).st_size
+        found = chunkplan.image_layout(fd, 0, size)
+        return chunkplan.LocalSource(f"{old} usr.img", fd, 0, size, split=found[1] if found else 0), fd
     p = _payload_of(old)
     m = read_unverified(p)
     fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
-    return chunkplan.LocalSource(f"{old} payload", fd, m.data_offset, m.target_size), fd
+    return chunkplan.LocalSource(f"{old} payload", fd, m.data_offset, m.target_size, split=m.hash_offset), fd
 
 
 def plan(old: Path, new: Path) -> chunkplan.Plan:
@@ -86,6 +88,8 @@ def diff(old: Path = typer.Argument(..., help="The release a host runs (folder o
     print(f"reused         {_size(p.reused)} from {old}")
     print(f"fetched        {_size(fetched)} ({100 * fetched / full:.2f}% of the full payload; manifest "
           f"{p.manifest_bytes:,} + {p.requests} range requests)")
+    if p.rebuilt:
+        print(f"rebuilt        {_size(p.rebuilt)} of the verity hash tree, computed on the host")
     print(f"saved          {_size(full - fetched)}")
     if not p.worth_it:
         print("a host would download the whole payload instead: chunk by chunk would cost about as much")

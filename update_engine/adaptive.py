@@ -25,8 +25,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from obelisk import diskio
-from update_engine import omaha
-from update_engine.chunkplan import Copy, Fetch, Plan
+from update_engine import omaha, veritytree
+from update_engine.chunkplan import Copy, Fetch, Plan, Rebuild
 from update_engine.errors import ApplyError, Stopped
 from update_engine.payload import Manifest
 from update_engine.progress import Checkpointer
@@ -63,6 +63,7 @@ class Figures:
     reused: int = 0
     fetched: int = 0
     in_place: int = 0  # reused chunks that were already where they belong (a resumed run)
+    rebuilt: int = 0  # verity tree bytes computed from the written data instead of fetched
     damaged: int = 0  # local chunks that failed their hash and were fetched instead
     mode: str = "adaptive"
     resumed_from: int = 0  # bytes a previous run left on the slot
@@ -102,10 +103,33 @@ class AdaptiveWriter:
             raise ApplyError(f"the chunk at {offset} does not read back from the slot as written: check the disk",
                              omaha.ERR_NEW_ROOTFS_VERIFICATION)
 
+    def _fetch_one(self, offset: int, length: int, sha: str) -> bytes:
+        data = self.fetcher.fetch(self.m.data_position(offset), length)
+        if not self._verified(data, sha):
+            raise RangeUnusable(f"the server sent bytes for target offset {offset} that fail their signed hash")
+        self.figures.fetched += length
+        return data
+
+    def _rebuilt(self, c) -> bytes:
+        """The chunk's bytes of the verity area, computed once from the data already on the slot."""
+        m = self.m
+        if self._area is None:
+            self._area = veritytree.build(self.fd, self.slot_off, m.hash_offset // veritytree.BLOCK,
+                                          bytes.fromhex(m.verity_salt), m.verity_uuid)
+        data = self._area[c.offset - m.hash_offset:c.end - m.hash_offset]
+        if self._verified(data, c.sha256):
+            self.figures.rebuilt += c.length
+            return data
+        log.warning("the rebuilt verity tree differs at %d from the signed index: fetching it", c.offset)
+        return self._fetch_one(c.offset, c.length, c.sha256)
+
     def write(self, plan: Plan, whole: hashlib._Hash | None) -> Figures:
         """Stage the whole target; raises ``RangeUnusable`` when the server's ranges cannot be used."""
         m, f = self.m, self.figures
-        target = hashlib.sha256()
+        self._area: bytes | None = None
+        # The chunk digests of the signed index cover the target exactly; the whole payload's digest (when
+        # the server announced one) covers the same bytes again, so the target's own is only needed without.
+        target = hashlib.sha256() if whole is None else None
         fetches = [item for item in plan.items if isinstance(item, Fetch)]
         ahead: collections.deque = collections.deque()
         nxt = 0
@@ -137,15 +161,19 @@ class AdaptiveWriter:
                         log.warning("chunk at %d of %s fails its signed hash (a damaged slot): fetching it",
                                     item.src_offset, item.source.name)
                         f.damaged += c.length
-                        data = self.fetcher.fetch(m.data_position(c.offset), c.length)
-                        if not self._verified(data, c.sha256):
-                            raise RangeUnusable(f"the server sent bytes for target offset {c.offset} that fail "
-                                                "their signed hash")
+                        data = self._fetch_one(c.offset, c.length, c.sha256)
                         self._write(data, c.offset)
-                        f.fetched += c.length
-                    target.update(data)
-                    if whole is not None:
-                        whole.update(data)
+                    for h in (target, whole):
+                        if h is not None:
+                            h.update(data)
+                    done = c.end
+                elif isinstance(item, Rebuild):
+                    c = item.chunk
+                    data = self._rebuilt(c)
+                    self._write(data, c.offset)
+                    for h in (target, whole):
+                        if h is not None:
+                            h.update(data)
                     done = c.end
                 else:
                     fut = ahead.popleft()
@@ -159,9 +187,9 @@ class AdaptiveWriter:
                                 raise RangeUnusable(f"the server sent bytes for target offset {c.offset} that "
                                                     "fail their signed hash (a wrong range)")
                         self._write(blob, item.offset)
-                    target.update(blob)
-                    if whole is not None:
-                        whole.update(blob)
+                    for h in (target, whole):
+                        if h is not None:
+                            h.update(blob)
                     done = item.offset + item.length
                 if self.checkpointer is not None and done - last_checkpoint >= self.checkpoint_bytes:
                     self.checkpointer.request(done)
@@ -174,7 +202,7 @@ class AdaptiveWriter:
             if done != m.target_size:
                 raise ApplyError(f"the plan covered {done} of {m.target_size} target bytes",
                                  omaha.ERR_NEW_ROOTFS_VERIFICATION)
-            if target.hexdigest() != m.target_sha256:
+            if target is not None and target.hexdigest() != m.target_sha256:
                 raise ApplyError("the staged target's SHA-256 differs from the signed manifest's",
                                  omaha.ERR_NEW_ROOTFS_VERIFICATION)
             if self.checkpointer is not None:

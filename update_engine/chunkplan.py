@@ -44,10 +44,11 @@ class LocalSource:
     size: int
     written: bool = False  # the slot being written: usable only where the writer has not reached yet
     chunks: list[cdc.Chunk] | None = None  # a saved index (else the slot is indexed)
+    split: int = 0  # the image's hash_offset: indexed on each side of it, as the builder does
 
     def index(self, chunker: cdc.Chunker) -> list[cdc.Chunk]:
         if self.chunks is None:
-            self.chunks = chunker.index_fd(self.fd, self.offset, self.size)
+            self.chunks = chunker.index_fd(self.fd, self.offset, self.size, self.split)
         return self.chunks
 
 
@@ -75,13 +76,19 @@ class Fetch:
         return self.chunks[-1].end - self.chunks[0].offset
 
 
+@dataclass(frozen=True)
+class Rebuild:
+    chunk: cdc.Chunk  # inside the verity hash area: computed from the data written before it (veritytree)
+
+
 @dataclass
 class Plan:
-    items: list[Copy | Fetch]
+    items: list[Copy | Fetch | Rebuild]
     total: int  # target bytes
     manifest_bytes: int  # header + manifest + signature: fetched whatever the plan
     reused: int = 0
     fetched: int = 0
+    rebuilt: int = 0  # verity tree bytes the host computes instead of fetching
     requests: int = 0
     by_source: dict[str, int] = field(default_factory=dict)
 
@@ -97,7 +104,7 @@ class Plan:
     def to_json(self) -> dict:
         full = self.total + self.manifest_bytes
         return {"target_bytes": self.total, "full_payload_bytes": full, "reused": self.reused,
-                "fetched": self.fetched, "saved": self.saved, "requests": self.requests,
+                "fetched": self.fetched, "rebuilt": self.rebuilt, "saved": self.saved, "requests": self.requests,
                 "manifest_bytes": self.manifest_bytes,
                 "fetched_share": round((self.fetched + self.manifest_bytes) / full, 5) if full else 0.0,
                 "reused_by_source": dict(self.by_source), "adaptive": self.worth_it}
@@ -109,15 +116,23 @@ def adaptive_ok(m: Manifest) -> bool:
                                        for op in m.operations)
 
 
-def make_plan(m: Manifest, sources: list[LocalSource]) -> Plan:
+def can_rebuild_tree(m: Manifest) -> bool:
+    """The manifest says enough (salt, uuid) to rebuild its verity area, and the area is what we would build."""
+    from update_engine import veritytree
+
+    return bool(m.verity_salt) and m.target_size - m.hash_offset == veritytree.area_size(m.hash_offset // 4096)
+
+
+def make_plan(m: Manifest, sources: list[LocalSource], *, rebuild_tree: bool = True) -> Plan:
     assert m.index is not None
     chunker = m.index.chunker
     have: dict[str, list[tuple[LocalSource, int]]] = {}
     for src in sources:
         for c in src.index(chunker):
             have.setdefault(c.sha256, []).append((src, c.offset))
-    items: list[Copy | Fetch] = []
+    items: list[Copy | Fetch | Rebuild] = []
     pending: list[cdc.Chunk] = []
+    rebuild = rebuild_tree and can_rebuild_tree(m)
     plan = Plan(items, m.index.chunks[-1].end if m.index.chunks else 0, m.data_offset)
 
     def flush() -> None:
@@ -137,6 +152,11 @@ def make_plan(m: Manifest, sources: list[LocalSource]) -> Plan:
                 break
             if pick is None or (pick[0].written and not src.written):
                 pick = (src, off)  # prefer the kept slot: it cannot change under us
+        if pick is None and rebuild and c.offset >= m.hash_offset:
+            flush()
+            items.append(Rebuild(c))
+            plan.rebuilt += c.length
+            continue
         if pick is None:
             if pending and pending[-1].end - pending[0].offset + c.length > MAX_RANGE:
                 flush()
@@ -156,6 +176,20 @@ def make_plan(m: Manifest, sources: list[LocalSource]) -> Plan:
 def image_size(fd: int, offset: int, slot_len: int) -> int | None:
     """Bytes of the USR image at ``offset`` (squashfs, then its dm-verity superblock and hash tree), or
     None when the slot holds no image this host can size (never written, wiped, or another format)."""
+    found = image_layout(fd, offset, slot_len)
+    return found[0] if found else None
+
+
+def image_layout(fd: int, offset: int, slot_len: int) -> tuple[int, int] | None:
+    """(image size, hash offset) of the USR image at ``offset``; see ``image_size``."""
+    size = _image_size(fd, offset, slot_len)
+    if size is None:
+        return None
+    used = struct.unpack_from("<Q", os.pread(fd, 48, offset), 40)[0]
+    return size, min(size, -(-used // 4096) * 4096)
+
+
+def _image_size(fd: int, offset: int, slot_len: int) -> int | None:
     head = os.pread(fd, 96, offset)
     if len(head) < 96 or head[:4] != SQUASHFS_MAGIC:
         return None
@@ -185,10 +219,10 @@ def slot_source(name: str, fd: int, offset: int, length: int, *, written: bool,
                 saved: list[cdc.Chunk] | None = None) -> LocalSource | None:
     if saved is not None:
         return LocalSource(name, fd, offset, saved[-1].end if saved else 0, written, saved)
-    size = image_size(fd, offset, length)
-    if size is None:
+    found = image_layout(fd, offset, length)
+    if found is None:
         return None
-    return LocalSource(name, fd, offset, size, written)
+    return LocalSource(name, fd, offset, found[0], written, split=found[1])
 
 
 # ---------------------------------------------------------------- saved index files

@@ -129,14 +129,19 @@ class Chunker:
     def index_bytes(self, data: bytes) -> list[Chunk]:
         return list(self.scan(lambda off, n: data[off:off + n], len(data)))
 
-    def index_fd(self, fd: int, offset: int, size: int) -> list[Chunk]:
-        """Chunks of ``size`` bytes of an open file or device from ``offset``."""
-        return list(self.scan(lambda off, n: os.pread(fd, n, offset + off), size))
+    def index_fd(self, fd: int, offset: int, size: int, split: int = 0) -> list[Chunk]:
+        """Chunks of ``size`` bytes of an open file or device from ``offset``; with ``split`` (0 < split < size)
+        a cut is forced there and each side is chunked on its own (a USR image: filesystem, then verity area)."""
+        out: list[Chunk] = []
+        for start, end in ((0, split), (split, size)) if 0 < split < size else ((0, size),):
+            for c in self.scan(lambda off, n, s=start: os.pread(fd, n, offset + s + off), end - start):
+                out.append(Chunk(c.offset + start, c.length, c.sha256))
+        return out
 
-    def index_file(self, path: os.PathLike[str] | str, size: int | None = None) -> list[Chunk]:
+    def index_file(self, path: os.PathLike[str] | str, size: int | None = None, split: int = 0) -> list[Chunk]:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            return self.index_fd(fd, 0, os.fstat(fd).st_size if size is None else size)
+            return self.index_fd(fd, 0, os.fstat(fd).st_size if size is None else size, split)
         finally:
             os.close(fd)
 

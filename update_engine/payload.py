@@ -23,6 +23,7 @@ import json
 import os
 import re
 import struct
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,6 +118,9 @@ class Manifest:
     chunk_size: int = CHUNK_SIZE
     block_size: int = BLOCK_SIZE
     index: ChunkIndex | None = None  # content-defined chunks of the target, for adaptive updates
+    # The verity salt (hex) and uuid, so a host can rebuild the hash tree instead of fetching it (optional).
+    verity_salt: str = ""
+    verity_uuid: str = ""
     # Not part of the signed JSON: where this manifest was found and who signed it.
     data_offset: int = field(default=0, compare=False)
     data_size: int = field(default=0, compare=False)
@@ -134,7 +138,8 @@ class Manifest:
             "arch": self.arch,
             "version": self.version,
             "target": {"size": self.target_size, "sha256": self.target_sha256},
-            "verity": {"root_hash": self.verity_root_hash, "hash_offset": self.hash_offset},
+            "verity": {"root_hash": self.verity_root_hash, "hash_offset": self.hash_offset,
+                       **({"salt": self.verity_salt, "uuid": self.verity_uuid} if self.verity_salt else {})},
             "block_size": self.block_size,
             "chunk_size": self.chunk_size,
             "operations": [op.to_json() for op in self.operations],
@@ -269,8 +274,25 @@ def parse_manifest_json(blob: bytes) -> Manifest:
     if covered != size:
         raise PayloadError(f"manifest: operations cover {covered} bytes, target size is {size}")
     index = _parse_index(obj["index"], size) if "index" in obj else None
+    vsalt, vuuid = _verity_extra(verity)
     return Manifest(strs["app_id"], strs["arch"], strs["version"], size, sha, root, hoff, ops, chunk, block,
-                    index, data_size=data_end)
+                    index, vsalt, vuuid, data_size=data_end)
+
+
+def _verity_extra(verity: dict) -> tuple[str, str]:
+    """The optional salt and uuid (both or neither); malformed ones are refused like any manifest field."""
+    if "salt" not in verity and "uuid" not in verity:
+        return "", ""
+    salt = _get(verity, "salt", str, "manifest verity")
+    vuuid = _get(verity, "uuid", str, "manifest verity")
+    assert isinstance(salt, str) and isinstance(vuuid, str)
+    if not _HEX.match(salt) or len(salt) % 2 or len(salt) > 512:
+        raise PayloadError("manifest: verity salt is not hex of at most 256 bytes")
+    try:
+        vuuid = str(uuid.UUID(vuuid))
+    except ValueError:
+        raise PayloadError("manifest: verity uuid is not a UUID") from None
+    return salt, vuuid
 
 
 def _parse_index(d: object, size: int) -> ChunkIndex | None:
@@ -391,7 +413,8 @@ DEFAULT_CHUNKER = cdc.Chunker()
 
 def build_manifest(usr_image: Path, *, app_id: str, arch: str, version: str, verity_root_hash: str,
                    hash_offset: int, chunk_size: int = CHUNK_SIZE,
-                   chunker: cdc.Chunker | None = DEFAULT_CHUNKER) -> Manifest:
+                   chunker: cdc.Chunker | None = DEFAULT_CHUNKER, verity_salt: str = "",
+                   verity_uuid: str = "") -> Manifest:
     """``chunker`` None: no chunk index (the manifest old builders wrote)."""
     size = usr_image.stat().st_size
     if size == 0:
@@ -399,23 +422,26 @@ def build_manifest(usr_image: Path, *, app_id: str, arch: str, version: str, ver
     with open(usr_image, "rb") as f:
         sha, chunks = _hash_chunks(f, size, chunk_size)
     op = Operation(OP_REPLACE, Extent(0, size), 0, size, (), tuple(chunks))
-    index = ChunkIndex(chunker, tuple(chunker.index_file(usr_image, size))) if chunker is not None else None
+    # Cut at hash_offset too, so every chunk of the verity area lies inside it (a host can rebuild those).
+    index = (ChunkIndex(chunker, tuple(chunker.index_file(usr_image, size, split=hash_offset)))
+             if chunker is not None else None)
     m = Manifest(app_id, arch, version, size, sha, verity_root_hash.lower(), hash_offset, (op,), chunk_size,
-                 index=index)
+                 index=index, verity_salt=verity_salt.lower(), verity_uuid=verity_uuid)
     # Round-trip through the parser so a writer can never produce what a host would refuse.
     return _with(parse_manifest_json(canonical_json(m.to_json())), data_size=size)
 
 
 def write_payload(usr_image: Path, out: Path, *, app_id: str, arch: str, version: str,
                   verity_root_hash: str, hash_offset: int, private_key: Ed25519PrivateKey,
-                  chunk_size: int = CHUNK_SIZE, chunker: cdc.Chunker | None = DEFAULT_CHUNKER) -> Manifest:
+                  chunk_size: int = CHUNK_SIZE, chunker: cdc.Chunker | None = DEFAULT_CHUNKER,
+                  verity_salt: str = "", verity_uuid: str = "") -> Manifest:
     """Write ``out`` atomically: header, signed manifest, then the USR image as one replace blob.
 
     The data area is the target in order, so each chunk of the index is one Range request away
     (``Manifest.data_position``)."""
     m = build_manifest(usr_image, app_id=app_id, arch=arch, version=version,
                        verity_root_hash=verity_root_hash, hash_offset=hash_offset, chunk_size=chunk_size,
-                       chunker=chunker)
+                       chunker=chunker, verity_salt=verity_salt, verity_uuid=verity_uuid)
     blob = canonical_json(m.to_json())
     head = HEADER.pack(MAGIC, FORMAT_VERSION, len(blob), SIGNATURE_SIZE, 0)
     sig = signing.sign(private_key, head + blob)

@@ -31,9 +31,9 @@ CK = Chunker.for_average(16 * 1024)  # ~100 chunks in the 1.6 MiB test images
 BASE_BLOB = 1  # the seed of 1.0.0's lib/blob (ue_helpers' world): related releases keep it
 
 
-def make_related(world: World, version: str, files: dict[str, bytes]) -> Built:
+def make_related(world: World, version: str, files: dict[str, bytes], *, verity_uuid: str | None = None) -> Built:
     """A release of the same tree as world's 1.0.0 (same blob) with ``files`` added or changed."""
-    tag = f"adaptive-{version}-{hashlib.sha256(repr(sorted(files)).encode()).hexdigest()[:6]}"
+    tag = f"adaptive-{version}-{hashlib.sha256(repr((sorted(files), verity_uuid)).encode()).hexdigest()[:6]}"
     if tag in world.builds:
         return world.builds[tag]
     work = world.dir / "builds" / tag
@@ -56,7 +56,8 @@ def make_related(world: World, version: str, files: dict[str, bytes]) -> Built:
     root = next(ln.split(":", 1)[1].strip() for ln in res.stdout.splitlines() if ln.startswith("Root hash"))
     out = work / "update.payload"
     m = payload.write_payload(img, out, app_id=APPID, arch=ARCH, version=version, verity_root_hash=root,
-                              hash_offset=hoff, private_key=world.priv, chunk_size=CHUNK, chunker=CK)
+                              hash_offset=hoff, private_key=world.priv, chunk_size=CHUNK, chunker=CK,
+                              verity_salt="00" * 32, verity_uuid=verity_uuid or str(uuid.UUID(int=7)))
     b = Built(version, img, out, root, hoff, m)
     world.builds[tag] = b
     return b
@@ -175,7 +176,8 @@ def test_plan_reuses_the_running_slot_and_coalesces(world: World, tmp_path: Path
         plan = chunkplan.make_plan(new.manifest, [src])
     finally:
         os.close(fd)
-    assert plan.reused + plan.fetched == new.manifest.target_size
+    assert plan.reused + plan.fetched + plan.rebuilt == new.manifest.target_size
+    assert plan.rebuilt == new.manifest.target_size - new.manifest.hash_offset  # the whole verity area
     assert plan.worth_it and plan.fetched < 0.3 * plan.total
     fetches = [i for i in plan.items if isinstance(i, chunkplan.Fetch)]
     assert plan.requests == len(fetches) < sum(len(f.chunks) for f in fetches) + 1
@@ -201,7 +203,7 @@ def test_image_diff_cli(world: World, tmp_path: Path, obelisk_bin: str) -> None:
     res = run([obelisk_bin, "image", "diff", str(old.payload), str(new.payload), "--json"])
     doc = json.loads(res.stdout)
     assert doc["reused"] > 0.7 * doc["target_bytes"] and doc["adaptive"]
-    assert doc["reused"] + doc["fetched"] == doc["target_bytes"]
+    assert doc["reused"] + doc["fetched"] + doc["rebuilt"] == doc["target_bytes"]
     import subprocess
     bad = subprocess.run([obelisk_bin, "image", "diff", str(tmp_path), str(new.payload)], capture_output=True,
                          text=True)
@@ -217,10 +219,26 @@ def test_apply_file_reuses_running_slot(world: World, tmp_path: Path) -> None:
     a_before = slot_bytes(disk, 3)
     r = applier(world, str(new.payload), disk, tmp_path / "state").run()
     t = r.transfer
-    assert t["mode"] == "adaptive" and t["reused"] > 0.7 * t["total"] and t["reused"] + t["fetched"] == t["total"]
+    assert t["mode"] == "adaptive" and t["reused"] > 0.7 * t["total"]
+    assert t["reused"] + t["fetched"] + t["rebuilt"] == t["total"]
     assert t["by_source"].get("slot A", 0) == t["reused"]
     check_staged(disk, new, a_before, tmp_path)
     assert (tmp_path / "state" / chunkplan.INDEX_FILE.format(index=4)).exists()  # kept for the next update
+
+
+def test_verity_tree_rebuilt_on_the_host(world: World, tmp_path: Path) -> None:
+    new = small_change(world)
+    disk = world.disk(tmp_path / "disk.raw")
+    a_before = slot_bytes(disk, 3)
+    r = applier(world, str(new.payload), disk).run()
+    assert r.transfer["rebuilt"] > 0
+    check_staged(disk, new, a_before, tmp_path)
+    # A manifest whose uuid does not match the tree it indexes: the rebuilt chunk fails its hash, is fetched.
+    odd = make_related(world, "1.1.0", {"share/note": b"a small file\n"}, verity_uuid=str(uuid.UUID(int=8)))
+    disk2 = world.disk(tmp_path / "disk2.raw")
+    r2 = applier(world, str(odd.payload), disk2).run()
+    assert r2.transfer["mode"] == "adaptive"
+    check_staged(disk2, odd, a_before, tmp_path)
 
 
 def test_apply_through_update_serve(world: World, tmp_path: Path, serve) -> None:
