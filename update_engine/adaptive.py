@@ -35,6 +35,7 @@ from update_engine.rangefetch import IN_FLIGHT, RangeFetcher, RangeUnusable
 log = logging.getLogger("obelisk.update")
 
 ProgressFn = Callable[[str, int, int], None]
+PUBLISH_BYTES = 1 << 20  # figures are handed on (status, progress bar) every this many target bytes
 
 _current: dict = {}  # the figures of this process's apply, for `update status --json` (status_socket)
 _current_at = [0.0]  # time.monotonic() of the last publish
@@ -141,7 +142,7 @@ class AdaptiveWriter:
                 ahead.append(self.fetcher.submit(m.data_position(it.offset), it.length))
                 nxt += 1
 
-        done = last_checkpoint = 0
+        done = last_checkpoint = last_publish = 0
         try:
             top_up()
             for item in plan.items:
@@ -196,9 +197,11 @@ class AdaptiveWriter:
                     last_checkpoint = done
                 if self.on_progress:
                     self.on_progress("downloading", done, m.target_size)
-                publish(f)
-                if self.on_figures:
-                    self.on_figures(f)
+                if done - last_publish >= PUBLISH_BYTES or done == m.target_size:
+                    publish(f)
+                    last_publish = done
+                    if self.on_figures:
+                        self.on_figures(f)
             if done != m.target_size:
                 raise ApplyError(f"the plan covered {done} of {m.target_size} target bytes",
                                  omaha.ERR_NEW_ROOTFS_VERIFICATION)

@@ -25,7 +25,7 @@ from update_engine import chunks as cdc
 from update_engine import payload
 from update_engine.payload import Manifest
 
-MAX_RANGE = 4 << 20  # bytes per Range request: bounds the memory a request in flight holds
+MAX_RANGE = 1 << 20  # bytes per Range request: with 8 queued, at most 8 MiB of fetched data in memory
 REQUEST_COST = 1024  # bytes a request costs on the wire beyond its body (headers both ways), for the choice
 WORTH = 0.9  # below this share of the full data, chunk by chunk beats reading the payload front to back
 INDEX_FILE = "slot-index-{index}.json"

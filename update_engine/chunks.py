@@ -30,7 +30,7 @@ from functools import cached_property
 KIND = "obelisk-tr8"  # the name of this chunker in a manifest; another rule gets another name
 WINDOW = 8
 DEFAULT_AVG = 64 * 1024  # chosen by measurement on two tiny builds (docs/adaptive.md)
-READ_BLOCK = 8 << 20  # bytes read and scanned at a time: memory stays flat whatever the image size
+READ_BLOCK = 1 << 20  # bytes read and scanned at a time: memory stays flat whatever the image size
 
 
 @dataclass(frozen=True)
