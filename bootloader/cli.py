@@ -11,8 +11,8 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from bootloader import gpt, slots
-from bootloader.layout import SLOT_NAMES, USR_A, USR_B
+from bootloader import bootlog, gpt, layout, slots
+from bootloader.layout import SLOT_NAMES, USR_A, USR_B, name_of
 from obelisk import trial_record
 from obelisk.errors import ObeliskError, clean_errors
 from obelisk.inputs import check_input
@@ -97,6 +97,53 @@ def status(
     if fell:
         # Plain print: one line however long (rich would wrap it and read markup in a host's text).
         print(f"last fallback: {fell['text']}" + ("" if fell["reported"] else " (not yet reported)"))
+
+
+@app.command("log")
+def log_cmd(
+    slot: str | None = typer.Option(None, "--slot", metavar="A|B", help="Only this slot's records (A, B, 3 or 4)."),
+    disk: Path | None = DiskOpt,
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    state_dir: Path | None = typer.Option(None, "--state-dir", help="where ROOT keeps the records "
+                                          "(default on a running host: /var/lib/obelisk; none with --disk)"),
+) -> None:
+    """What was kept about failed boots (docs/health.md): the boot check's and the initramfs's records on
+    ROOT, records on the ESP no boot has collected yet, and GRUB's mark of a kernel that did not load."""
+    warnings: list[str] = []
+    with clean_errors():
+        name = None
+        if slot is not None:
+            index = layout.parse_slot(slot)
+            if index is None:
+                raise slots.SlotError(f"--slot {slot!r} is not a slot — use A or B (or {USR_A}, {USR_B})")
+            name = name_of(index)
+        if disk is not None:
+            d: Path | None = _disk(disk)
+        else:
+            try:
+                d = _disk(None)
+            except ObeliskError as exc:  # not on an obelisk host's disk: ROOT's records are still there
+                d = None
+                warnings.append(f"no boot disk, so no ESP or grubenv records: {exc}")
+        sd = state_dir if state_dir is not None or disk is not None else trial_record.STATE_DIR
+        found, more = bootlog.entries(disk=d, state_dir=sd, slot=name)
+        warnings += more
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    if as_json:
+        print(json.dumps({"slot": name, "records": [e.to_json() for e in found]}, indent=2))
+        return
+    which = f"slot {name}" if name else "any slot"
+    if not found:
+        print(f"no boot records for {which}: no failed boot was recorded here")
+        return
+    # Plain print: the text is the host's (rich would read markup in it and wrap it).
+    print(f"{len(found)} boot record{'s' if len(found) != 1 else ''} for {which}, oldest first:")
+    for e in found:
+        print(trial_record.describe_entry(e.record))
+        if e.record.detail:
+            print(f"    detail: {e.record.detail}")
+        print(f"    kept in: {e.where}")
 
 
 def _number(option: str, value: str | None, allowed: str) -> int | None:

@@ -193,11 +193,20 @@ def esp_offset(disk: Path) -> int:
     raise EspError(f"{disk}: no partition 1 (EFI-SYSTEM): not an obelisk disk")
 
 
-def read_file(disk: Path, path: str) -> bytes:
+def read_file(disk: Path, path: str, *, max_bytes: int | None = None) -> bytes:
+    """An ESP file's bytes (the first ``max_bytes`` of them when given: for files anyone may have written)."""
     fd = os.open(disk, os.O_RDONLY)
     try:
         fat = _open_fat(fd, esp_offset(disk))
-        return b"".join(_read_at(fd, off, n) for off, n in _locate(fd, fat, path))
+        out = bytearray()
+        for off, n in _locate(fd, fat, path):
+            if max_bytes is not None and len(out) + n > max_bytes:
+                n = max_bytes - len(out)
+            if n > 0:
+                out += _read_at(fd, off, n)
+            if max_bytes is not None and len(out) >= max_bytes:
+                break
+        return bytes(out)
     finally:
         os.close(fd)
 

@@ -26,9 +26,12 @@ MODULES = [
     "crc32c_generic", "crc32c_intel", "ext4", "vfat", "nls_cp437", "nls_ascii", "nls_utf8", "nls_iso8859_1",
     # A PXE boot attaches /usr.img (inside the initrd) to a loop device.
     "loop",
+    # The kernel's pstore in EFI variables: a panic's last lines survive the reset (docs/health.md).
+    "efi_pstore",
 ]
-# Optional: other disk types, and loop (only PXE boots need it; a disk boot must not fail for want of it).
-OPTIONAL = {"virtio_scsi", "sd_mod", "nls_iso8859_1", "nls_ascii", "crc32c_intel", "loop"}
+# Optional: other disk types, loop (only PXE boots need it; a disk boot must not fail for want of it), and
+# efi_pstore (an image may leave it out: then no panic is kept).
+OPTIONAL = {"virtio_scsi", "sd_mod", "nls_iso8859_1", "nls_ascii", "crc32c_intel", "loop", "efi_pstore"}
 # Programs copied with their shared libraries: from the tree when it has them, else the host.
 PROGRAMS = ["veritysetup", "sgdisk", "resize2fs"]
 PROGRAM_DIRS = ["usr/sbin", "usr/bin", "sbin", "bin"]
