@@ -179,7 +179,7 @@ class Applier:
         try:
             tried = self.adaptive and chunkplan.adaptive_ok(m)
             if tried:
-                figures = self._adaptive(src, tgt, fd, m, identity)
+                figures = self._adaptive(src, tgt, fd, m, identity, done)
             if figures is None:
                 if tried:
                     done = 0  # the slot holds chunks of the plan, not a prefix: start the stream over
@@ -236,7 +236,8 @@ class Applier:
                 out.append(src)
         return out
 
-    def _adaptive(self, src: Source, tgt: target.Target, fd: int, m: Manifest, identity: str) -> Figures | None:
+    def _adaptive(self, src: Source, tgt: target.Target, fd: int, m: Manifest, identity: str,
+                  done: int) -> Figures | None:
         """Stage chunk by chunk; None when reading the payload front to back is the better (or only) way."""
         plan = chunkplan.make_plan(m, self._sources(tgt, fd, m))
         if not plan.worth_it:
@@ -266,7 +267,9 @@ class Applier:
         if want and (whole is None or whole.hexdigest() != want.lower()):
             raise ApplyError("payload SHA-256 differs from the one the update server announced",
                              omaha.ERR_PAYLOAD_HASH)
-        figures.resumed_from = figures.in_place
+        # A resumed run (the progress file says so) found what it had written in place; chunks that were in
+        # place for another reason (an older image in the passive slot) are reuse, not a resume.
+        figures.resumed_from = min(done, figures.in_place)
         return figures
 
     def _full(self, src: Source, retrier: Retrier, tgt: target.Target, fd: int, m: Manifest, identity: str,
