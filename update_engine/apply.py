@@ -24,6 +24,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from bootloader import layout, slots
 from obelisk.errors import ObeliskError
@@ -39,6 +40,8 @@ from update_engine.progress import MANIFEST_FILE, PROGRESS_FILE, Checkpointer, P
 from update_engine.rangefetch import RangeFetcher, RangeUnusable
 from update_engine.slotwriter import Retry, SlotWriter
 from update_engine.transfer import Retrier, Source, Stream, Transfer, TransferFailed
+
+T = TypeVar("T")
 
 # The names other code and tests know this module by.
 __all__ = ["MANIFEST_FILE", "PROGRESS_FILE", "ApplyError", "Applier", "Policy", "Progress", "Result", "Stopped",
@@ -135,15 +138,7 @@ class Applier:
             m = self._read_manifest_ranged(src)
             if m is not None:
                 return m, None
-        stream = retrier.open(src, 0)
-        try:
-            return payload.read_manifest_stream(stream.read, self.trusted_keys), stream
-        except PayloadError as exc:
-            stream.close()
-            raise payload_failure(exc) from None
-        except BaseException:
-            stream.close()
-            raise
+        return _read_head(retrier, src, lambda stream: payload.read_manifest_stream(stream.read, self.trusted_keys))
 
     def _run(self, src: Source, tgt: target.Target) -> Result:
         retrier = Retrier(self.transfer, self.should_stop)
@@ -202,15 +197,8 @@ class Applier:
 
     def _open_data(self, retrier: Retrier, src: Source, m: Manifest) -> Stream:
         """A stream at the data area read from the payload's first byte (no Range: the server may ignore it)."""
-        stream = retrier.open(src, 0)
-        try:
-            got = payload._read_exact(stream.read, m.data_offset, "manifest")
-        except PayloadError as exc:
-            stream.close()
-            raise payload_failure(exc) from None
-        except BaseException:
-            stream.close()
-            raise
+        got, stream = _read_head(retrier, src, lambda stream: payload._read_exact(stream.read, m.data_offset,
+                                                                                  "manifest"))
         if got != m.raw:
             stream.close()
             raise ApplyError("the payload changed on the server during the update (its manifest differs)",
@@ -321,3 +309,17 @@ class Applier:
 def apply(source: str, disk: Path, trusted_keys: list[PublicKey], **kw: object) -> Result:
     """Convenience wrapper: ``Applier(source, disk, trusted_keys, **kw).run()``."""
     return Applier(source, Path(disk), trusted_keys, **kw).run()  # type: ignore[arg-type]
+
+
+def _read_head(retrier: Retrier, src: Source, read: Callable[[Stream], T]) -> tuple[T, Stream]:
+    """Open ``src`` from its first byte and ``read`` its head: (what was read, the stream after it). The
+    stream is closed if the read fails; a payload error becomes the apply's transfer failure."""
+    stream = retrier.open(src, 0)
+    try:
+        return read(stream), stream
+    except PayloadError as exc:
+        stream.close()
+        raise payload_failure(exc) from None
+    except BaseException:
+        stream.close()
+        raise
